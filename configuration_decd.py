@@ -1,0 +1,182 @@
+"""Configuration of DECD: a CLIP dual encoder with a detachable cross-modal decoder.
+
+The file travels to the Hugging Face Hub next to ``config.json`` (``trust_remote_code=True``),
+so it imports nothing but ``transformers``.
+"""
+
+from __future__ import annotations
+
+from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+
+CAPTION_QUALITY_MODES = ("density", "uniform", "none")
+
+# CLIP's BPE vocabulary has 49,408 tokens; DECD appends the MCM mask token as id 49408.
+CLIP_VOCAB_SIZE = 49408
+_CLIP_TEXT_TOKENS = dict(
+    vocab_size=CLIP_VOCAB_SIZE + 1, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=49407,
+)
+# ViT-B/16 sizes, the default when no sub-config is given.
+BASE_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                        num_attention_heads=8)
+BASE_VISION_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          patch_size=16)
+TINY_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4)
+TINY_VISION_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                          patch_size=16)
+
+
+class DecdConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`DecdModel`].
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`):
+            The CLIP text encoder. Its `vocab_size` includes the MCM mask token (CLIP's 49,408 + 1).
+        vision_config (`dict` or `CLIPVisionConfig`):
+            The CLIP vision encoder. Its `image_size` is kept equal to `image_size` below.
+        image_size (`tuple[int, int]`, defaults to `(384, 128)`):
+            Person-crop size as (height, width) in pixels; both must be divisible by the patch size.
+        projection_dim (`int`, defaults to 512):
+            Size of the shared text-image embedding space.
+        decoder_layers, decoder_hidden_size, decoder_attention_heads, decoder_intermediate_size (`int`):
+            The detachable cross-modal decoder (training only): pre-LN layers of self-attention over the
+            masked caption, cross-attention to all image tokens, and an MLP.
+        temperature (`float`, defaults to 0.02):
+            Softmax temperature of the Sew loss and of the returned logits (scale 1 / temperature).
+        learnable_temperature (`bool`, defaults to `False`):
+            Train the temperature (as a log-scale) instead of keeping it fixed.
+        sew_margin (`float`, defaults to 0.1):
+            Largest quality-adaptive margin `m_max`; caption i gets `m_max * q_i`. 0 gives IRRA's SDM loss.
+        caption_quality (`str`, defaults to `"density"`):
+            `"density"`: margins follow the information density of each caption (from the processor);
+            `"uniform"`: every caption gets q = 1; `"none"`: no margin at all (ablation).
+        quality_reference_words (`int`, defaults to 12):
+            Number of distinct informative words at which a caption's quality reaches 1.
+        mask_probability (`float`, defaults to 0.15):
+            Fraction of caption tokens masked for the MCM loss.
+        sew_weight, mcm_weight, id_weight (`float`, defaults to 1.0, 1.0, 0.0):
+            Weights of the three losses in the total.
+        num_identities (`int`, defaults to 0):
+            Number of training identities for the identity classifier (0: no classifier).
+        use_decoder (`bool`, defaults to `True`):
+            Whether the training-only modules (decoder, MCM head, identity classifier) exist.
+            [`DecdModel.detach_decoder`] sets it to `False`.
+        mask_token_id (`int`, defaults to 49408):
+            Id of the MCM mask token (the token appended to CLIP's vocabulary).
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialisation of new modules.
+    """
+
+    model_type = "decd"
+    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+    image_size: list[int] | tuple[int, int] = (384, 128)
+    projection_dim: int = 512
+    decoder_layers: int = 4
+    decoder_hidden_size: int = 512
+    decoder_attention_heads: int = 8
+    decoder_intermediate_size: int = 2048
+    temperature: float = 0.02
+    learnable_temperature: bool = False
+    sew_margin: float = 0.1
+    caption_quality: str = "density"
+    quality_reference_words: int = 12
+    mask_probability: float = 0.15
+    sew_weight: float = 1.0
+    mcm_weight: float = 1.0
+    id_weight: float = 0.0
+    num_identities: int = 0
+    use_decoder: bool = True
+    mask_token_id: int = 49408
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        if self.text_config is None:
+            self.text_config = dict(BASE_TEXT_CONFIG)
+        if self.vision_config is None:
+            self.vision_config = dict(BASE_VISION_CONFIG)
+        super().__post_init__(**kwargs)
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(side) for side in self.image_size)
+        # The vision tower reads its grid from its own config: keep the two in step.
+        self.vision_config.image_size = list(self.image_size)
+        self.text_config.projection_dim = self.projection_dim
+        self.vision_config.projection_dim = self.projection_dim
+        self._validate()
+
+    def _validate(self):
+        if len(self.image_size) != 2 or min(self.image_size) <= 0:
+            raise ValueError(f"DecdConfig.image_size must be (height, width) with positive sides, got {self.image_size}.")
+        patch = self.vision_config.patch_size
+        if isinstance(patch, (list, tuple)):
+            raise ValueError("DecdConfig supports square patches only: vision_config.patch_size must be an int.")
+        height, width = self.image_size
+        if height % patch or width % patch:
+            raise ValueError(
+                f"DecdConfig.image_size={self.image_size} is not divisible by the patch size {patch}: "
+                f"choose sides that are multiples of {patch}, e.g. ({height // patch * patch or patch}, "
+                f"{width // patch * patch or patch})."
+            )
+        if self.caption_quality not in CAPTION_QUALITY_MODES:
+            raise ValueError(
+                f"DecdConfig.caption_quality must be one of {CAPTION_QUALITY_MODES}, got {self.caption_quality!r}."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"DecdConfig.temperature must be positive, got {self.temperature}.")
+        if self.sew_margin < 0:
+            raise ValueError(f"DecdConfig.sew_margin must be >= 0, got {self.sew_margin}.")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(f"DecdConfig.mask_probability must lie in (0, 1), got {self.mask_probability}.")
+        if self.quality_reference_words < 1:
+            raise ValueError(f"DecdConfig.quality_reference_words must be >= 1, got {self.quality_reference_words}.")
+        if self.decoder_hidden_size % self.decoder_attention_heads:
+            raise ValueError(
+                f"decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by decoder_attention_heads "
+                f"({self.decoder_attention_heads})."
+            )
+        if self.mask_token_id >= self.text_config.vocab_size:
+            raise ValueError(
+                f"mask_token_id {self.mask_token_id} is outside the text vocabulary ({self.text_config.vocab_size} "
+                "tokens); the vocabulary must include the mask token."
+            )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            hint = " To start from CLIP weights use DecdModel.from_clip(...)." if model_type == "clip" else ""
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not a DECD one "
+                f"(model_type {cls.model_type!r}).{hint}"
+            )
+        return config_dict, kwargs
+
+    @classmethod
+    def vit_base_patch16(cls, **overrides) -> "DecdConfig":
+        """The paper's model: CLIP ViT-B/16 sizes on 384x128 crops (text 512 wide, vision 768 wide, 12 layers each)."""
+        return cls._preset(BASE_TEXT_CONFIG, BASE_VISION_CONFIG, {}, overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DecdConfig":
+        """A ~10M-parameter model for tests and CPU demos: 128x64 crops, patch 16, 4 layers per encoder.
+
+        The vocabulary is CLIP's plus the mask token, so the shipped processor works with it.
+        """
+        model = dict(image_size=(128, 64), projection_dim=128, decoder_layers=2, decoder_hidden_size=128,
+                     decoder_attention_heads=4, decoder_intermediate_size=512)
+        return cls._preset(TINY_TEXT_CONFIG, TINY_VISION_CONFIG, model, overrides)
+
+    @classmethod
+    def _preset(cls, text, vision, model, overrides):
+        text = dict(text, **(overrides.pop("text_config", None) or {}))
+        vision = dict(vision, **(overrides.pop("vision_config", None) or {}))
+        return cls(text_config=text, vision_config=vision, **dict(model, **overrides))
+
+
+__all__ = ["DecdConfig", "CAPTION_QUALITY_MODES", "CLIP_VOCAB_SIZE"]

@@ -1,0 +1,590 @@
+"""DECD: a CLIP dual encoder for text-based person search, trained with a detachable cross-modal decoder.
+
+Reads bottom-up: vision embeddings on the person-crop grid -> encoders (CLIP's) -> the training-only
+cross-modal decoder and heads -> the losses (pure functions) -> `DecdModel`.
+
+Inference is the dual encoder alone: `get_text_features` / `get_image_features` cost exactly what a
+CLIP model of the same dimensions costs. The decoder, the MCM head and the identity classifier exist
+only for training and are removed by `DecdModel.detach_decoder()`.
+
+This file travels to the Hugging Face Hub (`trust_remote_code=True`): it imports only torch,
+transformers and its two sibling modules.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextModel,
+    CLIPVisionModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPPreTrainedModel, CLIPVisionEmbeddings
+from transformers.utils import ModelOutput
+
+try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
+    from .configuration_decd import DecdConfig
+    from .processing_decd import DecdProcessor
+except ImportError:  # installed as top-level modules
+    from configuration_decd import DecdConfig
+    from processing_decd import DecdProcessor
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision tower on a (height, width) person-crop grid
+# --------------------------------------------------------------------------------------------------
+class DecdVisionEmbeddings(CLIPVisionEmbeddings):
+    """CLIP patch + position embeddings for a non-square grid (e.g. 24 x 8 patches for 384 x 128 crops).
+
+    The position table is stored at the crop grid size (grid + 1 rows, CLS first): resizing from a
+    square CLIP checkpoint happens once, in `DecdModel.from_clip`, never per forward pass.
+    """
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.patch_size = config.patch_size
+        self.image_size = tuple(config.image_size)
+        self.grid_size = (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+        self.class_embedding = nn.Parameter(torch.randn(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=False
+        )
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+        self.position_ids = nn.Buffer(torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape [batch, {self.config.num_channels}, height, width], got "
+                f"{tuple(pixel_values.shape)}. Prepare images with DecdProcessor."
+            )
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != self.image_size:
+            raise ValueError(
+                f"pixel_values are {height}x{width} (height x width) but this model expects "
+                f"{self.image_size[0]}x{self.image_size[1]}. Use DecdProcessor(image_size={self.image_size}) "
+                "or the processor saved with the model."
+            )
+        batch_size = pixel_values.shape[0]
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.expand(batch_size, 1, -1)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        return embeddings + self.position_embedding(self.position_ids)
+
+
+class DecdVisionModel(CLIPVisionModel):
+    """CLIP's vision transformer (same parameter names and forward) on the person-crop grid."""
+
+    def __init__(self, config):
+        CLIPPreTrainedModel.__init__(self, config)
+        self.embeddings = DecdVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+
+def resize_position_embedding(weight: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a square ViT position table [1 + g*g, dim] to [1 + h*w, dim] (bicubic over the grid, CLS kept)."""
+    class_position, patch_positions = weight[:1], weight[1:]
+    old = int(round(math.sqrt(patch_positions.shape[0])))
+    if old * old != patch_positions.shape[0]:
+        raise ValueError(f"Expected a square grid of position embeddings, got {patch_positions.shape[0]} rows.")
+    if (old, old) == tuple(new_grid):
+        return weight.clone()
+    grid = patch_positions.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patch_positions = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(weight.dtype)
+    return torch.cat([class_position, patch_positions], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Detachable cross-modal decoder (training only)
+# --------------------------------------------------------------------------------------------------
+class DecdDecoderLayer(nn.Module):
+    """Pre-LN layer: self-attention over caption tokens, cross-attention caption -> image tokens, MLP."""
+
+    def __init__(self, config: DecdConfig):
+        super().__init__()
+        width, heads = config.decoder_hidden_size, config.decoder_attention_heads
+        self.self_attn_layer_norm = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn_layer_norm = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.final_layer_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.decoder_intermediate_size),
+            nn.GELU(),
+            nn.Linear(config.decoder_intermediate_size, width),
+        )
+
+    def forward(self, text_states, image_states, text_padding_mask=None):
+        hidden = self.self_attn_layer_norm(text_states)
+        hidden, _ = self.self_attn(hidden, hidden, hidden, key_padding_mask=text_padding_mask, need_weights=False)
+        text_states = text_states + hidden
+        hidden = self.cross_attn_layer_norm(text_states)
+        hidden, _ = self.cross_attn(hidden, image_states, image_states, need_weights=False)
+        text_states = text_states + hidden
+        return text_states + self.mlp(self.final_layer_norm(text_states))
+
+
+class DecdCrossModalDecoder(nn.Module):
+    """Queries: token states of the masked caption; keys/values: all image token states (CLS + patches)."""
+
+    def __init__(self, config: DecdConfig):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.text_input = nn.Linear(config.text_config.hidden_size, width)
+        self.image_input = nn.Linear(config.vision_config.hidden_size, width)
+        self.image_layer_norm = nn.LayerNorm(width)
+        self.layers = nn.ModuleList(DecdDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.final_layer_norm = nn.LayerNorm(width)
+
+    def forward(self, text_states, image_states, text_attention_mask=None):
+        padding_mask = None if text_attention_mask is None else text_attention_mask == 0
+        text_states = self.text_input(text_states)
+        image_states = self.image_layer_norm(self.image_input(image_states))
+        for layer in self.layers:
+            text_states = layer(text_states, image_states, padding_mask)
+        return self.final_layer_norm(text_states)
+
+
+class DecdMaskedCaptionHead(nn.Module):
+    """MCM head: Linear -> GELU -> LayerNorm -> Linear(vocabulary)."""
+
+    def __init__(self, config: DecdConfig):
+        super().__init__()
+        width = config.decoder_hidden_size
+        self.dense = nn.Linear(width, width)
+        self.activation = nn.GELU()
+        self.layer_norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, config.text_config.vocab_size)
+
+    def forward(self, hidden_states):
+        return self.decoder(self.layer_norm(self.activation(self.dense(hidden_states))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses: pure functions of tensors. The cross-device gather lives in ONE helper.
+# --------------------------------------------------------------------------------------------------
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` [batch, ...] from every process along dim 0, keeping gradients.
+
+    With one process (or no initialised process group) it returns the tensor unchanged. All processes
+    must pass the same batch size (accelerate's `even_batches`, the default, guarantees it).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def sew_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    person_ids: torch.Tensor,
+    caption_quality: torch.Tensor | None = None,
+    margin: float = 0.1,
+    temperature: float | torch.Tensor = 0.02,
+) -> torch.Tensor:
+    """Sew loss: similarity-distribution matching with quality-adaptive margins, in both directions.
+
+    Args:
+        image_embeds: [batch, dim] image i of pair i (normalised here; any scale accepted).
+        text_embeds: [batch, dim] caption i of pair i.
+        person_ids: [batch] identity of pair i; every same-identity pair is a positive.
+        caption_quality: [batch] q_i in [0, 1] (information density of caption i); `None` means q = 1.
+        margin: m_max; caption i gets margin m_max * q_i on its positive similarities. 0 gives IRRA's SDM.
+        temperature: tau; logits are (cosine - margin) / tau.
+
+    Returns:
+        Scalar: mean over captions of KL(softmax(z_i) || Q_i) + mean over images of KL(softmax(u_i) || Q_i),
+        Q being the identity-normalised positive mask (see method.md).
+    """
+    if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
+        raise ValueError(
+            f"image_embeds and text_embeds must both be [batch, dim], got {tuple(image_embeds.shape)} and "
+            f"{tuple(text_embeds.shape)}."
+        )
+    batch_size = image_embeds.shape[0]
+    if person_ids.shape != (batch_size,):
+        raise ValueError(f"person_ids must have shape [{batch_size}], got {tuple(person_ids.shape)}.")
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    similarity = text_embeds @ image_embeds.t()  # s_ij = cos(text_i, image_j)
+    positives = (person_ids[:, None] == person_ids[None, :]).float()
+    target = positives / positives.sum(dim=1, keepdim=True)
+    if caption_quality is None:
+        caption_quality = similarity.new_ones(batch_size)
+    margins = margin * caption_quality.to(similarity.dtype)
+    text_to_image = (similarity - margins[:, None] * positives) / temperature
+    image_to_text = (similarity.t() - margins[None, :] * positives) / temperature
+    log_target = torch.log(target + 1e-8)
+
+    def matching(logits):
+        log_prob = F.log_softmax(logits, dim=1)
+        return (log_prob.exp() * (log_prob - log_target)).sum(dim=1).mean()
+
+    return matching(text_to_image) + matching(image_to_text)
+
+
+def masked_caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the MCM head over masked positions only (labels are -100 elsewhere)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def identity_loss(
+    classifier: nn.Module, image_features: torch.Tensor, text_features: torch.Tensor, person_ids: torch.Tensor
+) -> torch.Tensor:
+    """Identity classification on both modalities, averaged: (CE(image) + CE(text)) / 2."""
+    image_loss = F.cross_entropy(classifier(image_features).float(), person_ids)
+    text_loss = F.cross_entropy(classifier(text_features).float(), person_ids)
+    return (image_loss + text_loss) / 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DecdOutput(ModelOutput):
+    """Output of `DecdModel.forward`.
+
+    loss: weighted total (when `return_loss`); loss_sew / loss_mcm / loss_id: its parts (unweighted).
+    logits_per_image: [images, captions] cosine / temperature; logits_per_text: its transpose.
+    text_embeds / image_embeds: [batch, projection_dim], L2-normalised.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_sew: torch.Tensor | None = None
+    loss_mcm: torch.Tensor | None = None
+    loss_id: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+
+
+class DecdPreTrainedModel(PreTrainedModel):
+    config_class = DecdConfig
+    config: DecdConfig
+    base_model_prefix = "decd"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "DecdDecoderLayer"]
+    # Every loss here is a batch mean: the Trainer must scale it for gradient accumulation itself
+    # rather than pass `num_items_in_batch` through **kwargs.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.MultiheadAttention):
+            init.normal_(module.in_proj_weight, mean=0.0, std=std)
+            init.zeros_(module.in_proj_bias)
+            init.normal_(module.out_proj.weight, mean=0.0, std=std)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DecdModel):
+            init.constant_(module.log_logit_scale, math.log(1.0 / self.config.temperature))
+
+
+class DecdModel(DecdPreTrainedModel):
+    r"""DECD for text-based person search.
+
+    Inference (`get_text_features`, `get_image_features`, `forward` without labels) uses only the two
+    CLIP encoders and their projections. Training (`forward` with `person_ids`) adds the Sew loss and,
+    when MCM inputs are given, runs the cross-modal decoder for the MCM loss.
+    """
+
+    def __init__(self, config: DecdConfig):
+        super().__init__(config)
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.vision_model = DecdVisionModel._from_config(config.vision_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        # log(1 / temperature); trained only when config.learnable_temperature.
+        self.log_logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learnable_temperature
+        )
+        self.decoder = self.mcm_head = self.identity_classifier = None
+        if config.use_decoder:
+            self.decoder = DecdCrossModalDecoder(config)
+            self.mcm_head = DecdMaskedCaptionHead(config)
+            if config.num_identities > 0:
+                self.identity_classifier = nn.Linear(config.projection_dim, config.num_identities)
+        self.post_init()
+
+    # ---- building -------------------------------------------------------------------------------
+    @classmethod
+    def from_clip(cls, clip_name_or_path: str, **overrides: Any) -> "DecdModel":
+        """Build a DECD model from a CLIP checkpoint (Hub name or local folder), e.g. "openai/clip-vit-base-patch16".
+
+        The config comes from the CLIP config (encoder sizes, projection_dim) plus `overrides` (any
+        `DecdConfig` field, e.g. `image_size=(384, 128)`, `num_identities=11003`). CLIP's weights go
+        into the encoders and projections; the vision position embeddings are resized once to the
+        person-crop grid; the token embedding gains one row for the mask token (initialised to the mean
+        embedding); the decoder and heads are freshly initialised. Weights are read from safetensors only.
+        """
+        clip = CLIPModel.from_pretrained(clip_name_or_path, use_safetensors=True)
+        clip_config: CLIPConfig = clip.config
+        text_config = clip_config.text_config.to_dict()
+        clip_vocab_size = text_config["vocab_size"]
+        text_config.update(vocab_size=clip_vocab_size + 1)
+        # Older CLIP configs carry eos_token_id=2 (pooling by argmax of ids), which would pool the mask
+        # token (the highest id): pool at the real end-of-text token instead.
+        if text_config.get("eos_token_id") in (None, 2):
+            text_config["eos_token_id"] = clip_vocab_size - 1
+        vision_config = clip_config.vision_config.to_dict()
+        for sub in (text_config, vision_config):
+            for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+                sub.pop(key, None)
+        settings = dict(
+            text_config=text_config,
+            vision_config=vision_config,
+            projection_dim=clip_config.projection_dim,
+            mask_token_id=clip_vocab_size,
+        )
+        settings.update(overrides)
+        config = DecdConfig(**settings)
+        model = cls(config)
+
+        state = clip.state_dict()
+        state.pop("logit_scale", None)
+        for key in [k for k in state if k.endswith("position_ids")]:
+            state.pop(key)
+        position_key = "vision_model.embeddings.position_embedding.weight"
+        state[position_key] = resize_position_embedding(state[position_key], model.vision_model.embeddings.grid_size)
+        token_key = "text_model.embeddings.token_embedding.weight"
+        tokens = state[token_key]
+        state[token_key] = torch.cat([tokens, tokens.mean(dim=0, keepdim=True)], dim=0)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        new_modules = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
+        missing = [key for key in missing if not key.startswith(new_modules)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{clip_name_or_path} does not match a CLIP model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        model.config.name_or_path = ""
+        model.config.base_model = str(clip_name_or_path)
+        return model
+
+    def detach_decoder(self) -> "DecdModel":
+        """Drop the decoder, the MCM head and the identity classifier (training-only modules), in place.
+
+        The result is a plain dual encoder: it saves without decoder weights, loads, and embeds exactly
+        as before. Returns the model itself.
+        """
+        self.decoder = self.mcm_head = self.identity_classifier = None
+        self.config.use_decoder = False
+        return self
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return torch.exp(-self.log_logit_scale)
+
+    # ---- encoders -------------------------------------------------------------------------------
+    def _fit_context(self, input_ids, attention_mask):
+        """Cut captions longer than CLIP's context, keeping the end-of-text token last (as the processor does)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}.")
+        context = self.config.text_config.max_position_embeddings
+        if input_ids.shape[1] <= context:
+            return input_ids, attention_mask
+        warnings.warn(
+            f"Captions of {input_ids.shape[1]} tokens exceed the {context}-token context; truncating them "
+            "(use DecdProcessor, which truncates, to silence this).",
+            stacklevel=3,
+        )
+        eos = self.config.text_config.eos_token_id
+        cut = input_ids[:, :context].clone()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask[:, :context].clone()
+        overflowing = ~(cut == eos).any(dim=1)
+        cut[overflowing, -1] = eos
+        mask[overflowing, -1] = 1
+        return cut, mask
+
+    def _encode_text(self, input_ids, attention_mask):
+        input_ids, attention_mask = self._fit_context(input_ids, attention_mask)
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return outputs.last_hidden_state, self.text_projection(outputs.pooler_output)
+
+    def _encode_image(self, pixel_values):
+        outputs = self.vision_model(pixel_values=pixel_values)
+        return outputs.last_hidden_state, self.visual_projection(outputs.pooler_output)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected global caption embeddings [batch, projection_dim] (end-of-text token). NOT normalised."""
+        return self._encode_text(input_ids, attention_mask)[1]
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected global image embeddings [batch, projection_dim] (CLS token). NOT normalised."""
+        return self._encode_image(pixel_values)[1]
+
+    # ---- training + scoring -----------------------------------------------------------------------
+    def _caption_quality(self, caption_quality, batch_size, device):
+        mode = self.config.caption_quality
+        if mode == "none" or self.config.sew_margin == 0:
+            return None, 0.0
+        if mode == "uniform":
+            return torch.ones(batch_size, device=device), self.config.sew_margin
+        if caption_quality is None:
+            raise ValueError(
+                "caption_quality is required for the Sew loss with caption_quality='density': pass the "
+                "`caption_quality` that DecdProcessor returns for the captions (or set caption_quality='uniform')."
+            )
+        return caption_quality.to(device), self.config.sew_margin
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        person_ids: torch.Tensor | None = None,
+        caption_quality: torch.Tensor | None = None,
+        masked_input_ids: torch.Tensor | None = None,
+        mcm_labels: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs: Any,
+    ) -> DecdOutput:
+        r"""Encode a batch of (caption, image) pairs; with `person_ids`, also compute the training losses.
+
+        Args:
+            input_ids, attention_mask: [batch, tokens] captions from DecdProcessor.
+            pixel_values: [batch, 3, height, width] images from DecdProcessor.
+            person_ids: [batch] identity of each pair (needed for the losses).
+            caption_quality: [batch] caption quality in [0, 1] from DecdProcessor (Sew margins).
+            masked_input_ids, mcm_labels: [batch, tokens] from `DecdProcessor.mask_captions`; when given,
+                the cross-modal decoder runs and the MCM loss is computed.
+            return_loss: defaults to `person_ids is not None`.
+
+        Returns:
+            `DecdOutput`. Under several processes the Sew loss uses the global batch.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("DecdModel.forward needs both input_ids and pixel_values (use DecdProcessor).")
+        if return_loss is None:
+            return_loss = person_ids is not None
+        text_states, text_features = self._encode_text(input_ids, attention_mask)
+        image_states, image_features = self._encode_image(pixel_values)
+        text_embeds = F.normalize(text_features, dim=-1)
+        image_embeds = F.normalize(image_features, dim=-1)
+        logit_scale = self.log_logit_scale.exp()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        output = DecdOutput(
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )
+        if not return_loss:
+            return output
+        if person_ids is None:
+            raise ValueError("return_loss=True needs person_ids (the identity of each pair).")
+        if text_features.shape[0] != image_features.shape[0]:
+            raise ValueError(
+                f"Training needs paired batches: got {text_features.shape[0]} captions and "
+                f"{image_features.shape[0]} images."
+            )
+        config = self.config
+        quality, margin = self._caption_quality(caption_quality, text_features.shape[0], text_features.device)
+        global_quality = None if quality is None else gather_with_grad(quality.float())
+        output.loss_sew = sew_loss(
+            gather_with_grad(image_embeds),
+            gather_with_grad(text_embeds),
+            gather_with_grad(person_ids),
+            global_quality,
+            margin=margin,
+            temperature=1.0 / logit_scale,
+        )
+        total = config.sew_weight * output.loss_sew
+        if masked_input_ids is not None:
+            if self.decoder is None:
+                raise ValueError("MCM inputs were given but this model's decoder was detached (use_decoder=False).")
+            if mcm_labels is None:
+                raise ValueError("masked_input_ids were given without mcm_labels (see DecdProcessor.mask_captions).")
+            masked_ids, masked_attention = self._fit_context(masked_input_ids, attention_mask)
+            masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
+            decoded = self.decoder(masked_states, image_states, masked_attention)
+            labels = mcm_labels[:, : decoded.shape[1]]
+            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded), labels)
+            total = total + config.mcm_weight * output.loss_mcm
+        if self.identity_classifier is not None and config.id_weight > 0:
+            output.loss_id = identity_loss(self.identity_classifier, image_features, text_features, person_ids)
+            total = total + config.id_weight * output.loss_id
+        output.loss = total
+        return output
+
+    # ---- saving and loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a saved DECD model (folder or Hub id). Weights are read from safetensors only: a checkpoint
+        that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(AUTO_MAP)
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_decd.DecdConfig",
+    "AutoModel": "modeling_decd.DecdModel",
+    "AutoModelForZeroShotImageClassification": "modeling_decd.DecdModel",
+    "AutoProcessor": "processing_decd.DecdProcessor",
+}
+
+# Registration: in-package Auto classes, and `auto_map` + copied code files on save_pretrained.
+DecdConfig.register_for_auto_class()
+DecdModel.register_for_auto_class("AutoModel")
+DecdProcessor.register_for_auto_class("AutoProcessor")
+AutoConfig.register("decd", DecdConfig, exist_ok=True)
+AutoModel.register(DecdConfig, DecdModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(DecdConfig, DecdModel, exist_ok=True)
+AutoProcessor.register(DecdConfig, DecdProcessor, exist_ok=True)
+
+__all__ = [
+    "DecdModel",
+    "DecdPreTrainedModel",
+    "DecdOutput",
+    "DecdVisionModel",
+    "sew_loss",
+    "masked_caption_loss",
+    "identity_loss",
+    "gather_with_grad",
+    "resize_position_embedding",
+]

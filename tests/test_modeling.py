@@ -1,0 +1,317 @@
+"""DecdModel: losses and gradients, building from CLIP, detaching, error messages."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel
+
+from configuration_decd import DecdConfig
+from modeling_decd import DecdModel, resize_position_embedding, sew_loss
+
+from .helpers import random_batch, tiny_config
+
+
+def test_forward_backward_all_losses_reach_every_module():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(num_identities=4, id_weight=0.5))
+    batch = random_batch(model.config, with_mcm=True)
+    output = model(**batch)
+    for name in ("loss", "loss_sew", "loss_mcm", "loss_id"):
+        assert torch.isfinite(getattr(output, name)), name
+    expected_total = output.loss_sew + output.loss_mcm + 0.5 * output.loss_id
+    assert torch.allclose(output.loss, expected_total)
+    output.loss.backward()
+    for name in (
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+        "text_projection.weight",
+        "visual_projection.weight",
+        "decoder.layers.0.cross_attn.in_proj_weight",
+        "decoder.text_input.weight",
+        "mcm_head.decoder.weight",
+        "identity_classifier.weight",
+    ):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.log_logit_scale.grad is None  # fixed temperature by default
+
+
+def test_decoder_untouched_without_mcm_inputs():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config())
+    batch = random_batch(model.config, with_mcm=False)
+    output = model(**batch)
+    assert output.loss_mcm is None and output.loss_id is None
+    assert torch.allclose(output.loss, output.loss_sew)
+    output.loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith(("decoder.", "mcm_head.")):
+            assert parameter.grad is None, name
+    assert model.get_parameter("text_projection.weight").grad is not None
+
+
+def test_outputs_are_normalised_and_logits_scaled():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config()).eval()
+    batch = random_batch(model.config, with_mcm=False)
+    with torch.no_grad():
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"])
+        text = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        image = model.get_image_features(batch["pixel_values"])
+    assert output.loss is None
+    assert text.shape == image.shape == (len(batch["input_ids"]), model.config.projection_dim)
+    assert text.dtype == torch.float32
+    assert torch.allclose(output.text_embeds, F.normalize(text, dim=-1), atol=1e-6)
+    assert torch.allclose(output.image_embeds.norm(dim=-1), torch.ones(len(image)), atol=1e-5)
+    expected = output.text_embeds @ output.image_embeds.t() / model.config.temperature
+    assert torch.allclose(output.logits_per_text, expected, atol=1e-4)
+    assert torch.equal(output.logits_per_image, output.logits_per_text.t())
+
+
+def test_learnable_temperature_gets_gradient():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(learnable_temperature=True))
+    model(**random_batch(model.config, with_mcm=False)).loss.backward()
+    assert model.log_logit_scale.grad is not None
+    assert math.isclose(model.temperature.item(), 0.02, rel_tol=1e-5)
+
+
+# ---- Sew loss -------------------------------------------------------------------------------------
+def _sdm_reference(image, text, ids, scale):
+    """IRRA's SDM, written out independently: KL(softmax(scale*cos) || identity-normalised labels), both ways."""
+    image = image / image.norm(dim=1, keepdim=True)
+    text = text / text.norm(dim=1, keepdim=True)
+    labels = (ids.reshape(-1, 1) - ids.reshape(1, -1) == 0).float()
+    labels = labels / labels.sum(dim=1, keepdim=True)
+    t2i = scale * text @ image.t()
+    i2t = t2i.t()
+    i2t_loss = F.softmax(i2t, dim=1) * (F.log_softmax(i2t, dim=1) - torch.log(labels + 1e-8))
+    t2i_loss = F.softmax(t2i, dim=1) * (F.log_softmax(t2i, dim=1) - torch.log(labels + 1e-8))
+    return i2t_loss.sum(dim=1).mean() + t2i_loss.sum(dim=1).mean()
+
+
+def _embeddings(batch=12, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator)
+
+
+def test_sew_with_zero_margin_is_sdm():
+    image, text = _embeddings()
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7])
+    quality = torch.rand(12)
+    for temperature in (0.02, 0.1):
+        expected = _sdm_reference(image, text, ids, 1 / temperature)
+        actual = sew_loss(image, text, ids, quality, margin=0.0, temperature=temperature)
+        assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sew_grows_with_margin():
+    image, text = _embeddings(seed=1)
+    ids = torch.arange(12) // 2
+    losses = [sew_loss(image, text, ids, torch.ones(12), margin=m, temperature=0.05).item()
+              for m in (0.0, 0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+
+
+def test_sew_treats_every_same_identity_pair_as_positive():
+    image, text = _embeddings(batch=6, seed=2)
+    ids = torch.tensor([0, 0, 0, 1, 2, 3])
+    similarity = F.normalize(text, dim=1) @ F.normalize(image, dim=1).t()
+    similarity.requires_grad_(True)
+    # Re-express the loss as a function of the similarity matrix through embeddings that realise it.
+    image_n, text_n = F.normalize(image, dim=1).requires_grad_(True), F.normalize(text, dim=1)
+    loss = sew_loss(image_n, text_n, ids, None, margin=0.1, temperature=0.05)
+    loss.backward()
+    # Moving image 1 towards caption 0 (same identity, different pair) must lower the loss;
+    # moving image 3 (identity 1) towards caption 0 must raise it.
+    direction_same = (text_n[0] * image_n.grad[1]).sum()
+    direction_other = (text_n[0] * image_n.grad[3]).sum()
+    assert direction_same < 0 < direction_other
+    # The target distribution: three captions of identity 0 share probability mass 1/3 each.
+    perfect = torch.eye(6)[[0, 0, 0, 3, 4, 5]].float()
+    near_zero = sew_loss(perfect, perfect, ids, None, margin=0.0, temperature=0.001)
+    assert near_zero < 1e-4
+
+
+def test_caption_quality_modes():
+    image, text = _embeddings(seed=3)
+    ids = torch.arange(12) // 3
+    sdm = sew_loss(image, text, ids, None, margin=0.0, temperature=0.05)
+    # q = 0 everywhere means no margin at all.
+    assert torch.allclose(sew_loss(image, text, ids, torch.zeros(12), margin=0.2, temperature=0.05), sdm)
+    # `None` quality means q = 1 (the "uniform" mode).
+    uniform = sew_loss(image, text, ids, torch.ones(12), margin=0.2, temperature=0.05)
+    assert torch.allclose(sew_loss(image, text, ids, None, margin=0.2, temperature=0.05), uniform)
+    # Informative captions (higher q) get a larger margin, so a larger loss.
+    half = sew_loss(image, text, ids, torch.full((12,), 0.5), margin=0.2, temperature=0.05)
+    assert sdm < half < uniform
+
+    torch.manual_seed(0)
+    batch = random_batch(tiny_config(), with_mcm=False)
+    losses = {}
+    for mode in ("density", "uniform", "none"):
+        torch.manual_seed(0)
+        model = DecdModel(tiny_config(caption_quality=mode, sew_margin=0.2))
+        losses[mode] = model(**batch).loss_sew.item()
+    low_quality = dict(batch, caption_quality=torch.zeros_like(batch["caption_quality"]))
+    torch.manual_seed(0)
+    assert math.isclose(DecdModel(tiny_config(sew_margin=0.2))(**low_quality).loss_sew.item(), losses["none"],
+                        rel_tol=1e-5)
+    assert losses["none"] < losses["density"] < losses["uniform"]
+
+    model = DecdModel(tiny_config())
+    without_quality = {k: v for k, v in batch.items() if k != "caption_quality"}
+    with pytest.raises(ValueError, match="caption_quality"):
+        model(**without_quality)
+
+
+# ---- building from CLIP -----------------------------------------------------------------------------
+def _tiny_clip(tmp_path, image_size=32):
+    config = CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=998, eos_token_id=999,
+                         pad_token_id=999),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    folder = tmp_path / "tiny-clip"
+    clip.save_pretrained(folder)
+    return clip, folder
+
+
+def _text_batch(eos=999, bos=998, batch=3, length=9):
+    ids = torch.randint(0, 990, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = bos
+    attention = torch.ones_like(ids)
+    ids[0, 5] = eos
+    ids[0, 6:] = eos
+    attention[0, 6:] = 0
+    ids[1:, -1] = eos
+    return ids, attention
+
+
+def test_from_clip_square_matches_clip_features(tmp_path):
+    clip, folder = _tiny_clip(tmp_path)
+    model = DecdModel.from_clip(str(folder), image_size=(32, 32), decoder_hidden_size=32,
+                                decoder_attention_heads=4, decoder_intermediate_size=64).eval()
+    assert model.config.mask_token_id == 1000 and model.config.text_config.vocab_size == 1001
+    assert model.config.projection_dim == 24
+    ids, attention = _text_batch()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_text = clip.get_text_features(input_ids=ids, attention_mask=attention).pooler_output
+        expected_image = clip.get_image_features(pixel_values=pixels).pooler_output
+        assert torch.allclose(model.get_text_features(ids, attention), expected_text, atol=1e-5)
+        assert torch.allclose(model.get_image_features(pixels), expected_image, atol=1e-5)
+    # The mask token's embedding starts at the mean of CLIP's token embeddings.
+    tokens = model.text_model.embeddings.token_embedding.weight
+    assert torch.allclose(tokens[1000], clip.text_model.embeddings.token_embedding.weight.mean(0), atol=1e-6)
+
+
+def test_from_clip_non_square_resizes_position_embeddings_once(tmp_path):
+    clip, folder = _tiny_clip(tmp_path)
+    model = DecdModel.from_clip(str(folder), image_size=(48, 16), decoder_hidden_size=32,
+                                decoder_attention_heads=4, decoder_intermediate_size=64)
+    positions = model.vision_model.embeddings.position_embedding.weight
+    assert positions.shape == (6 * 2 + 1, 48)  # 48x16 crop, patch 8 -> 6x2 grid + CLS
+    original = clip.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(positions[0], original[0])  # CLS kept
+    grid = original[1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 2), mode="bicubic", align_corners=False)
+    assert torch.allclose(positions[1:], expected.permute(0, 2, 3, 1).reshape(12, 48), atol=1e-6)
+    # Stored at that size: a save/load round trip keeps 13 rows and needs no interpolation.
+    model.save_pretrained(tmp_path / "decd")
+    reloaded = DecdModel.from_pretrained(tmp_path / "decd")
+    assert reloaded.vision_model.embeddings.position_embedding.weight.shape == (13, 48)
+    with torch.no_grad():
+        features = reloaded.get_image_features(torch.randn(2, 3, 48, 16))
+    assert features.shape == (2, 24)
+
+
+def test_from_clip_resolves_hub_names_from_the_cache_offline(tmp_path, monkeypatch):
+    _, folder = _tiny_clip(tmp_path)
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = DecdModel.from_clip("openai/clip-vit-base-patch16", image_size=(48, 16))
+    assert model.config.base_model == "openai/clip-vit-base-patch16"
+    assert model.vision_model.embeddings.position_embedding.weight.shape[0] == 13
+
+
+def test_resize_position_embedding_identity_for_same_grid():
+    weight = torch.randn(1 + 16, 8)
+    assert torch.equal(resize_position_embedding(weight, (4, 4)), weight)
+    with pytest.raises(ValueError, match="square grid"):
+        resize_position_embedding(torch.randn(1 + 12, 8), (4, 4))
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+def test_config_rejects_image_size_not_divisible_by_patch():
+    with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+        DecdConfig.tiny(image_size=(130, 64))
+    with pytest.raises(ValueError, match="caption_quality"):
+        DecdConfig.tiny(caption_quality="length")
+
+
+def test_model_rejects_wrong_pixel_size():
+    model = DecdModel(tiny_config())
+    with pytest.raises(ValueError, match=r"expects 128x64"):
+        model.get_image_features(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        model.get_image_features(torch.randn(1, 1, 128, 64))
+
+
+def test_overlong_captions_are_cut_keeping_end_of_text():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config()).eval()
+    ids = torch.randint(0, 49000, (1, 100))
+    ids[0, 0], ids[0, -1] = 49406, 49407
+    with pytest.warns(UserWarning, match="exceed the 77-token context"):
+        features = model.get_text_features(ids, torch.ones_like(ids))
+    cut = ids[:, :77].clone()
+    cut[0, -1] = 49407
+    with torch.no_grad():
+        assert torch.allclose(features, model.get_text_features(cut, torch.ones_like(cut)), atol=1e-6)
+
+
+def test_other_model_type_checkpoint_is_refused(tmp_path):
+    _, folder = _tiny_clip(tmp_path)
+    with pytest.raises(ValueError, match=r"'clip' checkpoint, not a DECD one.*from_clip"):
+        DecdModel.from_pretrained(folder)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, monkeypatch):
+    model = DecdModel(tiny_config())
+    model.save_pretrained(tmp_path / "ok")
+    assert (tmp_path / "ok" / "model.safetensors").exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load must not be called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    DecdModel.from_pretrained(tmp_path / "ok")  # safetensors: no unpickling
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(OSError, match="safetensors"):
+        DecdModel.from_pretrained(pickled)
