@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Train DECD for text-based person search with `transformers.Trainer`.
+
+With no arguments: the tiny DECD from scratch on the embedded synthetic benchmark (offline, CPU).
+The paper's recipe (CUHK-PEDES, CLIP ViT-B/16 start):
+
+    accelerate launch examples/train.py --model_name_or_path openai/clip-vit-base-patch16 \
+        --dataset_name cuhk-pedes --data_dir /data/CUHK-PEDES --output_dir outputs/decd-cuhk \
+        --learning_rate 1e-5 --num_train_epochs 60 --warmup_steps 0.0834 --per_device_train_batch_size 64
+
+Reads top to bottom: arguments -> data -> model -> Trainer -> train -> test evaluation -> save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from configuration_decd import DecdConfig  # noqa: E402
+from modeling_decd import DecdModel  # noqa: E402
+from processing_decd import DecdProcessor  # noqa: E402
+
+from decd.data import load_person_search, num_identities  # noqa: E402
+from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator  # noqa: E402
+
+logger = logging.getLogger("decd.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A CLIP checkpoint (e.g. openai/clip-vit-base-patch16) to start from, a saved DECD "
+                          "model to continue from, or empty to train the `config_preset` model from scratch."},
+    )
+    config_preset: str = field(default="tiny", metadata={"help": "From-scratch model size: tiny or base."})
+    image_size: list[int] | None = field(
+        default=None, metadata={"help": "Crop height and width, e.g. --image_size 384 128 (default: the preset's)."}
+    )
+    sew_margin: float | None = field(default=None, metadata={"help": "Largest Sew margin m_max (0 = SDM)."})
+    caption_quality: str | None = field(default=None, metadata={"help": "density, uniform or none."})
+    temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default 0.02)."})
+    mcm_weight: float | None = field(default=None, metadata={"help": "Weight of the MCM loss (0 disables MCM)."})
+    id_weight: float | None = field(default=None, metadata={"help": "Weight of the identity loss (default 0)."})
+    keep_decoder: bool = field(
+        default=False,
+        metadata={"help": "Save the final model with its decoder (a training checkpoint) instead of the detached "
+                          "inference model. Checkpoints under output_dir always keep it."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="synthetic", metadata={"help": "cuhk-pedes, icfg-pedes, rstpreid, synthetic or custom."}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (annotation JSON + imgs/)."})
+    annotation_file: str | None = field(default=None, metadata={"help": "Annotation JSON for dataset 'custom'."})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip (and list) bad records instead of stopping at them."}
+    )
+    eval_split: str = field(
+        default="val", metadata={"help": "Split used for model selection (falls back to test when there is no val)."}
+    )
+    test_split: str = field(default="test", metadata={"help": "Split evaluated with the best model at the end."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    synthetic_train_ids: int | None = field(default=None, metadata={"help": "Synthetic set: training identities."})
+    synthetic_eval_ids: int | None = field(
+        default=None, metadata={"help": "Synthetic set: identities in each of val and test."}
+    )
+    synthetic_images_per_id: int | None = field(default=None, metadata={"help": "Synthetic set: images per identity."})
+
+
+@dataclass
+class TrainingArguments(DecdTrainingArguments):
+    """Defaults for the embedded synthetic benchmark on a CPU (about 10 minutes on 2 cores)."""
+
+    output_dir: str | None = field(default="outputs/decd-tiny-synthetic")
+    per_device_train_batch_size: int = field(default=64)
+    per_device_eval_batch_size: int = field(default=128)
+    learning_rate: float = field(default=5e-4)
+    new_module_lr_multiplier: float = field(default=1.0)
+    weight_decay: float = field(default=4e-5)
+    num_train_epochs: float = field(default=12.0)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=0.05)
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    load_best_model_at_end: bool = field(default=True)
+    logging_steps: float = field(default=10)
+    seed: int = field(default=42)
+
+
+def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel, DecdProcessor]:
+    overrides = {
+        name: getattr(model_args, name)
+        for name in ("sew_margin", "caption_quality", "temperature", "mcm_weight", "id_weight")
+        if getattr(model_args, name) is not None
+    }
+    if model_args.image_size is not None:
+        overrides["image_size"] = tuple(model_args.image_size)
+    source = model_args.model_name_or_path
+    if source is None:
+        preset = {"tiny": DecdConfig.tiny, "base": DecdConfig.vit_base_patch16}.get(model_args.config_preset)
+        if preset is None:
+            raise SystemExit(f"--config_preset must be 'tiny' or 'base', got {model_args.config_preset!r}.")
+        model = DecdModel(preset(num_identities=identities, **overrides))
+        return model, DecdProcessor(image_size=model.config.image_size)
+    config_file = Path(source) / "config.json"
+    if config_file.exists() and '"model_type": "decd"' in config_file.read_text():
+        model = DecdModel.from_pretrained(source, num_identities=identities, use_decoder=True, **overrides)
+        return model, DecdProcessor.from_pretrained(source)
+    overrides.setdefault("image_size", (384, 128))
+    model = DecdModel.from_clip(source, num_identities=identities, **overrides)
+    return model, DecdProcessor(image_size=model.config.image_size)
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if not training_args.should_log:
+        logger.setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    # ---- data -------------------------------------------------------------------------------------
+    if data_args.dataset_name == "synthetic" and data_args.data_dir is None:
+        from decd.synthetic import generate_synthetic_person_search
+
+        sizes = {}
+        if data_args.synthetic_train_ids is not None:
+            sizes["num_train_ids"] = data_args.synthetic_train_ids
+        if data_args.synthetic_eval_ids is not None:
+            sizes["num_val_ids"] = sizes["num_test_ids"] = data_args.synthetic_eval_ids
+        if data_args.synthetic_images_per_id is not None:
+            sizes["images_per_id"] = data_args.synthetic_images_per_id
+        with training_args.main_process_first(desc="generating the synthetic set"):
+            data_args.data_dir = str(generate_synthetic_person_search(**sizes, progress=training_args.should_log))
+    load = dict(dataset_name=data_args.dataset_name, data_dir=data_args.data_dir,
+                annotation_file=data_args.annotation_file, skip_bad_records=data_args.skip_bad_records)
+    train_set = load_person_search(split="train", **load)
+    if data_args.max_train_samples is not None:
+        train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
+    eval_split = data_args.eval_split
+    try:
+        eval_set = load_person_search(split=eval_split, **load)
+    except ValueError as error:
+        if eval_split != "val":
+            raise
+        logger.warning("No val split (%s); selecting the model on %s instead.", error, data_args.test_split)
+        eval_split = data_args.test_split
+        eval_set = load_person_search(split=eval_split, **load)
+    identities = num_identities(train_set)
+    logger.info("%d training pairs, %d identities; model selection on %s (%d queries, %d gallery images)",
+                len(train_set), identities, eval_split, len(eval_set["queries"]), len(eval_set["gallery"]))
+
+    # ---- model --------------------------------------------------------------------------------------
+    model, processor = build_model(model_args, identities)
+    logger.info("DECD with %.1fM parameters (%s)", sum(p.numel() for p in model.parameters()) / 1e6,
+                model_args.model_name_or_path or f"{model_args.config_preset} from scratch")
+
+    # ---- train ----------------------------------------------------------------------------------------
+    collator = DecdTrainingCollator(processor, augment=training_args.augment,
+                                    mask_captions=model.config.mcm_weight > 0)
+    trainer = DecdTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collator, processing_class=processor)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+
+    # ---- test with the best model -------------------------------------------------------------------------
+    test_set = load_person_search(split=data_args.test_split, **load)
+    metrics = trainer.evaluate(test_set, metric_key_prefix="test")
+    metrics[f"test_selected_on"] = eval_split
+    trainer.log_metrics("test", metrics)
+    trainer.save_metrics("test", metrics)
+
+    # ---- save -------------------------------------------------------------------------------------------
+    if not model_args.keep_decoder:
+        trainer.accelerator.unwrap_model(trainer.model).detach_decoder()
+    trainer.save_model()
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        try:
+            from decd.visualize import plot_training_curves
+
+            plot_training_curves(trainer.state.log_history, Path(training_args.output_dir) / "training_curves.png")
+        except (ImportError, ValueError) as error:
+            logger.warning("No training-curve plot: %s", error)
+        print("\nTest retrieval (%s, %s split, best model selected on %s):" % (
+            data_args.dataset_name, data_args.test_split, eval_split))
+        for name in ("R1", "R5", "R10", "mAP", "mINP"):
+            print(f"  {name:>5}: {metrics[f'test_{name}']:6.2f}")
+        print(f"Saved the {'full' if model_args.keep_decoder else 'inference'} model to {training_args.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
