@@ -1,0 +1,433 @@
+"""Loading text-based person search benchmarks as `datasets` objects.
+
+One entry point, `load_person_search`, reads CUHK-PEDES, ICFG-PEDES, RSTPReid, the embedded synthetic
+benchmark or any JSON in the CUHK-PEDES shape (see `shared/design/protocol.md`):
+
+- split "train" -> a `datasets.Dataset` with one row per (image, caption) pair:
+  `image` (`datasets.Image()`, decoded lazily from the file), `image_path` (absolute str), `caption`,
+  `person_id` (contiguous 0..N-1 over the train identities in sorted raw-id order; a `ClassLabel`
+  whose names are the raw ids, so `num_identities(dataset)` is N), `raw_person_id` (the id in the
+  file), `image_id` (index of the image within the split).
+- split "val" / "test" -> a `datasets.DatasetDict` with
+  "gallery" (one row per image: `image`, `image_path`, `image_id`, `person_id` = RAW id) and
+  "queries" (one row per caption: `caption`, `person_id` = RAW id, `image_id` of its image).
+
+Every problem in the annotations (missing fields, empty captions, missing or unreadable images,
+paths escaping the image folder, ...) is collected and reported in one `PersonSearchDataError`
+naming the file and the record; `skip_bad_records=True` skips them instead, logs them, and lists
+them in the `LoadReport` (`return_report=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ntpath
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 20
+# Verifying images is I/O bound; a progress bar only pays off for large splits.
+PROGRESS_BAR_MIN_IMAGES = 2000
+
+
+class PersonSearchDataError(ValueError):
+    """The annotations or images of a person search dataset are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """Where a benchmark keeps its annotations and how its records name their image."""
+
+    annotation_file: str
+    path_fields: tuple[str, ...]  # the first present one is used
+    splits: tuple[str, ...]
+
+
+DATASET_FORMATS: dict[str, DatasetFormat] = {
+    "cuhk-pedes": DatasetFormat("reid_raw.json", ("file_path",), ("train", "val", "test")),
+    "icfg-pedes": DatasetFormat("ICFG-PEDES.json", ("file_path",), ("train", "test")),
+    "rstpreid": DatasetFormat("data_captions.json", ("img_path",), ("train", "val", "test")),
+    "synthetic": DatasetFormat("reid_raw.json", ("file_path",), ("train", "val", "test")),
+    "custom": DatasetFormat("annotations.json", ("file_path", "img_path"), ("train", "val", "test")),
+}
+
+
+@dataclass
+class SkippedRecord:
+    """One record (or one caption of it, `caption_index` set) left out by `skip_bad_records=True`."""
+
+    record_index: int  # position in the JSON list
+    person_id: Any  # raw `id` as found in the file (None when missing)
+    image: Optional[str]  # the record's image path as written in the file
+    reason: str
+    caption_index: Optional[int] = None
+
+
+@dataclass
+class LoadReport:
+    """What `load_person_search` read, for logging and for checking how much was skipped."""
+
+    dataset_name: str
+    split: str
+    annotation_file: str
+    image_root: str
+    num_images: int = 0
+    num_captions: int = 0
+    num_identities: int = 0
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    @property
+    def skipped_record_indices(self) -> list[int]:
+        """Positions (in the JSON list) of the records left out entirely; a record may have several problems."""
+        return sorted({item.record_index for item in self.skipped if item.caption_index is None})
+
+    @property
+    def num_skipped_records(self) -> int:
+        return len(self.skipped_record_indices)
+
+    @property
+    def num_skipped_captions(self) -> int:
+        """Empty captions dropped from records that were otherwise kept."""
+        dropped = set(self.skipped_record_indices)
+        return sum(1 for item in self.skipped if item.caption_index is not None and item.record_index not in dropped)
+
+
+def num_identities(dataset: Dataset) -> int:
+    """Number of training identities N of a train split from `load_person_search` (person_id in 0..N-1)."""
+    feature = dataset.features["person_id"]
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    # val/test (raw ids) or a dataset built elsewhere: count the distinct identities.
+    return len(set(dataset["person_id"]))
+
+
+def _normalize_name(dataset_name: str) -> str:
+    name = str(dataset_name).strip().lower().replace("_", "-")
+    return {"cuhk": "cuhk-pedes", "cuhkpedes": "cuhk-pedes", "icfg": "icfg-pedes", "icfgpedes": "icfg-pedes",
+            "rstp": "rstpreid", "rstp-reid": "rstpreid"}.get(name, name)
+
+
+def _describe(index: int, record: Any, path_fields: tuple[str, ...]) -> str:
+    """'record 12 (id 7, "CUHK01/0001.png")' — enough to find it in the JSON."""
+    if not isinstance(record, dict):
+        return f"record {index}"
+    image = next((record[name] for name in path_fields if name in record), None)
+    parts = []
+    if "id" in record:
+        parts.append(f"id {record['id']!r}")
+    if image is not None:
+        parts.append(repr(image))
+    return f"record {index}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _resolve_image(image_root: Path, relative: str) -> Optional[Path]:
+    """The image path under `image_root`, or None when `relative` is absolute or escapes it."""
+    if posixpath.isabs(relative) or ntpath.isabs(relative) or ntpath.splitdrive(relative)[0]:
+        return None
+    normalized = posixpath.normpath(relative.replace("\\", "/"))
+    if normalized == ".." or normalized.startswith("../") or normalized == ".":
+        return None
+    return image_root / normalized
+
+
+def _verify_image(path: Path) -> Optional[str]:
+    """None if PIL can read the file's header and data, else the reason it cannot."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for broken files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _verify_images(paths: list[Path], show_progress: bool) -> list[Optional[str]]:
+    if not paths:
+        return []
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_verify_image, paths, chunksize=64)
+        return list(tqdm(results, total=len(paths), desc="verifying images", unit="img",
+                         disable=not show_progress))
+
+
+def _load_records(annotation_file: Path) -> list:
+    if not annotation_file.is_file():
+        raise PersonSearchDataError(
+            f"annotation file not found: {annotation_file}. Expected the dataset's JSON list of records "
+            f"next to the 'imgs/' folder; pass data_dir= (or annotation_file=) pointing at it."
+        )
+    try:
+        with open(annotation_file, encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PersonSearchDataError(f"{annotation_file} is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(records, list):
+        raise PersonSearchDataError(
+            f"{annotation_file} must contain a JSON list of records, got a {type(records).__name__}; "
+            f"each record is an object with 'id', the image path, 'captions' and 'split'."
+        )
+    return records
+
+
+def _locate(
+    name: str, data_dir: Optional[Union[str, os.PathLike]], annotation_file: Optional[Union[str, os.PathLike]]
+) -> tuple[Path, Path]:
+    """(annotation file, image root) for a dataset name."""
+    if name == "synthetic" and annotation_file is None:
+        from .synthetic import generate_synthetic_person_search
+
+        # An existing folder is used as is (e.g. generated with custom parameters); otherwise the
+        # default benchmark is generated into it (or into the cache when data_dir is None).
+        if data_dir is None or not (Path(data_dir) / "reid_raw.json").is_file():
+            data_dir = generate_synthetic_person_search(root=data_dir)
+    if annotation_file is not None:
+        annotation_path = Path(annotation_file).expanduser().absolute()
+        image_root = Path(data_dir) / "imgs" if data_dir is not None else annotation_path.parent / "imgs"
+    else:
+        if data_dir is None:
+            raise PersonSearchDataError(
+                f"load_person_search({name!r}) needs data_dir= (the folder holding "
+                f"{DATASET_FORMATS[name].annotation_file} and imgs/)"
+                + (" or annotation_file=" if name == "custom" else "")
+            )
+        annotation_path = Path(data_dir).expanduser().absolute() / DATASET_FORMATS[name].annotation_file
+        image_root = Path(data_dir) / "imgs"
+    return annotation_path, image_root.expanduser().absolute()
+
+
+def load_person_search(
+    dataset_name: str,
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    split: str = "train",
+    skip_bad_records: bool = False,
+    annotation_file: Optional[Union[str, os.PathLike]] = None,
+    verify_images: bool = True,
+    return_report: bool = False,
+) -> Union[Dataset, DatasetDict, tuple[Union[Dataset, DatasetDict], LoadReport]]:
+    """Load one split of a text-based person search benchmark.
+
+    Args:
+        dataset_name: "cuhk-pedes", "icfg-pedes", "rstpreid", "synthetic" or "custom".
+        data_dir: folder holding the annotation JSON and `imgs/`. Optional for "synthetic" (the cached
+            default benchmark; an empty or new folder gets it generated) and for "custom" when
+            `annotation_file` is given (images are then under the JSON's folder + `imgs/`).
+        split: "train", "val" or "test" (ICFG-PEDES has no "val").
+        skip_bad_records: skip malformed records and empty captions (logged and listed in the report)
+            instead of raising.
+        annotation_file: overrides the dataset's JSON file; for "custom" the default is
+            `data_dir/annotations.json`. Records may name their image by `file_path` or `img_path`.
+        verify_images: open each image with PIL (`verify()`) to catch unreadable files; existence is
+            always checked.
+        return_report: also return a `LoadReport`.
+
+    Returns:
+        train: a `Dataset` of (image, caption) pairs with columns `image`, `image_path`, `caption`,
+        `person_id` (ClassLabel, 0..N-1; `num_identities(dataset)` gives N), `raw_person_id`, `image_id`.
+        val/test: a `DatasetDict` with "gallery" (`image`, `image_path`, `image_id`, `person_id` raw)
+        and "queries" (`caption`, `person_id` raw, `image_id`).
+        With `return_report=True`, a tuple (dataset, LoadReport).
+
+    Raises:
+        PersonSearchDataError: unknown dataset or split, missing or malformed annotation file, bad
+            records (all are collected; the message lists the first 20 and the total), or an empty split.
+    """
+    name = _normalize_name(dataset_name)
+    if name not in DATASET_FORMATS:
+        raise PersonSearchDataError(
+            f"unknown dataset {dataset_name!r}; choose one of {sorted(DATASET_FORMATS)} "
+            f"('custom' reads any JSON in the CUHK-PEDES shape)."
+        )
+    dataset_format = DATASET_FORMATS[name]
+    if split not in dataset_format.splits:
+        raise PersonSearchDataError(
+            f"unknown split {split!r} for {name}; valid splits: {list(dataset_format.splits)}"
+            + (" (ICFG-PEDES has no validation split: select on a held-out part of train, or use test and say so)"
+               if name == "icfg-pedes" and split in ("val", "validation") else "")
+        )
+    annotation_path, image_root = _locate(name, data_dir, annotation_file)
+    records = _load_records(annotation_path)
+    report = LoadReport(dataset_name=name, split=split, annotation_file=str(annotation_path), image_root=str(image_root))
+
+    problems: list[str] = []  # messages of every problem, in file order
+    images: list[tuple[int, int, Path, list[str]]] = []  # (record index, raw id, path, captions)
+    bad_records: set[int] = set()
+
+    def problem(index: int, record: Any, reason: str, caption_index: Optional[int] = None) -> None:
+        problems.append(f"{_describe(index, record, dataset_format.path_fields)}: {reason}")
+        image = None
+        person_id = None
+        if isinstance(record, dict):
+            image = next((record[f] for f in dataset_format.path_fields if f in record), None)
+            person_id = record.get("id")
+        report.skipped.append(SkippedRecord(index, person_id, None if image is None else str(image), reason, caption_index))
+        if caption_index is None:
+            bad_records.add(index)
+
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            problem(index, record, f"is a {type(record).__name__}, not an object")
+            continue
+        record_split = record.get("split")
+        if record_split is None:
+            problem(index, record, "missing field 'split'")
+            continue
+        if record_split not in dataset_format.splits:
+            problem(index, record, f"unknown split {record_split!r} (valid: {list(dataset_format.splits)})")
+            continue
+        if record_split != split:
+            continue
+        checked = _check_record(index, record, dataset_format, image_root, problem)
+        if checked is not None:
+            images.append(checked)
+
+    if verify_images and images:
+        reasons = _verify_images([path for _, _, path, _ in images], len(images) >= PROGRESS_BAR_MIN_IMAGES)
+        for (index, _, path, _), reason in zip(images, reasons):
+            if reason is not None:
+                problem(index, records[index], f"image {path} cannot be read ({reason}); replace the file or remove the record")
+        images = [item for item in images if item[0] not in bad_records]
+
+    if problems:
+        if not skip_bad_records:
+            listed = "\n".join(f"  - {message}" for message in problems[:MAX_LISTED_PROBLEMS])
+            more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+            raise PersonSearchDataError(
+                f"{annotation_path}: {len(problems)} problem(s) in split {split!r} (images under {image_root}):\n"
+                f"{listed}{more}\nFix the records, or pass skip_bad_records=True to skip them (they are logged "
+                f"and listed in the LoadReport)."
+            )
+        logger.warning(
+            "%s: skipped %d record(s) and %d caption(s) of split %r:\n%s%s",
+            annotation_path, report.num_skipped_records, report.num_skipped_captions, split,
+            "\n".join(f"  - {message}" for message in problems[:MAX_LISTED_PROBLEMS]),
+            f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else "",
+        )
+    if not images:
+        raise PersonSearchDataError(
+            f"{annotation_path}: split {split!r} has no usable records"
+            + (f" ({len(report.skipped)} skipped)" if report.skipped else "")
+            + f"; check the records' 'split' field (valid: {list(dataset_format.splits)})."
+        )
+
+    report.num_images = len(images)
+    report.num_captions = sum(len(captions) for _, _, _, captions in images)
+    report.num_identities = len({person_id for _, person_id, _, _ in images})
+    dataset = _build_train(images) if split == "train" else _build_evaluation(images)
+    return (dataset, report) if return_report else dataset
+
+
+def _check_record(index: int, record: dict, dataset_format: DatasetFormat, image_root: Path, problem):
+    """(index, raw id, image path, good captions), or None after reporting why the record is unusable."""
+    ok = True
+    person_id = record.get("id")
+    if "id" not in record:
+        problem(index, record, "missing field 'id'")
+        ok = False
+    elif isinstance(person_id, bool) or not isinstance(person_id, (int, str)) or (
+        isinstance(person_id, str) and not person_id.strip().lstrip("-").isdigit()
+    ):
+        problem(index, record, f"'id' must be an integer, got {person_id!r}")
+        ok = False
+    else:
+        person_id = int(person_id)
+
+    path_field = next((name for name in dataset_format.path_fields if name in record), None)
+    image_path = None
+    if path_field is None:
+        problem(index, record, f"missing field {' or '.join(repr(f) for f in dataset_format.path_fields)}")
+        ok = False
+    elif not isinstance(record[path_field], str) or not record[path_field].strip():
+        problem(index, record, f"{path_field!r} must be a non-empty string, got {record[path_field]!r}")
+        ok = False
+    else:
+        image_path = _resolve_image(image_root, record[path_field])
+        if image_path is None:
+            problem(index, record, f"image path {record[path_field]!r} is absolute or leaves the image folder "
+                                   f"{image_root}; paths must be relative to it")
+            ok = False
+        elif not image_path.is_file():
+            problem(index, record, f"image file not found: {image_path}")
+            ok = False
+
+    captions = record.get("captions")
+    good_captions: list[str] = []
+    if "captions" not in record:
+        problem(index, record, "missing field 'captions'")
+        ok = False
+    elif not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+        problem(index, record, f"'captions' must be a list of strings, got {_short(captions)}")
+        ok = False
+    elif not captions:
+        problem(index, record, "'captions' is empty")
+        ok = False
+    elif ok:
+        good_captions = [caption for caption in captions if caption.strip()]
+        if not good_captions:
+            problem(index, record, f"every caption is empty or whitespace: {_short(captions)}")
+            ok = False
+        else:  # only the empty captions are bad; the record keeps the others
+            for caption_index, caption in enumerate(captions):
+                if not caption.strip():
+                    problem(index, record, f"caption {caption_index} is empty or whitespace", caption_index=caption_index)
+    return (index, person_id, image_path, good_captions) if ok else None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _build_train(images: list[tuple[int, int, Path, list[str]]]) -> Dataset:
+    raw_ids = sorted({person_id for _, person_id, _, _ in images})
+    contiguous = {raw_id: position for position, raw_id in enumerate(raw_ids)}
+    columns: dict[str, list] = {name: [] for name in ("image", "image_path", "caption", "person_id", "raw_person_id", "image_id")}
+    for image_id, (_, person_id, path, captions) in enumerate(images):
+        for caption in captions:
+            columns["image"].append(str(path))
+            columns["image_path"].append(str(path))
+            columns["caption"].append(caption)
+            columns["person_id"].append(contiguous[person_id])
+            columns["raw_person_id"].append(person_id)
+            columns["image_id"].append(image_id)
+    features = Features({
+        "image": Image(),
+        "image_path": Value("string"),
+        "caption": Value("string"),
+        # A ClassLabel keeps N (num_classes) and the raw id of each class (names) with the data.
+        "person_id": ClassLabel(names=[str(raw_id) for raw_id in raw_ids]),
+        "raw_person_id": Value("int64"),
+        "image_id": Value("int64"),
+    })
+    return Dataset.from_dict(columns, features=features)
+
+
+def _build_evaluation(images: list[tuple[int, int, Path, list[str]]]) -> DatasetDict:
+    paths = [str(path) for _, _, path, _ in images]
+    gallery = Dataset.from_dict(
+        {"image": paths, "image_path": paths, "image_id": list(range(len(images))),
+         "person_id": [person_id for _, person_id, _, _ in images]},
+        features=Features({"image": Image(), "image_path": Value("string"), "image_id": Value("int64"),
+                           "person_id": Value("int64")}),
+    )
+    queries: dict[str, list] = {"caption": [], "person_id": [], "image_id": []}
+    for image_id, (_, person_id, _, captions) in enumerate(images):
+        for caption in captions:
+            queries["caption"].append(caption)
+            queries["person_id"].append(person_id)
+            queries["image_id"].append(image_id)
+    queries_dataset = Dataset.from_dict(
+        queries, features=Features({"caption": Value("string"), "person_id": Value("int64"), "image_id": Value("int64")})
+    )
+    return DatasetDict({"gallery": gallery, "queries": queries_dataset})

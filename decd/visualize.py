@@ -1,0 +1,601 @@
+"""Pictures for inspecting a DECD model, drawn with PIL only (no plotting library).
+
+- `retrieval_grid`: one row per text query, its caption on the left and the top-k retrieved gallery
+  crops in rank order, each framed green (same identity as the query) or red (another identity).
+- `retrieval_grid_from_similarity`: the same from a `[num_queries, num_gallery]` similarity matrix
+  and the evaluation `queries` / `gallery` of `load_person_search` (ranking and correctness derived).
+- `plot_training_curves`: training losses and evaluation metrics over steps, from a Hugging Face
+  `Trainer.state.log_history` (also `trainer_state.json["log_history"]`).
+
+Text uses PIL's default font (`ImageFont.load_default()`), so nothing needs to be installed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+__all__ = [
+    "CORRECT_COLOR",
+    "WRONG_COLOR",
+    "GridLayout",
+    "grid_layout",
+    "retrieval_grid",
+    "retrieval_grid_from_similarity",
+    "rank_gallery",
+    "plot_training_curves",
+    "LOSS_KEYS",
+    "EVAL_KEYS",
+]
+
+PathLike = Union[str, os.PathLike]
+
+CORRECT_COLOR = (0, 170, 70)
+WRONG_COLOR = (215, 35, 35)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (25, 25, 25)
+MUTED_TEXT = (110, 110, 110)
+TILE_PAD_COLOR = (232, 232, 232)
+SEPARATOR_COLOR = (215, 215, 215)
+
+LOSS_KEYS = ("loss", "loss_sew", "loss_mcm", "loss_id")
+EVAL_KEYS = ("eval_R1", "eval_R5", "eval_R10", "eval_mAP", "eval_mINP")
+# Distinct, colour-blind friendly-ish (Okabe-Ito) colours, one per series.
+SERIES_COLORS = {
+    "loss": (0, 0, 0),
+    "loss_sew": (0, 114, 178),
+    "loss_mcm": (213, 94, 0),
+    "loss_id": (0, 158, 115),
+    "eval_R1": (0, 114, 178),
+    "eval_R5": (230, 159, 0),
+    "eval_R10": (0, 158, 115),
+    "eval_mAP": (204, 121, 167),
+    "eval_mINP": (213, 94, 0),
+}
+_FALLBACK_COLORS = [(86, 180, 233), (240, 228, 66), (120, 120, 120), (150, 60, 30)]
+
+
+# --------------------------------------------------------------------------------------------
+# Text helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    """PIL's default font at `size` px (FreeType build), or the fixed bitmap default otherwise."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> float:
+    return font.getlength(text) if hasattr(font, "getlength") else font.getbbox(text)[2]
+
+
+def _line_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Hgjy|")
+    return int(bottom) + 3
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap to `width` pixels; words longer than a line are split by characters."""
+    lines: list[str] = []
+    for paragraph in str(text).splitlines() or [""]:
+        current = ""
+        for word in paragraph.split():
+            candidate = word if not current else f"{current} {word}"
+            if _text_width(font, candidate) <= width:
+                current = candidate
+                continue
+            if current:
+                lines.append(current)
+            current = ""
+            while _text_width(font, word) > width and len(word) > 1:
+                cut = len(word) - 1
+                while cut > 1 and _text_width(font, word[:cut]) > width:
+                    cut -= 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            current = word
+        lines.append(current)
+    return lines
+
+
+def _fit_lines(lines: list[str], max_lines: int, font, width: float) -> list[str]:
+    """At most `max_lines` lines; a truncated text ends with '...'."""
+    if len(lines) <= max_lines:
+        return lines
+    if max_lines <= 0:
+        return []
+    kept = lines[:max_lines]
+    last = kept[-1]
+    while last and _text_width(font, last + " ...") > width:
+        last = last[:-1]
+    kept[-1] = last.rstrip() + " ..."
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel geometry of a retrieval grid (all sizes in pixels, boxes are (left, top, right, bottom)).
+
+    The image is `margin | caption column | gap | k cells separated by gap | margin` wide and
+    `margin | header | rows separated by row_gap | margin` high. A cell is the tile framed by
+    `frame` pixels on each side, with a `label_height` band under the frame for the rank / score.
+    """
+
+    num_rows: int
+    num_columns: int
+    tile_size: tuple[int, int]  # (height, width)
+    margin: int = 10
+    header_height: int = 30
+    caption_width: int = 260
+    gap: int = 6
+    row_gap: int = 10
+    frame: int = 4
+    label_height: int = 16
+
+    @property
+    def cell_width(self) -> int:
+        return self.tile_size[1] + 2 * self.frame
+
+    @property
+    def row_height(self) -> int:
+        return self.tile_size[0] + 2 * self.frame + self.label_height
+
+    @property
+    def width(self) -> int:
+        cells = self.num_columns * self.cell_width + max(self.num_columns - 1, 0) * self.gap
+        return 2 * self.margin + self.caption_width + self.gap + cells
+
+    @property
+    def height(self) -> int:
+        rows = self.num_rows * self.row_height + max(self.num_rows - 1, 0) * self.row_gap
+        return 2 * self.margin + self.header_height + rows
+
+    def row_top(self, row: int) -> int:
+        return self.margin + self.header_height + row * (self.row_height + self.row_gap)
+
+    def frame_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """The outer box of the coloured frame of (row, column); the tile sits `frame` px inside."""
+        left = self.margin + self.caption_width + self.gap + column * (self.cell_width + self.gap)
+        top = self.row_top(row)
+        return left, top, left + self.cell_width, top + self.tile_size[0] + 2 * self.frame
+
+    def tile_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        left, top, right, bottom = self.frame_box(row, column)
+        return left + self.frame, top + self.frame, right - self.frame, bottom - self.frame
+
+    def caption_box(self, row: int) -> tuple[int, int, int, int]:
+        top = self.row_top(row)
+        return self.margin, top, self.margin + self.caption_width - 8, top + self.row_height
+
+
+def grid_layout(num_rows: int, num_columns: int, tile_size: tuple[int, int] = (128, 64)) -> GridLayout:
+    """The layout `retrieval_grid` uses for `num_rows` queries and `num_columns` ranks."""
+    return GridLayout(num_rows=num_rows, num_columns=num_columns, tile_size=(int(tile_size[0]), int(tile_size[1])))
+
+
+def _load_tile(image: Any, tile_size: tuple[int, int]) -> Image.Image:
+    """A gallery image (PIL image or path) letterboxed into a (height, width) tile, aspect kept."""
+    if isinstance(image, Image.Image):
+        picture = image.convert("RGB")
+    elif isinstance(image, Mapping) and ("path" in image or "bytes" in image):  # a raw datasets Image value
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+        with Image.open(source) as opened:
+            picture = opened.convert("RGB")
+    else:
+        with Image.open(Path(image)) as opened:
+            picture = opened.convert("RGB")
+    height, width = tile_size
+    return ImageOps.pad(picture, (width, height), method=Image.Resampling.BICUBIC, color=TILE_PAD_COLOR)
+
+
+def _draw_header(draw: ImageDraw.ImageDraw, width: int, layout: GridLayout, title: Optional[str]) -> None:
+    title_font = _font(15)
+    legend_font = _font(12)
+    center = layout.margin + layout.header_height // 2 - 2
+    x = layout.margin
+    if title:
+        draw.text((x, center), title, fill=TEXT_COLOR, font=title_font, anchor="lm")
+    # Legend, right-aligned.
+    entries = [(CORRECT_COLOR, "same identity"), (WRONG_COLOR, "other identity")]
+    swatch = 12
+    total = sum(swatch + 5 + _text_width(legend_font, label) + 14 for _, label in entries) - 14
+    x = width - layout.margin - total
+    for color, label in entries:
+        draw.rectangle((x, center - swatch // 2, x + swatch, center + swatch // 2), outline=color, width=3)
+        x += swatch + 5
+        draw.text((x, center), label, fill=TEXT_COLOR, font=legend_font, anchor="lm")
+        x += _text_width(legend_font, label) + 14
+    line_y = layout.margin + layout.header_height - 6
+    draw.line((layout.margin, line_y, width - layout.margin, line_y), fill=SEPARATOR_COLOR, width=1)
+
+
+def retrieval_grid(
+    query_captions: Sequence[str],
+    gallery_images: Sequence[Any],
+    ranked_indices: Sequence[Sequence[int]],
+    correct: Sequence[Sequence[bool]],
+    output_path: PathLike,
+    top_k: int = 10,
+    tile_size: tuple[int, int] = (128, 64),
+    title: Optional[str] = None,
+    scores: Optional[Sequence[Sequence[float]]] = None,
+    query_labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """Draw the top-k retrieval results of some text queries and save them as a PNG.
+
+    Args:
+        query_captions: one caption per query (row); long captions are wrapped, and truncated with
+            "..." when they do not fit the row.
+        gallery_images: the gallery, indexable by gallery index; items are PIL images or file paths
+            (only the shown ones are opened).
+        ranked_indices: per query, gallery indices in rank order (best first); the first `top_k` are shown.
+        correct: per query, per rank, whether that result has the query's identity: framed in
+            `CORRECT_COLOR` (green) if so, `WRONG_COLOR` (red) otherwise.
+        output_path: where to write the PNG (parent folders are created).
+        top_k: results shown per query. The grid has `min(top_k, longest ranking)` columns.
+        tile_size: (height, width) of each gallery crop; images are letterboxed, aspect kept.
+        title: optional title drawn in the header.
+        scores: optional per query, per rank similarity, printed under the rank number.
+        query_labels: optional short label per query (e.g. "query 12 - id 7") drawn above its caption.
+
+    Returns:
+        The path of the written PNG. Its size is `grid_layout(rows, columns, tile_size)`'s
+        (width, height), and the frame of (row, column) is at `layout.frame_box(row, column)`.
+    """
+    num_rows = len(query_captions)
+    if num_rows == 0:
+        raise ValueError("retrieval_grid needs at least one query")
+    if len(ranked_indices) != num_rows or len(correct) != num_rows:
+        raise ValueError(
+            f"query_captions, ranked_indices and correct must have one entry per query; got "
+            f"{num_rows}, {len(ranked_indices)} and {len(correct)}"
+        )
+    if scores is not None and len(scores) != num_rows:
+        raise ValueError(f"scores must have one entry per query ({num_rows}); got {len(scores)}")
+    if query_labels is not None and len(query_labels) != num_rows:
+        raise ValueError(f"query_labels must have one entry per query ({num_rows}); got {len(query_labels)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    for row, (ranks, flags) in enumerate(zip(ranked_indices, correct)):
+        if len(flags) < min(top_k, len(ranks)):
+            raise ValueError(f"correct[{row}] has {len(flags)} entries, fewer than the {min(top_k, len(ranks))} shown ranks")
+    num_columns = max(1, min(top_k, max(len(ranks) for ranks in ranked_indices)))
+    layout = grid_layout(num_rows, num_columns, tile_size)
+
+    canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    _draw_header(draw, layout.width, layout, title)
+
+    caption_font = _font(12)
+    label_font = _font(12)
+    rank_font = _font(11)
+    caption_line = _line_height(caption_font)
+    tile_cache: dict[int, Image.Image] = {}
+
+    for row in range(num_rows):
+        left, top, right, bottom = layout.caption_box(row)
+        text_width = right - left
+        y = top + 2
+        if query_labels is not None and query_labels[row]:
+            label_lines = _fit_lines(_wrap(query_labels[row], label_font, text_width), 2, label_font, text_width)
+            for line in label_lines:
+                draw.text((left, y), line, fill=MUTED_TEXT, font=label_font)
+                y += _line_height(label_font)
+            y += 3
+        max_lines = max(0, (bottom - y) // caption_line)
+        lines = _fit_lines(_wrap(query_captions[row], caption_font, text_width), max_lines, caption_font, text_width)
+        for line in lines:
+            draw.text((left, y), line, fill=TEXT_COLOR, font=caption_font)
+            y += caption_line
+
+        ranks = list(ranked_indices[row])[:num_columns]
+        for column, gallery_index in enumerate(ranks):
+            gallery_index = int(gallery_index)
+            if gallery_index not in tile_cache:
+                tile_cache[gallery_index] = _load_tile(gallery_images[gallery_index], layout.tile_size)
+            color = CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
+            frame_box = layout.frame_box(row, column)
+            draw.rectangle((frame_box[0], frame_box[1], frame_box[2] - 1, frame_box[3] - 1), fill=color)
+            tile_left, tile_top, _, _ = layout.tile_box(row, column)
+            canvas.paste(tile_cache[gallery_index], (tile_left, tile_top))
+            label = f"#{column + 1}"
+            if scores is not None:
+                label += f"  {float(scores[row][column]):.3f}"
+            center_x = (frame_box[0] + frame_box[2]) / 2
+            draw.text((center_x, frame_box[3] + 2), label, fill=TEXT_COLOR, font=rank_font, anchor="mt")
+        if row < num_rows - 1:
+            line_y = layout.row_top(row) + layout.row_height + layout.row_gap // 2
+            draw.line((layout.margin, line_y, layout.width - layout.margin, line_y), fill=SEPARATOR_COLOR, width=1)
+
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(output_path, format="PNG")
+    return output_path
+
+
+def _as_numpy(similarity: Any) -> np.ndarray:
+    if hasattr(similarity, "detach"):  # torch tensor
+        similarity = similarity.detach().float().cpu().numpy()
+    array = np.asarray(similarity, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"similarity must be a [num_queries, num_gallery] matrix, got shape {array.shape}")
+    return array
+
+
+def rank_gallery(similarity_rows: Any) -> np.ndarray:
+    """Gallery indices per row by descending score, equal scores by lower gallery index first (stable sort)."""
+    rows = _as_numpy(similarity_rows)
+    return np.argsort(-rows, axis=1, kind="stable")
+
+
+def retrieval_grid_from_similarity(
+    similarity: Any,
+    queries: Any,
+    gallery: Any,
+    query_indices: Iterable[int],
+    output_path: PathLike,
+    top_k: int = 10,
+    tile_size: tuple[int, int] = (128, 64),
+    title: Optional[str] = None,
+    show_scores: bool = True,
+) -> Path:
+    """`retrieval_grid` for some queries of an evaluation, from its `[num_queries, num_gallery]` similarity.
+
+    Only the selected rows are ranked (descending score, ties by lower gallery index, as in the
+    metrics). A result is correct when its gallery `person_id` equals the query's. Captions come from
+    `queries["caption"]`, images from `gallery["image_path"]` (opened lazily). `queries` / `gallery`
+    are the "queries" / "gallery" of `load_person_search(..., split="val"|"test")` or dicts of lists.
+    Each row's label gives the query index, its identity and the rank of its first correct result.
+    """
+    matrix = similarity
+    query_indices = [int(index) for index in query_indices]
+    if not query_indices:
+        raise ValueError("query_indices is empty; pick at least one query")
+    num_queries, num_gallery = (int(size) for size in matrix.shape)
+    for index in query_indices:
+        if not 0 <= index < num_queries:
+            raise ValueError(f"query index {index} is out of range for {num_queries} queries")
+    rows = _as_numpy(matrix[query_indices] if hasattr(matrix, "detach") else np.asarray(matrix)[query_indices])
+    order = rank_gallery(rows)
+
+    gallery_ids = np.asarray(list(gallery["person_id"]))
+    image_paths = list(gallery["image_path"])
+    if len(gallery_ids) != num_gallery or len(image_paths) != num_gallery:
+        raise ValueError(
+            f"similarity has {num_gallery} gallery columns but the gallery has {len(gallery_ids)} items"
+        )
+    query_ids = queries["person_id"]
+    captions = queries["caption"]
+
+    ranked, flags, shown_scores, captions_shown, labels = [], [], [], [], []
+    for row, query_index in enumerate(query_indices):
+        query_id = int(query_ids[query_index])
+        matches = gallery_ids[order[row]] == query_id
+        first = int(np.argmax(matches)) + 1 if matches.any() else None
+        ranked.append(order[row, :top_k].tolist())
+        flags.append(matches[:top_k].tolist())
+        shown_scores.append(rows[row, order[row, :top_k]].tolist())
+        captions_shown.append(str(captions[query_index]))
+        match_text = f"first match at rank {first}" if first is not None else "no match in gallery"
+        labels.append(f"query {query_index} - id {query_id} - {match_text}")
+    return retrieval_grid(
+        captions_shown, image_paths, ranked, flags, output_path, top_k=top_k, tile_size=tile_size, title=title,
+        scores=shown_scores if show_scores else None, query_labels=labels,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------
+
+
+def _series(log_history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+    """{key: [(step, value), ...]} for the keys present (finite numbers) in entries that have a `step`."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for entry in log_history:
+        if not isinstance(entry, Mapping) or entry.get("step") is None:
+            continue
+        try:
+            step = float(entry["step"])
+        except (TypeError, ValueError):
+            continue
+        for key in keys:
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                continue
+            if math.isfinite(float(value)) and math.isfinite(step):
+                found.setdefault(key, []).append((step, float(value)))
+    for points in found.values():
+        points.sort(key=lambda point: point[0])
+    return found
+
+
+def _nice_step(span: float, target_ticks: int = 5) -> float:
+    raw = span / max(target_ticks, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 2.5, 5, 10):
+        if raw <= factor * magnitude:
+            return factor * magnitude
+    return 10 * magnitude
+
+
+def _nice_range(low: float, high: float, integer: bool = False) -> tuple[float, float, list[float]]:
+    """A (low, high, ticks) range covering [low, high] with round tick values."""
+    if high < low:
+        low, high = high, low
+    if high - low < 1e-12:
+        pad = abs(low) * 0.1 if low != 0 else 1.0
+        if integer:
+            pad = max(1.0, pad)
+        low, high = low - pad, high + pad
+    step = _nice_step(high - low)
+    if integer:
+        step = max(1.0, round(step))
+    start = math.floor(low / step + 1e-9) * step
+    stop = math.ceil(high / step - 1e-9) * step
+    ticks = []
+    value = start
+    while value <= stop + step * 1e-6:
+        ticks.append(round(value, 10))
+        value += step
+    return start, stop, ticks
+
+
+def _format_tick(value: float, step: float) -> str:
+    if abs(value) >= 10000 and float(value).is_integer():
+        return f"{value / 1000:g}k"
+    if step >= 1 and float(value).is_integer():
+        return f"{int(value)}"
+    decimals = 0
+    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9 * max(1.0, abs(step)):
+        decimals += 1
+    return f"{value:.{decimals}f}"
+
+
+def _draw_panel(
+    canvas: Image.Image,
+    box: tuple[int, int, int, int],
+    series: dict[str, list[tuple[float, float]]],
+    panel_title: str,
+    y_label: str,
+) -> None:
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = box
+    title_font = _font(14)
+    tick_font = _font(11)
+    legend_font = _font(12)
+    draw.text(((left + right) / 2, top + 4), panel_title, fill=TEXT_COLOR, font=title_font, anchor="mt")
+
+    if not series:
+        draw.rectangle((left + 60, top + 30, right - 10, bottom - 60), outline=SEPARATOR_COLOR)
+        draw.text(((left + right) / 2, (top + bottom) / 2), "no data logged", fill=MUTED_TEXT, font=legend_font,
+                  anchor="mm")
+        return
+
+    # Legend below the plot: entries laid out in rows.
+    entries = list(series)
+    legend_rows: list[list[str]] = [[]]
+    row_width = 0.0
+    available = right - left - 70
+    for key in entries:
+        entry_width = 22 + _text_width(legend_font, key) + 18
+        if legend_rows[-1] and row_width + entry_width > available:
+            legend_rows.append([])
+            row_width = 0.0
+        legend_rows[-1].append(key)
+        row_width += entry_width
+    legend_height = 18 * len(legend_rows) + 6
+
+    plot = (left + 64, top + 30, right - 14, bottom - 40 - legend_height)
+    steps = [step for points in series.values() for step, _ in points]
+    values = [value for points in series.values() for _, value in points]
+    x_low, x_high, x_ticks = _nice_range(min(steps), max(steps), integer=True)
+    y_low, y_high, y_ticks = _nice_range(min(values), max(values))
+    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+    y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
+
+    def to_pixel(step: float, value: float) -> tuple[float, float]:
+        x = plot[0] + (step - x_low) / (x_high - x_low) * (plot[2] - plot[0])
+        y = plot[3] - (value - y_low) / (y_high - y_low) * (plot[3] - plot[1])
+        return x, y
+
+    # Grid, axes, ticks.
+    for tick in y_ticks:
+        _, y = to_pixel(x_low, tick)
+        draw.line((plot[0], y, plot[2], y), fill=(232, 232, 232), width=1)
+        draw.line((plot[0] - 4, y, plot[0], y), fill=TEXT_COLOR, width=1)
+        draw.text((plot[0] - 7, y), _format_tick(tick, y_step), fill=TEXT_COLOR, font=tick_font, anchor="rm")
+    for tick in x_ticks:
+        x, _ = to_pixel(tick, y_low)
+        draw.line((x, plot[1], x, plot[3]), fill=(240, 240, 240), width=1)
+        draw.line((x, plot[3], x, plot[3] + 4), fill=TEXT_COLOR, width=1)
+        draw.text((x, plot[3] + 7), _format_tick(tick, x_step), fill=TEXT_COLOR, font=tick_font, anchor="mt")
+    draw.line((plot[0], plot[1], plot[0], plot[3]), fill=TEXT_COLOR, width=1)
+    draw.line((plot[0], plot[3], plot[2], plot[3]), fill=TEXT_COLOR, width=1)
+    draw.text(((plot[0] + plot[2]) / 2, plot[3] + 22), "step", fill=TEXT_COLOR, font=tick_font, anchor="mt")
+    # Vertical y label, drawn on its own image and rotated.
+    label_image = Image.new("RGBA", (int(_text_width(tick_font, y_label)) + 4, _line_height(tick_font) + 2), (0, 0, 0, 0))
+    ImageDraw.Draw(label_image).text((2, 0), y_label, fill=TEXT_COLOR + (255,), font=tick_font)
+    label_image = label_image.rotate(90, expand=True)
+    canvas.paste(label_image, (left + 4, int((plot[1] + plot[3]) / 2 - label_image.height / 2)), label_image)
+
+    # Lines and markers.
+    fallback = iter(_FALLBACK_COLORS * 4)
+    colors = {key: SERIES_COLORS.get(key) or next(fallback) for key in entries}
+    for key in entries:
+        points = [to_pixel(step, value) for step, value in series[key]]
+        color = colors[key]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2, joint="curve")
+        if len(points) <= 40:
+            for x, y in points:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+
+    # Legend.
+    y = plot[3] + 42
+    for legend_row in legend_rows:
+        x = plot[0]
+        for key in legend_row:
+            draw.line((x, y + 7, x + 16, y + 7), fill=colors[key], width=3)
+            draw.ellipse((x + 5, y + 4, x + 11, y + 10), fill=colors[key])
+            draw.text((x + 22, y + 7), key, fill=TEXT_COLOR, font=legend_font, anchor="lm")
+            x += 22 + _text_width(legend_font, key) + 18
+        y += 18
+
+
+def plot_training_curves(
+    log_history: Sequence[Mapping[str, Any]],
+    output_path: PathLike,
+    title: Optional[str] = None,
+    panel_size: tuple[int, int] = (560, 380),
+) -> Path:
+    """Plot training losses (left) and evaluation metrics (right) over steps; save as a PNG.
+
+    Args:
+        log_history: `Trainer.state.log_history` (or `trainer_state.json["log_history"]`): a list of
+            dicts; entries with a `step` contribute their `loss`, `loss_sew`, `loss_mcm`, `loss_id`
+            (left panel) and `eval_R1`, `eval_R5`, `eval_R10`, `eval_mAP`, `eval_mINP` (right panel,
+            percent). Missing keys are skipped; a panel with nothing says "no data logged".
+        output_path: where to write the PNG (parent folders are created).
+        title: optional title above both panels.
+        panel_size: (width, height) of each panel in pixels.
+
+    Raises:
+        ValueError: when no entry has a step and any of those keys.
+    """
+    if isinstance(log_history, Mapping):  # a whole trainer_state.json dict
+        log_history = log_history.get("log_history", [])
+    losses = _series(log_history, LOSS_KEYS)
+    metrics = _series(log_history, EVAL_KEYS)
+    if not losses and not metrics:
+        raise ValueError(
+            f"nothing to plot: no log_history entry with a 'step' has any of {list(LOSS_KEYS + EVAL_KEYS)} "
+            f"({len(log_history)} entries given)"
+        )
+    panel_width, panel_height = panel_size
+    title_height = 34 if title else 8
+    canvas = Image.new("RGB", (2 * panel_width + 10, panel_height + title_height + 8), BACKGROUND)
+    if title:
+        ImageDraw.Draw(canvas).text((canvas.width / 2, 10), title, fill=TEXT_COLOR, font=_font(16), anchor="mt")
+    _draw_panel(canvas, (0, title_height, panel_width, title_height + panel_height), losses, "Training losses", "loss")
+    _draw_panel(canvas, (panel_width + 10, title_height, 2 * panel_width + 10, title_height + panel_height), metrics,
+                "Evaluation metrics", "percent")
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(output_path, format="PNG")
+    return output_path

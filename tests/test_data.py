@@ -1,0 +1,440 @@
+"""Tests of the synthetic benchmark (decd.synthetic) and the dataset loader (decd.data).
+
+Everything is generated in tmp_path: a tiny synthetic set and small annotation files in each format.
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset, DatasetDict
+from datasets import Image as ImageFeature
+from PIL import Image
+
+import decd.synthetic as synthetic
+from decd.data import LoadReport, PersonSearchDataError, load_person_search, num_identities
+from decd.synthetic import (
+    SYNTHETIC_VERSION,
+    describe_identity,
+    generate_synthetic_person_search,
+    sample_identities,
+)
+
+TINY = dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    return generate_synthetic_person_search(tmp_path_factory.mktemp("synthetic") / "set", **TINY)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+# decd.synthetic
+# ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_layout_follows_cuhk_pedes(tiny_synthetic):
+    records = json.loads((tiny_synthetic / "reid_raw.json").read_text())
+    assert isinstance(records, list) and len(records) == (6 + 2 + 3) * 2
+    for record in records:
+        assert set(record) == {"id", "file_path", "captions", "split", "processed_tokens"}
+        assert isinstance(record["id"], int) and record["id"] >= 1
+        assert record["split"] in ("train", "val", "test")
+        assert len(record["captions"]) == 2 and all(isinstance(c, str) and c.strip() for c in record["captions"])
+        assert len(record["processed_tokens"]) == 2
+        with Image.open(tiny_synthetic / "imgs" / record["file_path"]) as image:
+            assert image.size == (64, 128) and image.mode == "RGB"
+    ids_by_split = {split: {r["id"] for r in records if r["split"] == split} for split in ("train", "val", "test")}
+    assert [len(ids_by_split[s]) for s in ("train", "val", "test")] == [6, 2, 3]
+    assert not ids_by_split["train"] & ids_by_split["val"]
+    assert not ids_by_split["train"] & ids_by_split["test"]
+    assert not ids_by_split["val"] & ids_by_split["test"]
+    meta = json.loads((tiny_synthetic / "meta.json").read_text())
+    assert meta["parameters"]["version"] == SYNTHETIC_VERSION
+    assert len(meta["identities"]) == 11
+
+
+def test_synthetic_has_detailed_and_vague_captions(tiny_synthetic):
+    records = json.loads((tiny_synthetic / "reid_raw.json").read_text())
+    word_counts = [len(caption.split()) for record in records for caption in record["captions"]]
+    assert min(word_counts) <= 6, "expected some vague captions"
+    assert max(word_counts) >= 14, "expected some detailed captions"
+
+
+def _mentioned_attributes(caption: str, attributes) -> int:
+    """How many of the identity's attributes a caption mentions (colour synonyms count)."""
+    text = caption.lower()
+
+    def color_words(color):
+        return [color] + synthetic.COLOR_SYNONYMS.get(color, [])
+
+    def mentions_color(color):
+        return any(re.search(rf"\b{word}\b", text) for word in color_words(color))
+
+    count = 0
+    count += mentions_color(attributes.upper_color)
+    count += any(word in text for word in synthetic.GARMENT_SYNONYMS[attributes.upper_type])
+    if attributes.lower_type:
+        count += mentions_color(attributes.lower_color)
+        count += any(word in text for word in synthetic.GARMENT_SYNONYMS[attributes.lower_type])
+    count += attributes.bag_type != "none" and attributes.bag_type in text
+    count += attributes.hat_type != "none" and re.search(rf"\b{attributes.hat_type}\b", text) is not None
+    count += 2 * ("hair" in text)  # length and colour
+    count += "shoes" in text
+    count += "glasses" in text
+    return count
+
+
+def test_describe_identity_detail_levels():
+    rng = np.random.default_rng(0)
+    for attributes in sample_identities(40, seed=3):
+        detailed = describe_identity(attributes, rng, detailed=True)
+        vague = describe_identity(attributes, rng, detailed=False)
+        assert _mentioned_attributes(detailed, attributes) >= 5, detailed
+        assert 1 <= _mentioned_attributes(vague, attributes) <= 2, vague
+        assert "background" not in detailed
+
+
+def test_sample_identities_are_distinct():
+    identities = sample_identities(650, seed=0)
+    assert len(set(identities)) == 650
+    assert len({identity.clothing_key for identity in identities}) == 650
+    assert identities == sample_identities(650, seed=0)
+    assert identities != sample_identities(650, seed=1)
+
+
+def test_synthetic_is_deterministic(tmp_path, tiny_synthetic):
+    again = generate_synthetic_person_search(tmp_path / "again", **TINY)
+    assert _files(again) == _files(tiny_synthetic)
+    other_seed = generate_synthetic_person_search(tmp_path / "other", seed=1, **TINY)
+    assert (other_seed / "reid_raw.json").read_bytes() != (tiny_synthetic / "reid_raw.json").read_bytes()
+    first_image = "imgs/train/00001_0.png"
+    assert (other_seed / first_image).read_bytes() != (tiny_synthetic / first_image).read_bytes()
+
+
+def test_synthetic_cache_hit_and_regeneration(tmp_path):
+    root = generate_synthetic_person_search(tmp_path / "cache", **TINY)
+    stamps = {path: os.stat(path).st_mtime_ns for path in (root / "meta.json", root / "reid_raw.json",
+                                                           root / "imgs/train/00001_0.png")}
+    inode = os.stat(root).st_ino
+    assert generate_synthetic_person_search(tmp_path / "cache", **TINY) == root
+    assert {path: os.stat(path).st_mtime_ns for path in stamps} == stamps
+    assert os.stat(root).st_ino == inode
+
+    # Other parameters regenerate in place.
+    generate_synthetic_person_search(root, **{**TINY, "images_per_id": 3})
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["parameters"]["images_per_id"] == 3
+    assert len(json.loads((root / "reid_raw.json").read_text())) == 11 * 3
+    assert os.stat(root).st_ino != inode  # a new folder renamed into place
+    # Only the finished folder is left: no staging or old copies next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_synthetic_default_root_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECD_CACHE", str(tmp_path / "env-cache"))
+    root = generate_synthetic_person_search(**TINY)
+    assert root.parent == tmp_path / "env-cache"
+    assert root.name.startswith("synthetic-v1-")  # non-default parameters never evict the default set
+
+
+def test_interrupted_generation_leaves_no_cache(tmp_path, monkeypatch):
+    calls = {"count": 0}
+    real_render = synthetic.render_person
+
+    def failing_render(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] > 5:
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "render_person", failing_render)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_person_search(tmp_path / "set", **TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# decd.data: helpers writing small annotation files
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_image(path: Path, color=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 8), color).save(path)
+
+
+def _write_dataset(root: Path, filename: str, records: list, path_field: str = "file_path") -> Path:
+    """Writes the JSON and, for each record whose image path is safe, a tiny PNG under root/imgs."""
+    root.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        relative = (record.get(path_field) or record.get("img_path")) if isinstance(record, dict) else None
+        if isinstance(relative, str) and relative and not relative.startswith(("/", "..")) and "missing" not in relative:
+            _write_image(root / "imgs" / relative)
+    annotation = root / filename
+    annotation.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return annotation
+
+
+def _record(person_id, path, captions, split, path_field="file_path"):
+    return {"id": person_id, path_field: path, "captions": captions, "split": split}
+
+
+def _cuhk_records(path_field="file_path"):
+    """Train: ids 7, 3, 12 (non-contiguous, unsorted); val: id 20; test: ids 30, 31, two images each."""
+    records = [
+        _record(7, "train/7_0.jpg", ["a man in a red jacket", "red coat, black trousers"], "train", path_field),
+        _record(3, "train/3_0.jpg", ["a woman in blue", "Une femme en bleu, très élégante ☂"], "train", path_field),
+        _record(12, "train/12_0.jpg", ["a long caption " * 200], "train", path_field),
+        _record(7, "train/7_1.jpg", ["a man in red", "the man wears a red jacket"], "train", path_field),
+        _record(20, "val/20_0.jpg", ["a person with a backpack", "someone in green"], "val", path_field),
+    ]
+    for person_id in (30, 31):
+        for k in range(2):
+            records.append(_record(person_id, f"test/{person_id}_{k}.jpg", [f"person {person_id} view {k}", "a person"],
+                                   "test", path_field))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# decd.data: the three formats, custom and synthetic
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cuhk_pedes_train(tmp_path):
+    _write_dataset(tmp_path, "reid_raw.json", _cuhk_records())
+    dataset, report = load_person_search("cuhk-pedes", tmp_path, split="train", return_report=True)
+    assert isinstance(dataset, Dataset) and isinstance(report, LoadReport)
+    assert set(dataset.column_names) == {"image", "image_path", "caption", "person_id", "raw_person_id", "image_id"}
+    assert len(dataset) == 2 + 2 + 1 + 2
+    assert dataset["raw_person_id"] == [7, 7, 3, 3, 12, 7, 7]
+    assert dataset["person_id"] == [1, 1, 0, 0, 2, 1, 1]  # sorted raw ids 3, 7, 12 -> 0, 1, 2
+    assert dataset["image_id"] == [0, 0, 1, 1, 2, 3, 3]
+    assert num_identities(dataset) == 3 and report.num_identities == 3
+    assert dataset.features["person_id"].int2str(2) == "12"
+    assert dataset.features["raw_person_id"].dtype == "int64" and dataset.features["person_id"].dtype == "int64"
+    assert dataset[2]["caption"] == "a woman in blue"
+    assert dataset[3]["caption"] == "Une femme en bleu, très élégante ☂"  # non-ASCII kept
+    assert len(dataset[4]["caption"]) == len("a long caption " * 200)  # long captions kept (tokenizer truncates)
+    assert all(Path(path).is_absolute() for path in dataset["image_path"])
+    assert dataset["image_path"][0] == str((tmp_path / "imgs/train/7_0.jpg").absolute())
+    # The image column stores the path only and decodes on access.
+    assert isinstance(dataset.features["image"], ImageFeature)
+    raw = dataset.cast_column("image", ImageFeature(decode=False))[0]["image"]
+    assert raw["bytes"] is None and raw["path"] == dataset[0]["image_path"]
+    image = dataset[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (4, 8)
+    assert (report.num_images, report.num_captions, report.skipped) == (4, 7, [])
+
+
+def test_cuhk_pedes_val_and_test(tmp_path):
+    _write_dataset(tmp_path, "reid_raw.json", _cuhk_records())
+    test = load_person_search("cuhk-pedes", tmp_path, split="test")
+    assert isinstance(test, DatasetDict) and set(test) == {"gallery", "queries"}
+    gallery, queries = test["gallery"], test["queries"]
+    assert set(gallery.column_names) == {"image", "image_path", "image_id", "person_id"}
+    assert set(queries.column_names) == {"caption", "person_id", "image_id"}
+    assert gallery["person_id"] == [30, 30, 31, 31]  # raw identities
+    assert gallery["image_id"] == [0, 1, 2, 3]
+    assert len(queries) == 8
+    assert queries["image_id"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert queries["person_id"] == [30, 30, 30, 30, 31, 31, 31, 31]
+    assert isinstance(gallery[0]["image"], Image.Image)
+    val = load_person_search("cuhk-pedes", tmp_path, split="val")
+    assert (len(val["gallery"]), len(val["queries"])) == (1, 2)
+    assert val["gallery"]["person_id"] == [20]
+
+
+def test_icfg_pedes(tmp_path):
+    records = [
+        _record(1, "train/a.jpg", ["the only caption of a"], "train"),
+        _record(2, "train/b.jpg", ["the only caption of b"], "train"),
+        _record(5, "test/c.jpg", ["the only caption of c"], "test"),
+    ]
+    _write_dataset(tmp_path, "ICFG-PEDES.json", records)
+    train = load_person_search("icfg-pedes", tmp_path)
+    assert len(train) == 2 and train["person_id"] == [0, 1]
+    test = load_person_search("ICFG-PEDES", tmp_path, split="test")
+    assert (len(test["gallery"]), len(test["queries"])) == (1, 1)
+    with pytest.raises(PersonSearchDataError, match=r"valid splits: \['train', 'test'\]"):
+        load_person_search("icfg-pedes", tmp_path, split="val")
+
+
+def test_rstpreid_uses_img_path(tmp_path):
+    _write_dataset(tmp_path, "data_captions.json", _cuhk_records("img_path"), path_field="img_path")
+    train = load_person_search("rstpreid", tmp_path)
+    assert len(train) == 7 and num_identities(train) == 3
+    test = load_person_search("rstpreid", tmp_path, split="test")
+    assert (len(test["gallery"]), len(test["queries"])) == (4, 8)
+    # A CUHK-style record lacks the field RSTPReid needs.
+    _write_dataset(tmp_path / "wrong", "data_captions.json", _cuhk_records("file_path"))
+    with pytest.raises(PersonSearchDataError, match="missing field 'img_path'"):
+        load_person_search("rstpreid", tmp_path / "wrong")
+
+
+def test_custom_dataset(tmp_path):
+    records = _cuhk_records()
+    records[1] = _record(3, "train/3_0.jpg", ["a woman in blue"], "train", "img_path")  # either field works
+    _write_dataset(tmp_path / "default", "annotations.json", records)
+    assert len(load_person_search("custom", tmp_path / "default")) == 6
+    # annotation_file elsewhere: images next to it under imgs/ unless data_dir says otherwise.
+    annotation = _write_dataset(tmp_path / "elsewhere", "my_annotations.json", records)
+    train = load_person_search("custom", annotation_file=annotation)
+    assert len(train) == 6
+    assert train["image_path"][0] == str((tmp_path / "elsewhere/imgs/train/7_0.jpg").absolute())
+    assert len(load_person_search("custom", tmp_path / "elsewhere", annotation_file=annotation)) == 6
+
+
+def test_synthetic_through_the_loader(tiny_synthetic):
+    train, report = load_person_search("synthetic", tiny_synthetic, return_report=True)
+    assert len(train) == 6 * 2 * 2 and num_identities(train) == 6
+    assert sorted(set(train["person_id"])) == list(range(6))
+    assert report.num_images == 12
+    test = load_person_search("synthetic", tiny_synthetic, split="test")
+    assert (len(test["gallery"]), len(test["queries"])) == (3 * 2, 3 * 2 * 2)
+    assert test["gallery"][0]["image"].size == (64, 128)
+
+
+# ------------------------------------------------------------------------------------------------
+# decd.data: validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _bad_dataset(tmp_path, bad_record, prepare=None):
+    """The CUHK records with record 1 replaced by `bad_record`."""
+    records = _cuhk_records()
+    records[1] = bad_record
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    if prepare:
+        prepare(tmp_path)
+    return tmp_path / "reid_raw.json"
+
+
+def _write_garbage(root):
+    (root / "imgs/train/broken.jpg").write_bytes(b"this is not an image")
+
+
+def _truncate(root):
+    path = root / "imgs/train/broken.png"
+    Image.new("RGB", (32, 64), (10, 200, 30)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+
+
+BAD_RECORDS = {
+    "missing captions": ({"id": 3, "file_path": "train/3_0.jpg", "split": "train"}, None, "missing field 'captions'"),
+    "missing image path": ({"id": 3, "captions": ["x"], "split": "train"}, None, "missing field 'file_path'"),
+    "missing id": ({"file_path": "train/3_0.jpg", "captions": ["x"], "split": "train"}, None, "missing field 'id'"),
+    "missing split": ({"id": 3, "file_path": "train/3_0.jpg", "captions": ["x"]}, None, "missing field 'split'"),
+    "bad id": (_record("three", "train/3_0.jpg", ["x"], "train"), None, "'id' must be an integer"),
+    "unknown split in record": (_record(3, "train/3_0.jpg", ["x"], "validation"), None, "unknown split 'validation'"),
+    "captions not a list": (_record(3, "train/3_0.jpg", "a woman in blue", "train"), None, "must be a list of strings"),
+    "caption not a string": (_record(3, "train/3_0.jpg", ["ok", None], "train"), None, "must be a list of strings"),
+    "empty captions list": (_record(3, "train/3_0.jpg", [], "train"), None, "'captions' is empty"),
+    "empty caption": (_record(3, "train/3_0.jpg", ["ok", ""], "train"), None, "caption 1 is empty"),
+    "whitespace caption": (_record(3, "train/3_0.jpg", ["   \n"], "train"), None, "every caption is empty"),
+    "image missing": (_record(3, "train/missing.jpg", ["x"], "train"), None, "image file not found"),
+    "image unreadable": (_record(3, "train/broken.jpg", ["x"], "train"), _write_garbage, "cannot be read"),
+    "image truncated": (_record(3, "train/broken.png", ["x"], "train"), _truncate, "cannot be read"),
+    "path escapes root": (_record(3, "../outside.jpg", ["x"], "train"), None, "leaves the image folder"),
+    "absolute path": (_record(3, "/etc/passwd", ["x"], "train"), None, "leaves the image folder"),
+    "not an object": (["3", "train/3_0.jpg"], None, "is a list, not an object"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_RECORDS))
+def test_bad_record_raises_with_file_and_record(tmp_path, kind):
+    bad_record, prepare, reason = BAD_RECORDS[kind]
+    annotation = _bad_dataset(tmp_path, bad_record, prepare)
+    with pytest.raises(PersonSearchDataError) as raised:
+        load_person_search("cuhk-pedes", tmp_path)
+    message = str(raised.value)
+    assert str(annotation) in message
+    assert "record 1" in message and reason in message
+    if isinstance(bad_record, dict) and "id" in bad_record:
+        assert repr(bad_record["id"]) in message
+    assert "1 problem(s)" in message and "skip_bad_records=True" in message
+
+    # Skipping drops the record (or only its bad caption) and reports it.
+    dataset, report = load_person_search("cuhk-pedes", tmp_path, skip_bad_records=True, return_report=True)
+    assert len(report.skipped) == 1 and report.skipped[0].record_index == 1
+    if kind == "empty caption":
+        assert report.num_skipped_captions == 1 and report.skipped[0].caption_index == 1
+        assert len(dataset) == 7 - 1
+    else:
+        assert report.num_skipped_records == 1
+        assert len(dataset) == 7 - 2
+
+
+def test_bad_record_of_another_split_does_not_matter(tmp_path):
+    records = _cuhk_records()
+    records[-1]["captions"] = [""]  # a test record
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    assert len(load_person_search("cuhk-pedes", tmp_path)) == 7
+    with pytest.raises(PersonSearchDataError, match="every caption is empty"):
+        load_person_search("cuhk-pedes", tmp_path, split="test")
+
+
+def test_unreadable_image_passes_without_verification(tmp_path):
+    _bad_dataset(tmp_path, _record(3, "train/broken.jpg", ["x"], "train"), _write_garbage)
+    assert len(load_person_search("cuhk-pedes", tmp_path, verify_images=False)) == 6
+
+
+def test_all_problems_are_collected(tmp_path, caplog):
+    records = _cuhk_records()
+    records += [_record(100 + k, f"train/missing_{k}.jpg", ["x"], "train") for k in range(24)]
+    records.append(_record(3, "train/3_0.jpg", ["fine", " "], "train"))
+    records.append({"id": 9, "file_path": "train/missing_too.jpg", "captions": "x", "split": "train"})  # 2 problems
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    with pytest.raises(PersonSearchDataError) as raised:
+        load_person_search("cuhk-pedes", tmp_path)
+    message = str(raised.value)
+    assert "27 problem(s)" in message and "... and 7 more" in message
+    assert message.count("\n  - ") == 20
+
+    with caplog.at_level(logging.WARNING, logger="decd.data"):
+        dataset, report = load_person_search("cuhk-pedes", tmp_path, skip_bad_records=True, return_report=True)
+    assert len(dataset) == 7 + 1
+    assert report.num_skipped_records == 25 and report.num_skipped_captions == 1
+    assert report.skipped_record_indices == list(range(len(_cuhk_records()), len(_cuhk_records()) + 24)) + [len(records) - 1]
+    assert [item.person_id for item in report.skipped[:2]] == [100, 101]
+    assert "skipped 25 record(s) and 1 caption(s)" in caplog.text
+    assert "missing_0.jpg" in caplog.text
+
+
+def test_annotation_file_problems(tmp_path):
+    with pytest.raises(PersonSearchDataError, match=r"annotation file not found: .*reid_raw\.json"):
+        load_person_search("cuhk-pedes", tmp_path)
+    (tmp_path / "reid_raw.json").write_text(json.dumps({"records": []}))
+    with pytest.raises(PersonSearchDataError, match="must contain a JSON list of records, got a dict"):
+        load_person_search("cuhk-pedes", tmp_path)
+    (tmp_path / "reid_raw.json").write_text("[{'id': 1}")
+    with pytest.raises(PersonSearchDataError, match="not valid UTF-8 JSON"):
+        load_person_search("cuhk-pedes", tmp_path)
+    with pytest.raises(PersonSearchDataError, match="needs data_dir"):
+        load_person_search("rstpreid")
+
+
+def test_empty_split(tmp_path):
+    _write_dataset(tmp_path, "reid_raw.json", [r for r in _cuhk_records() if r["split"] != "val"])
+    with pytest.raises(PersonSearchDataError, match="split 'val' has no usable records"):
+        load_person_search("cuhk-pedes", tmp_path, split="val")
+    # Everything skipped is an empty split too.
+    _write_dataset(tmp_path / "all-bad", "reid_raw.json", [_record(1, "train/missing.jpg", ["x"], "train")])
+    with pytest.raises(PersonSearchDataError, match=r"no usable records \(1 skipped\)"):
+        load_person_search("cuhk-pedes", tmp_path / "all-bad", skip_bad_records=True)
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(PersonSearchDataError, match=r"unknown dataset 'market-1501'.*cuhk-pedes"):
+        load_person_search("market-1501", tmp_path)
+    with pytest.raises(PersonSearchDataError, match=r"unknown split 'validation' for cuhk-pedes; valid splits: \['train', 'val', 'test'\]"):
+        load_person_search("cuhk-pedes", tmp_path, split="validation")
+    assert issubclass(PersonSearchDataError, ValueError)
