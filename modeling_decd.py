@@ -537,7 +537,9 @@ class DecdModel(DecdPreTrainedModel):
             masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
             decoded = self.decoder(masked_states, image_states, masked_attention)
             labels = mcm_labels[:, : decoded.shape[1]]
-            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded), labels)
+            # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
+            selected = labels != -100
+            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded[selected]), labels[selected])
             total = total + config.mcm_weight * output.loss_mcm
         if self.identity_classifier is not None and config.id_weight > 0:
             output.loss_id = identity_loss(self.identity_classifier, image_features, text_features, person_ids)
