@@ -67,6 +67,8 @@ class DecdConfig(PreTrainedConfig):
             Id of the MCM mask token (the token appended to CLIP's vocabulary).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of new modules.
+        initializer_factor (`float`, defaults to 1.0):
+            Scale of CLIP's own initialisation of the encoders and projections (from-scratch training).
     """
 
     model_type = "decd"
@@ -93,6 +95,7 @@ class DecdConfig(PreTrainedConfig):
     use_decoder: bool = True
     mask_token_id: int = 49408
     initializer_range: float = 0.02
+    initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
         if self.text_config is None:

@@ -91,6 +91,19 @@ class DecdVisionEmbeddings(CLIPVisionEmbeddings):
         return embeddings + self.position_embedding(self.position_ids)
 
 
+def _initialize_like_library_code(model_class):
+    """transformers skips `_init_weights` of parameter-less container modules (e.g. `CLIPAttention`) in code it
+    considers custom, unless their parameters are flagged; our `_init_weights` only uses the guarded
+    `transformers.initialization` functions, so the library-code path (CLIP's own initialisation) is safe."""
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        return PreTrainedModel._initialize_weights(self, module, is_custom_code=False)
+
+    model_class._initialize_weights = _initialize_weights
+    return model_class
+
+
+@_initialize_like_library_code
 class DecdVisionModel(CLIPVisionModel):
     """CLIP's vision transformer (same parameter names and forward) on the person-crop grid."""
 
@@ -286,6 +299,7 @@ class DecdOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
 
 
+@_initialize_like_library_code
 class DecdPreTrainedModel(PreTrainedModel):
     config_class = DecdConfig
     config: DecdConfig
@@ -315,6 +329,9 @@ class DecdPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, DecdModel):
             init.constant_(module.log_logit_scale, math.log(1.0 / self.config.temperature))
+            factor = self.config.initializer_factor
+            init.normal_(module.text_projection.weight, std=self.config.text_config.hidden_size**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
 
 
 class DecdModel(DecdPreTrainedModel):
