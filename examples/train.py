@@ -86,7 +86,7 @@ class TrainingArguments(DecdTrainingArguments):
     output_dir: str | None = field(default="outputs/decd-tiny-synthetic")
     per_device_train_batch_size: int = field(default=64)
     per_device_eval_batch_size: int = field(default=128)
-    learning_rate: float = field(default=5e-4)
+    learning_rate: float = field(default=1e-3)
     new_module_lr_multiplier: float = field(default=1.0)
     weight_decay: float = field(default=4e-5)
     num_train_epochs: float = field(default=12.0)
@@ -110,6 +110,11 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
         overrides["image_size"] = tuple(model_args.image_size)
     source = model_args.model_name_or_path
     if source is None:
+        # From random weights the method's temperature (0.02) collapses every embedding onto one point
+        # before the encoders learn anything; a softer 0.2 plus the identity loss gets the encoders going.
+        # Measured on the synthetic set (README, "Training from scratch").
+        overrides.setdefault("temperature", 0.2)
+        overrides.setdefault("id_weight", 1.0)
         preset = {"tiny": DecdConfig.tiny, "base": DecdConfig.vit_base_patch16}.get(model_args.config_preset)
         if preset is None:
             raise SystemExit(f"--config_preset must be 'tiny' or 'base', got {model_args.config_preset!r}.")
@@ -175,6 +180,11 @@ def main(argv=None):
                 model_args.model_name_or_path or f"{model_args.config_preset} from scratch")
 
     # ---- train ----------------------------------------------------------------------------------------
+    # Publishing happens once, at the end (decd.hub.publish: inference model + processor + code + card),
+    # not at every checkpoint as the Trainer's own push would.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and not training_args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
     collator = DecdTrainingCollator(processor, augment=training_args.augment,
                                     mask_captions=model.config.mcm_weight > 0)
     trainer = DecdTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
@@ -207,6 +217,13 @@ def main(argv=None):
         for name in ("R1", "R5", "R10", "mAP", "mINP"):
             print(f"  {name:>5}: {metrics[f'test_{name}']:6.2f}")
         print(f"Saved the {'full' if model_args.keep_decoder else 'inference'} model to {training_args.output_dir}")
+        if push_to_hub:
+            from decd.hub import publish
+
+            url = publish(training_args.output_dir, training_args.hub_model_id, keep_decoder=model_args.keep_decoder,
+                          private=bool(training_args.hub_private_repo), token=training_args.hub_token,
+                          dataset_name=data_args.dataset_name)
+            print(f"Published to {url}")
     return metrics
 
 
