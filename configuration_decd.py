@@ -21,9 +21,9 @@ BASE_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=512, intermediate_size=20
                         num_attention_heads=8)
 BASE_VISION_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                           patch_size=16)
-TINY_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+TINY_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                         num_attention_heads=4)
-TINY_VISION_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+TINY_VISION_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                           patch_size=16)
 
 
@@ -167,7 +167,8 @@ class DecdConfig(PreTrainedConfig):
 
     @classmethod
     def tiny(cls, **overrides) -> "DecdConfig":
-        """A ~10M-parameter model for tests and CPU demos: 128x64 crops, patch 16, 4 layers per encoder.
+        """A ~14M-parameter model (12.6M of it CLIP-vocabulary embeddings) for tests and CPU demos: 128x64
+        crops, patch 16, two 128-wide layers per encoder.
 
         The vocabulary is CLIP's plus the mask token, so the shipped processor works with it.
         """

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 __all__ = [
     "CORRECT_COLOR",
     "WRONG_COLOR",
+    "NEUTRAL_COLOR",
     "GridLayout",
     "grid_layout",
     "retrieval_grid",
@@ -39,6 +40,7 @@ PathLike = Union[str, os.PathLike]
 
 CORRECT_COLOR = (0, 170, 70)
 WRONG_COLOR = (215, 35, 35)
+NEUTRAL_COLOR = (120, 120, 120)  # frames when correctness is unknown (`correct=None`: an unlabeled gallery)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (25, 25, 25)
 MUTED_TEXT = (110, 110, 110)
@@ -203,7 +205,9 @@ def _load_tile(image: Any, tile_size: tuple[int, int]) -> Image.Image:
     return ImageOps.pad(picture, (width, height), method=Image.Resampling.BICUBIC, color=TILE_PAD_COLOR)
 
 
-def _draw_header(draw: ImageDraw.ImageDraw, width: int, layout: GridLayout, title: Optional[str]) -> None:
+def _draw_header(
+    draw: ImageDraw.ImageDraw, width: int, layout: GridLayout, title: Optional[str], legend: bool = True
+) -> None:
     title_font = _font(15)
     legend_font = _font(12)
     center = layout.margin + layout.header_height // 2 - 2
@@ -211,7 +215,7 @@ def _draw_header(draw: ImageDraw.ImageDraw, width: int, layout: GridLayout, titl
     if title:
         draw.text((x, center), title, fill=TEXT_COLOR, font=title_font, anchor="lm")
     # Legend, right-aligned.
-    entries = [(CORRECT_COLOR, "same identity"), (WRONG_COLOR, "other identity")]
+    entries = [(CORRECT_COLOR, "same identity"), (WRONG_COLOR, "other identity")] if legend else []
     swatch = 12
     total = sum(swatch + 5 + _text_width(legend_font, label) + 14 for _, label in entries) - 14
     x = width - layout.margin - total
@@ -228,7 +232,7 @@ def retrieval_grid(
     query_captions: Sequence[str],
     gallery_images: Sequence[Any],
     ranked_indices: Sequence[Sequence[int]],
-    correct: Sequence[Sequence[bool]],
+    correct: Optional[Sequence[Sequence[bool]]],
     output_path: PathLike,
     top_k: int = 10,
     tile_size: tuple[int, int] = (128, 64),
@@ -245,7 +249,8 @@ def retrieval_grid(
             (only the shown ones are opened).
         ranked_indices: per query, gallery indices in rank order (best first); the first `top_k` are shown.
         correct: per query, per rank, whether that result has the query's identity: framed in
-            `CORRECT_COLOR` (green) if so, `WRONG_COLOR` (red) otherwise.
+            `CORRECT_COLOR` (green) if so, `WRONG_COLOR` (red) otherwise. None when identities are
+            unknown (an unlabeled gallery): every frame is `NEUTRAL_COLOR` (grey) and there is no legend.
         output_path: where to write the PNG (parent folders are created).
         top_k: results shown per query. The grid has `min(top_k, longest ranking)` columns.
         tile_size: (height, width) of each gallery crop; images are letterboxed, aspect kept.
@@ -260,6 +265,9 @@ def retrieval_grid(
     num_rows = len(query_captions)
     if num_rows == 0:
         raise ValueError("retrieval_grid needs at least one query")
+    labeled = correct is not None
+    if not labeled:
+        correct = [[False] * len(ranks) for ranks in ranked_indices]
     if len(ranked_indices) != num_rows or len(correct) != num_rows:
         raise ValueError(
             f"query_captions, ranked_indices and correct must have one entry per query; got "
@@ -279,7 +287,7 @@ def retrieval_grid(
 
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    _draw_header(draw, layout.width, layout, title)
+    _draw_header(draw, layout.width, layout, title, legend=labeled)
 
     caption_font = _font(12)
     label_font = _font(12)
@@ -308,7 +316,10 @@ def retrieval_grid(
             gallery_index = int(gallery_index)
             if gallery_index not in tile_cache:
                 tile_cache[gallery_index] = _load_tile(gallery_images[gallery_index], layout.tile_size)
-            color = CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
+            if not labeled:
+                color = NEUTRAL_COLOR
+            else:
+                color = CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
             frame_box = layout.frame_box(row, column)
             draw.rectangle((frame_box[0], frame_box[1], frame_box[2] - 1, frame_box[3] - 1), fill=color)
             tile_left, tile_top, _, _ = layout.tile_box(row, column)
