@@ -1,0 +1,172 @@
+"""`decd-search`: index a folder of pedestrian crops, then find people in it by description.
+
+    decd-search index GALLERY_DIR --model MODEL --output INDEX [--batch_size 64] [--no-resume]
+    decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
+                      [--backend exact|faiss]
+
+`index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
+interrupted run resumes where it stopped. `query` prints the ranked images with their cosine
+similarity and optionally draws them (`--grid`). By default `query` loads the model recorded in the
+index. User errors (empty description, missing index, index built by another model, ...) print one
+line on stderr and exit with status 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .search import GalleryIndex, GalleryIndexError, import_faiss
+
+EXIT_USER_ERROR = 1
+
+
+class _UserError(Exception):
+    """An error whose message is all the user needs (printed without a traceback)."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="decd-search", description="Text-based person search over a folder of pedestrian crops."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{index,query}")
+
+    index = commands.add_parser("index", help="encode a folder of images into a search index")
+    index.add_argument("gallery_dir", metavar="GALLERY_DIR", help="folder of person crops (searched recursively)")
+    index.add_argument("--model", required=True, help="DECD model folder or Hub id")
+    index.add_argument("--output", required=True, metavar="INDEX", help="index folder to write")
+    index.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
+    index.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="start over instead of resuming an unfinished build in INDEX")
+    index.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    query = commands.add_parser("query", help="rank the indexed images for a description")
+    query.add_argument("index", metavar="INDEX", help="index folder written by `decd-search index`")
+    query.add_argument("descriptions", metavar="DESCRIPTION", nargs="+", help="what the person looks like")
+    query.add_argument("--model", default=None, help="model folder or Hub id (default: the one recorded in INDEX)")
+    query.add_argument("--top_k", type=int, default=10, help="results per description (default: 10)")
+    query.add_argument("--grid", default=None, metavar="PNG", help="also draw the top-k images into this PNG")
+    query.add_argument("--backend", choices=("exact", "faiss"), default="exact",
+                       help="exact: chunked matrix multiply (default); faiss: faiss.IndexFlatIP (also exact)")
+    query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    return parser
+
+
+def _device(name: Optional[str]):
+    import torch
+
+    if name is not None:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(name: str, device):
+    """DecdModel + DecdProcessor from a folder / Hub id; loading problems become a one-line user error."""
+    from modeling_decd import DecdModel
+    from processing_decd import DecdProcessor
+
+    try:
+        model = DecdModel.from_pretrained(name)
+        processor = DecdProcessor.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _UserError(f"could not load the model {name!r}: {first_line}") from error
+    return model.to(device).eval(), processor
+
+
+def _run_index(arguments) -> int:
+    if arguments.batch_size < 1:
+        raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
+    if not Path(arguments.gallery_dir).is_dir():
+        raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
+    model, processor = _load_model(arguments.model, _device(arguments.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
+        index = GalleryIndex.build(
+            model, processor, arguments.gallery_dir, arguments.output, batch_size=arguments.batch_size,
+            model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
+        )
+    print(f"Indexed {len(index)} images from {arguments.gallery_dir} into {arguments.output} "
+          f"(model {index.model_id}, checksum {index.model_checksum[:12]}).")
+    if index.skipped:
+        print(f"Skipped {len(index.skipped)} unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'}):")
+        for item in index.skipped[:20]:
+            print(f"  {item['path']}: {item['error']}")
+        if len(index.skipped) > 20:
+            print(f"  ... and {len(index.skipped) - 20} more")
+    return 0
+
+
+def _print_table(description: str, paths: Sequence[str], scores: Sequence[float]) -> None:
+    print(f'Query: "{description}"')
+    width = max([len("path")] + [len(path) for path in paths])
+    print(f"{'rank':>4}  {'score':>7}  path")
+    print(f"{'-' * 4}  {'-' * 7}  {'-' * width}")
+    for rank, (path, score) in enumerate(zip(paths, scores), start=1):
+        print(f"{rank:>4}  {score:>7.4f}  {path}")
+
+
+def _run_query(arguments) -> int:
+    descriptions = [description.strip() for description in arguments.descriptions]
+    if not all(descriptions):
+        raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
+    if arguments.top_k < 1:
+        raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
+    if arguments.backend == "faiss":
+        try:
+            import_faiss()
+        except ImportError as error:
+            raise _UserError(str(error)) from error
+    index = GalleryIndex.load(arguments.index)
+    model_name = arguments.model or index.model_id
+    if not model_name or model_name.startswith("<in-memory"):
+        raise _UserError(f"the index {arguments.index!r} records no loadable model ({model_name}); pass --model")
+    model, processor = _load_model(model_name, _device(arguments.device))
+    result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=arguments.backend,
+                               model_id=model_name)
+    for row, description in enumerate(descriptions):
+        if row:
+            print()
+        _print_table(description, result.paths[row], result.scores[row].tolist())
+    if arguments.grid:
+        from .visualize import retrieval_grid
+
+        # Only the shown images are passed (and opened), numbered in order of appearance.
+        shown = [index.image_path(gallery_index) for row in result.indices.tolist() for gallery_index in row]
+        ranked, position = [], 0
+        for row in result.indices.tolist():
+            ranked.append(list(range(position, position + len(row))))
+            position += len(row)
+        try:
+            grid = retrieval_grid(
+                descriptions, shown, ranked, None, arguments.grid, top_k=arguments.top_k,
+                title=f"Top {result.indices.shape[1]} of {len(index)} images", scores=result.scores.tolist(),
+            )
+        except FileNotFoundError as error:
+            raise _UserError(f"could not draw the grid: {error} (was the gallery moved since indexing?)") from error
+        print(f"\nWrote {grid}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `decd-search`; returns the exit status (0 on success, 1 on a user error)."""
+    arguments = _build_parser().parse_args(argv)
+    try:
+        if arguments.command == "index":
+            return _run_index(arguments)
+        return _run_query(arguments)
+    except (_UserError, GalleryIndexError) as error:
+        print(f"decd-search {arguments.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"decd-search {arguments.command}: interrupted"
+              + ("; run the same command again to resume" if arguments.command == "index" else ""), file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""A transformers pipeline for text-based person search: `pipeline("text-based-person-search", ...)`.
+
+Importing this module registers the task with `transformers.pipelines.PIPELINE_REGISTRY`:
+
+    import decd.pipeline  # registers "text-based-person-search"
+    from transformers import pipeline
+
+    search = pipeline("text-based-person-search", model="path/to/decd-model", gallery="path/to/index")
+    search("a woman in a red coat", top_k=5)
+    # [{"index": 17, "path": "cam2/0042.png", "score": 0.61}, ...] best first
+
+`gallery` is an index folder written by `GalleryIndex.build` / `decd-search index` (the model must be
+the one that built it, else `StaleIndexError`), a folder of images (encoded in memory when the
+pipeline is created; build an index for anything large), a list of image paths and/or PIL images, or
+a `GalleryIndex`. A list of descriptions gives a list of result lists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from typing import Any, Sequence
+
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .search import DEFAULT_CHUNK_SIZE, META_FILE, GalleryIndex
+
+TASK = "text-based-person-search"
+
+
+class TextBasedPersonSearchPipeline(Pipeline):
+    """Rank a gallery of pedestrian crops for a text description (cosine similarity of DECD embeddings).
+
+    Args (in addition to `Pipeline`'s):
+        gallery: index folder, image folder, list of image paths / PIL images, or a `GalleryIndex`.
+        gallery_batch_size: images per forward pass when the gallery has to be encoded (default 64).
+
+    Call arguments:
+        top_k: results per description (default 10, clamped to the gallery size).
+        backend: "exact" (default) or "faiss" (see `GalleryIndex.search`).
+        chunk_size: gallery rows scored at once by the exact backend.
+
+    Returns, per description: a list of `{"index": gallery row, "score": cosine similarity, "path": path}`
+    dictionaries, best first (`path` only when the gallery has paths; relative to the gallery folder
+    for an index, as given for a list).
+    """
+
+    # DecdProcessor joins the tokenizer and image processor; the pipeline needs both (text queries,
+    # and images when the gallery is encoded here).
+    _load_processor = None
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, gallery: Any = None, gallery_batch_size: int = 64, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            self.processor = self._default_processor()
+        if gallery is None:
+            raise ValueError(
+                f'the {TASK!r} pipeline needs a gallery: pipeline("{TASK}", model=..., gallery=INDEX_DIR or a list '
+                "of images)"
+            )
+        self.gallery_index = self._load_gallery(gallery, gallery_batch_size)
+
+    def _default_processor(self):
+        from processing_decd import DecdProcessor
+
+        name = getattr(self.model, "name_or_path", "") or ""
+        if not name:
+            raise ValueError("the model has no name_or_path to load its DecdProcessor from; pass processor=...")
+        return DecdProcessor.from_pretrained(name)
+
+    def _load_gallery(self, gallery: Any, batch_size: int) -> GalleryIndex:
+        if isinstance(gallery, GalleryIndex):
+            index = gallery
+        elif isinstance(gallery, (str, os.PathLike)) and (Path(gallery) / META_FILE).exists():
+            index = GalleryIndex.load(gallery)
+        elif isinstance(gallery, (str, os.PathLike)):
+            # A folder of images: the regular build (same skipping and reporting of unreadable files)
+            # into a throwaway folder, kept in memory.
+            with tempfile.TemporaryDirectory(prefix="decd-gallery-") as folder, warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # re-issued below without the throwaway path
+                index = GalleryIndex.build(self.model, self.processor, gallery, folder, batch_size=batch_size,
+                                           show_progress=False)
+                index.embeddings = np.array(index.embeddings)
+            index.path = None
+            if index.skipped:
+                names = ", ".join(item["path"] for item in index.skipped[:5])
+                warnings.warn(f"skipped {len(index.skipped)} unreadable image(s) in {str(gallery)!r}: {names}"
+                              f"{' ...' if len(index.skipped) > 5 else ''} (see .gallery_index.skipped)", stacklevel=3)
+            return index
+        elif isinstance(gallery, Sequence):
+            return GalleryIndex.from_images(self.model, self.processor, gallery, batch_size)
+        else:
+            raise TypeError(f"gallery must be an index folder, an image folder or a list of images, not "
+                            f"{type(gallery).__name__}")
+        index.verify_model(self.model)  # checked once here, not on every call
+        return index
+
+    def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, **unused):
+        if unused:
+            raise TypeError(f"unexpected argument(s) for the {TASK!r} pipeline: {', '.join(sorted(unused))}")
+        postprocess = {}
+        if top_k is not None:
+            postprocess["top_k"] = int(top_k)
+        if backend is not None:
+            postprocess["backend"] = backend
+        if chunk_size is not None:
+            postprocess["chunk_size"] = int(chunk_size)
+        return {}, {}, postprocess
+
+    def preprocess(self, description: str) -> dict:
+        if not isinstance(description, str):
+            raise ValueError(f"a description must be a string, got {type(description).__name__}")
+        if not description.strip():
+            raise ValueError("the description is empty: say what the person looks like")
+        batch = self.processor(text=[description], return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _forward(self, model_inputs: dict) -> dict:
+        return {"text_embeds": self.model.get_text_features(**model_inputs)}
+
+    def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str = "exact",
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
+        result = self.gallery_index.search(model_outputs["text_embeds"].float(), top_k=top_k, backend=backend,
+                                           chunk_size=chunk_size)
+        matches = []
+        for rank, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
+            match = {"index": index, "score": score}
+            if result.paths is not None:
+                match["path"] = result.paths[0][rank]
+            matches.append(match)
+        return matches
+
+
+if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=TextBasedPersonSearchPipeline, pt_model=AutoModel, type="multimodal"
+    )
+
+__all__ = ["TASK", "TextBasedPersonSearchPipeline"]
