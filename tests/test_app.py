@@ -1,0 +1,189 @@
+"""The Gradio demo (app.py): launched on 127.0.0.1 and queried through its API with gradio_client.
+
+Gradio is an optional extra, so the whole module is skipped without gradio / gradio_client. Nothing here
+reaches the internet: Gradio's analytics and version check are switched off through the environment,
+the client is built with analytics off, and a guard records every non-loopback connection attempt.
+"""
+
+import os
+
+# Before Gradio is imported or any Blocks is built: no analytics, no version check (both are gated on
+# GRADIO_ANALYTICS_ENABLED), no huggingface_hub telemetry.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_SSR_MODE", "False")
+
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import app  # noqa: E402
+from configuration_decd import DecdConfig  # noqa: E402
+from decd.search import GalleryIndex  # noqa: E402
+from decd.synthetic import generate_synthetic_person_search  # noqa: E402
+from modeling_decd import DecdModel  # noqa: E402
+from processing_decd import DecdProcessor  # noqa: E402
+
+HOST = "127.0.0.1"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+DESCRIPTION = "A woman in a red coat and black trousers carrying a white bag."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_decd")
+    torch.manual_seed(0)
+    DecdModel(DecdConfig.tiny()).save_pretrained(folder)
+    DecdProcessor(image_size=(128, 64)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_person_search(root, num_train_ids=2, num_val_ids=1, num_test_ids=2, images_per_id=2,
+                                     progress=False)
+    return root / "imgs"
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir, gallery_dir):
+    model, processor = app.load_model(model_dir, device="cpu")
+    gallery = app.load_gallery(model, processor, gallery_dir, batch_size=4, show_progress=False)
+    return model, processor, gallery
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    """The demo on 127.0.0.1 with a free port, and a client for it; closed at the end."""
+    model, processor, gallery = loaded
+    demo = app.build_demo(model, processor, gallery)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    demo.launch(server_name=HOST, server_port=port, prevent_thread_lock=True, share=False, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://{HOST}:{port}/", verbose=False, analytics_enabled=False,
+                                      download_files=False)
+        yield demo, client
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def outbound(monkeypatch):
+    """Addresses of every attempted non-loopback connection or DNS look-up while the test runs."""
+    attempts = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            attempts.append(address)
+            raise OSError(f"test_app: outbound connection to {address} refused")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in LOOPBACK and host is not None:
+            attempts.append(host)
+            raise socket.gaierror(f"test_app: look-up of {host!r} refused")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
+
+
+def direct_ranking(model, processor, paths, description):
+    """(file names, scores) of the whole gallery, best first, by cosine similarity computed here."""
+    with torch.no_grad():
+        text = processor(text=[description], return_tensors="pt")
+        query = F.normalize(model.get_text_features(input_ids=text["input_ids"],
+                                                    attention_mask=text["attention_mask"]), dim=-1)
+        images = [Image.open(path).convert("RGB") for path in paths]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        keys = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
+    scores = (query @ keys.T)[0]
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [Path(paths[i]).name for i in order], [float(scores[i]) for i in order]
+
+
+def _parse(item):
+    """(image file name, rank, score, caption file name) of one gallery item returned by the API."""
+    image = item["image"]
+    location = image.get("path") or image.get("url") if isinstance(image, dict) else image
+    rank, score, name = item["caption"].split(" · ")
+    return Path(str(location)).name, int(rank), float(score), name
+
+
+def test_gallery_is_every_image(loaded, gallery_dir):
+    _, _, gallery = loaded
+    expected = sorted(path.name for path in gallery_dir.rglob("*.png"))
+    assert sorted(path.name for path in gallery.paths) == expected
+    assert len(gallery) == 10 and tuple(gallery.embeddings.shape) == (10, 128)
+    assert gallery.image_roots == [gallery_dir.resolve()]
+
+
+def test_gallery_images_are_served_in_place(server, loaded):
+    _, _, gallery = loaded
+    assert all(gr.utils.is_static_file(path) for path in gallery.paths)
+
+
+@pytest.mark.parametrize("top_k", [3, 10])
+def test_search_through_api_matches_direct_cosine_ranking(server, loaded, outbound, top_k):
+    _, client = server
+    model, processor, gallery = loaded
+    results = client.predict(DESCRIPTION, top_k, api_name="/search")
+    assert len(results) == top_k
+    parsed = [_parse(item) for item in results]
+    names, scores = direct_ranking(model, processor, gallery.paths, DESCRIPTION)
+    assert [rank for _, rank, _, _ in parsed] == list(range(1, top_k + 1))
+    assert [name for _, _, _, name in parsed] == names[:top_k]
+    # the image served for each result is that gallery file (Gradio keeps the file name in its cache)
+    assert [image for image, _, _, _ in parsed] == names[:top_k]
+    assert [score for _, _, score, _ in parsed] == pytest.approx(scores[:top_k], abs=1e-3)
+    assert all(a >= b for a, b in zip(scores, scores[1:]))
+    assert outbound == []
+
+
+def test_empty_description_is_an_error_message(server, outbound):
+    _, client = server
+    for empty in ("", "   "):
+        with pytest.raises(Exception, match="Describe the person"):
+            client.predict(empty, 5, api_name="/search")
+    assert outbound == []
+
+
+def test_search_handler_and_top_k_clamped(server, loaded):
+    demo, _ = server
+    _, _, gallery = loaded
+    assert len(demo.search_fn(DESCRIPTION, 1000)) == len(gallery)
+    with pytest.raises(gr.Error):
+        demo.search_fn("", 3)
+
+
+def test_index_folder_gives_the_same_results(loaded, gallery_dir, tmp_path):
+    model, processor, gallery = loaded
+    index_dir = tmp_path / "index"
+    GalleryIndex.build(model, processor, gallery_dir, index_dir, batch_size=5, show_progress=False)
+    from_index = app.load_gallery(model, processor, index_dir)
+    assert from_index.source.startswith("index")
+    assert (app.search_gallery(model, processor, from_index, DESCRIPTION, 4)
+            == app.search_gallery(model, processor, gallery, DESCRIPTION, 4))
+
+
+def test_missing_gallery_is_a_startup_message(model_dir, tmp_path, capsys):
+    assert app.main(["--model", str(model_dir), "--gallery", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert "does not exist" in error and "DECD_GALLERY" in error and "Traceback" not in error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(app.AppConfigError, match="no images"):
+        app.load_gallery(None, None, empty)
