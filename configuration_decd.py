@@ -73,6 +73,7 @@ class DecdConfig(PreTrainedConfig):
 
     model_type = "decd"
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+    sub_configs = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}  # transformers < 5.20
 
     text_config: dict | CLIPTextConfig | None = None
     vision_config: dict | CLIPVisionConfig | None = None
@@ -102,6 +103,11 @@ class DecdConfig(PreTrainedConfig):
             self.text_config = dict(BASE_TEXT_CONFIG)
         if self.vision_config is None:
             self.vision_config = dict(BASE_VISION_CONFIG)
+        # Build the sub-configs here too: older transformers 5.x releases leave dicts as they are.
+        if isinstance(self.text_config, dict):
+            self.text_config = CLIPTextConfig(**self.text_config)
+        if isinstance(self.vision_config, dict):
+            self.vision_config = CLIPVisionConfig(**self.vision_config)
         super().__post_init__(**kwargs)
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
