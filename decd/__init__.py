@@ -14,6 +14,8 @@ from .data import LoadReport, PersonSearchDataError, load_person_search, num_ide
 from .metrics import retrieval_metrics
 from .retrieval import encode_gallery, encode_queries, evaluate_retrieval
 from .synthetic import generate_synthetic_person_search
+from .search import GalleryIndex
+from . import pipeline as _pipeline  # registers the "text-based-person-search" pipeline task
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ __all__ = [
     "DecdProcessor",
     "LoadReport",
     "PersonSearchDataError",
+    "GalleryIndex",
     "compute_caption_quality",
     "encode_gallery",
     "encode_queries",

@@ -44,3 +44,23 @@ def random_batch(config: DecdConfig, batch_size: int = 6, length: int = 12, with
         masked[:, 3] = torch.randint(0, BOS, (batch_size,), generator=generator)
         batch.update(masked_input_ids=masked, mcm_labels=labels)
     return batch
+
+
+# Prepended (after `REPO = "<repository root>"`) to scripts that must run without the repository's modules:
+# a fresh interpreter that can only load DECD through the Hub remote-code path.
+BLOCK_REPOSITORY_MODULES = """
+import importlib.abc, os, sys
+class _NoDecdPackage(importlib.abc.MetaPathFinder):
+    blocked = {"configuration_decd", "modeling_decd", "processing_decd", "decd", "handler"}
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ImportError(f"{name} is blocked: this process must not see the repository's modules")
+sys.meta_path.insert(0, _NoDecdPackage())
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != REPO]
+try:
+    import modeling_decd
+except ImportError:
+    pass
+else:
+    raise SystemExit("the repository's modules are importable; the test would prove nothing")
+"""

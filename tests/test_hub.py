@@ -25,6 +25,7 @@ from decd.hub import PUBLISHED_RESULTS, build_model_card, publish
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
+from .helpers import BLOCK_REPOSITORY_MODULES as BLOCKER
 from .helpers import tiny_config
 from .hub_stub import HubStub
 
@@ -172,22 +173,6 @@ def test_push_to_hub_script_reads_results_and_keeps_decoder_on_request(hub, save
         publish(saved_folder, "org/unlabelled")
 
 
-BLOCKER = """
-import importlib.abc, os, sys
-class _NoDecdPackage(importlib.abc.MetaPathFinder):
-    blocked = {"configuration_decd", "modeling_decd", "processing_decd", "decd", "handler"}
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.blocked:
-            raise ImportError(f"{name} is blocked: this process must not see the repository's modules")
-sys.meta_path.insert(0, _NoDecdPackage())
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != REPO]
-try:
-    import modeling_decd
-except ImportError:
-    pass
-else:
-    raise SystemExit("the repository's modules are importable; the test would prove nothing")
-"""
 
 
 def _python_blocks(markdown: str) -> str:

@@ -23,6 +23,7 @@ from transformers import (
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
+from .helpers import BLOCK_REPOSITORY_MODULES as BLOCKER
 from .helpers import tiny_config
 
 CAPTIONS = ["a woman in a red coat carrying a black backpack", "a man in blue jeans and a white shirt"]
@@ -93,22 +94,6 @@ def _hub_cache(tmp_path: Path, folder: Path, repo_id: str) -> Path:
     return cache
 
 
-BLOCKER = """
-import importlib.abc, sys
-class _NoDecdPackage(importlib.abc.MetaPathFinder):
-    blocked = {"configuration_decd", "modeling_decd", "processing_decd", "decd"}
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.blocked:
-            raise ImportError(f"{name} is blocked: this process must not see the installed package")
-sys.meta_path.insert(0, _NoDecdPackage())
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != REPO]
-try:
-    import modeling_decd
-except ImportError:
-    pass
-else:
-    raise SystemExit("the package is importable; the test would prove nothing")
-"""
 
 
 def _run_without_package(tmp_path: Path, body: str, cache: Path) -> None:
