@@ -164,7 +164,11 @@ class DecdTrainingArguments(TrainingArguments):
         default=0,
         metadata={"help": "K of an identity-balanced P x K sampler (P = batch size / K); 0 samples pairs at random."},
     )
-    augment: bool = field(default=True, metadata={"help": "IRRA-style image augmentation during training."})
+    augment: bool | None = field(
+        default=None,
+        metadata={"help": "IRRA-style image augmentation (flip, pad + crop, random erasing). Default: on, except "
+                          "for the synthetic set, whose renderer already varies pose, scale, background and occlusion."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: DECD's collator needs the raw image and caption columns."}
     )

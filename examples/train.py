@@ -89,7 +89,7 @@ class TrainingArguments(DecdTrainingArguments):
     learning_rate: float = field(default=1e-3)
     new_module_lr_multiplier: float = field(default=1.0)
     weight_decay: float = field(default=4e-5)
-    num_train_epochs: float = field(default=15.0)
+    num_train_epochs: float = field(default=16.0)
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.05)
     eval_strategy: str = field(default="epoch")
@@ -185,7 +185,9 @@ def main(argv=None):
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     if push_to_hub and not training_args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
-    collator = DecdTrainingCollator(processor, augment=training_args.augment,
+    augment = training_args.augment if training_args.augment is not None else data_args.dataset_name != "synthetic"
+    logger.info("Image augmentation: %s", "on" if augment else "off")
+    collator = DecdTrainingCollator(processor, augment=augment,
                                     mask_captions=model.config.mcm_weight > 0)
     trainer = DecdTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=processor)
