@@ -46,6 +46,9 @@ class ModelArguments:
         default=None, metadata={"help": "Crop height and width, e.g. --image_size 384 128 (default: the preset's)."}
     )
     sew_margin: float | None = field(default=None, metadata={"help": "Largest Sew margin m_max (0 = SDM)."})
+    learnable_temperature: bool | None = field(
+        default=None, metadata={"help": "Train the temperature, starting from --temperature (default: fixed)."}
+    )
     caption_quality: str | None = field(default=None, metadata={"help": "density, uniform or none."})
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default 0.02)."})
     mcm_weight: float | None = field(default=None, metadata={"help": "Weight of the MCM loss (0 disables MCM)."})
@@ -103,7 +106,7 @@ class TrainingArguments(DecdTrainingArguments):
 def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel, DecdProcessor]:
     overrides = {
         name: getattr(model_args, name)
-        for name in ("sew_margin", "caption_quality", "temperature", "mcm_weight", "id_weight")
+        for name in ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight", "id_weight")
         if getattr(model_args, name) is not None
     }
     if model_args.image_size is not None:
