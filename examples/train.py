@@ -13,6 +13,7 @@ Reads top to bottom: arguments -> data -> model -> Trainer -> train -> test eval
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -124,7 +125,7 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
         model = DecdModel(preset(num_identities=identities, **overrides))
         return model, DecdProcessor(image_size=model.config.image_size)
     config_file = Path(source) / "config.json"
-    if config_file.exists() and '"model_type": "decd"' in config_file.read_text():
+    if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "decd":
         model = DecdModel.from_pretrained(source, num_identities=identities, use_decoder=True, **overrides)
         return model, DecdProcessor.from_pretrained(source)
     overrides.setdefault("image_size", (384, 128))
@@ -201,7 +202,7 @@ def main(argv=None):
     # ---- test with the best model -------------------------------------------------------------------------
     test_set = load_person_search(split=data_args.test_split, **load)
     metrics = trainer.evaluate(test_set, metric_key_prefix="test")
-    metrics[f"test_selected_on"] = eval_split
+    metrics["test_selected_on"] = eval_split
     trainer.log_metrics("test", metrics)
     trainer.save_metrics("test", metrics)
 
