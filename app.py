@@ -36,7 +36,6 @@ In code (tests do this)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
+from decd.hub import saved_model_type  # noqa: E402
 from decd.search import (  # noqa: E402  (after the sys.path set-up above)
     GalleryIndex,
     GalleryIndexError,
@@ -80,12 +80,9 @@ class AppConfigError(Exception):
 
 
 def _is_decd_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "decd"
-    except (OSError, ValueError):
+        return saved_model_type(path) == "decd"
+    except ValueError:
         return False
 
 

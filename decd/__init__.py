@@ -15,7 +15,7 @@ from .metrics import retrieval_metrics
 from .retrieval import encode_gallery, encode_queries, evaluate_retrieval
 from .synthetic import generate_synthetic_person_search
 from .search import GalleryIndex
-from . import pipeline as _pipeline  # registers the "text-based-person-search" pipeline task
+from . import pipeline as _pipeline  # noqa: F401  (registers the "text-based-person-search" pipeline task)
 
 __version__ = "0.1.0"
 

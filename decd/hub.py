@@ -100,6 +100,24 @@ CITATION = """@article{decd2023,
 # ----------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------
+def saved_model_type(folder: str | os.PathLike) -> str | None:
+    """The `model_type` in `folder/config.json` (e.g. "decd", "clip"), or None when `folder` has no config.json.
+
+    Lets scripts tell a saved DECD model from a CLIP checkpoint or a Hub id before loading anything.
+    Raises ValueError naming the file when config.json cannot be read or is not a JSON object.
+    """
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {config_file}: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    return config.get("model_type")
+
+
 def dataset_labels(dataset_name: str) -> tuple[str, str]:
     """(display name, model-index dataset type) of a dataset name such as "cuhk-pedes" or "synthetic"."""
     key = dataset_name.lower()
@@ -499,6 +517,7 @@ def publish(
 
 
 __all__ = [
+    "saved_model_type",
     "PUBLISHED_RESULTS",
     "build_model_card",
     "dataset_labels",

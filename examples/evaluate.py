@@ -67,13 +67,14 @@ def check_model_dir(model_dir: Path) -> None:
         raise SystemExit(f"error: model folder {model_dir} does not exist")
     if not model_dir.is_dir():
         raise SystemExit(f"error: {model_dir} is not a folder; pass the folder written by save_pretrained")
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise SystemExit(f"error: {model_dir} has no config.json; it is not a saved DECD model")
+    from decd.hub import saved_model_type
+
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read {config_file}: {error}") from None
+        model_type = saved_model_type(model_dir)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if model_type is None:
+        raise SystemExit(f"error: {model_dir} has no config.json; it is not a saved DECD model")
     if model_type != "decd":
         raise SystemExit(
             f"error: {model_dir} holds a {model_type!r} model, not a DECD one (model_type 'decd')"

@@ -13,7 +13,6 @@ Reads top to bottom: arguments -> data -> model -> Trainer -> train -> test eval
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from configuration_decd import DecdConfig  # noqa: E402
 from modeling_decd import DecdModel  # noqa: E402
 from processing_decd import DecdProcessor  # noqa: E402
 
+from decd.hub import saved_model_type  # noqa: E402
 from decd.data import load_person_search, num_identities  # noqa: E402
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator  # noqa: E402
 
@@ -124,8 +124,7 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
             raise SystemExit(f"--config_preset must be 'tiny' or 'base', got {model_args.config_preset!r}.")
         model = DecdModel(preset(num_identities=identities, **overrides))
         return model, DecdProcessor(image_size=model.config.image_size)
-    config_file = Path(source) / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "decd":
+    if saved_model_type(source) == "decd":
         model = DecdModel.from_pretrained(source, num_identities=identities, use_decoder=True, **overrides)
         return model, DecdProcessor.from_pretrained(source)
     overrides.setdefault("image_size", (384, 128))

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
-from decd.hub import PUBLISHED_RESULTS, build_model_card, publish
+from decd.hub import PUBLISHED_RESULTS, build_model_card, publish, saved_model_type
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
@@ -289,3 +289,18 @@ def test_handler_from_a_saved_folder_in_this_checkout(published, tmp_path):
                        "parameters": {"mode": "image-to-text"}})
     assert [entry["text"] for entry in ranked] and len(ranked) == 2
     assert ranked[0]["score"] >= ranked[1]["score"]
+
+
+def test_saved_model_type_tells_decd_folders_from_others(tmp_path):
+    DecdModel(tiny_config()).save_pretrained(tmp_path / "decd")
+    assert saved_model_type(tmp_path / "decd") == "decd"
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    assert saved_model_type(tmp_path / "clip") == "clip"
+    assert saved_model_type(tmp_path / "missing") is None
+    assert saved_model_type("openai/clip-vit-base-patch16") is None  # a Hub id, not a local folder
+    for name, text in (("broken", "{not json"), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{name}.config.json"):
+            saved_model_type(tmp_path / name)

@@ -1,6 +1,5 @@
 """Tests of the retrieval metrics (`decd.metrics`) and of their `evaluate` module."""
 
-import os
 from fractions import Fraction
 from pathlib import Path
 
