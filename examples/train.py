@@ -92,7 +92,7 @@ class TrainingArguments(DecdTrainingArguments):
     per_device_eval_batch_size: int = field(default=128)
     learning_rate: float = field(default=1e-3)
     new_module_lr_multiplier: float = field(default=1.0)
-    weight_decay: float = field(default=0.1)
+    weight_decay: float = field(default=4e-5)
     num_train_epochs: float = field(default=20.0)
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.05)
