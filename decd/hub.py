@@ -98,7 +98,7 @@ CITATION = """@article{decd2023,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Results
+# Saved folders
 # ----------------------------------------------------------------------------------------------------
 def saved_model_type(folder: str | os.PathLike) -> str | None:
     """The `model_type` in `folder/config.json` (e.g. "decd", "clip"), or None when `folder` has no config.json.
@@ -118,6 +118,9 @@ def saved_model_type(folder: str | os.PathLike) -> str | None:
     return config.get("model_type")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------
 def dataset_labels(dataset_name: str) -> tuple[str, str]:
     """(display name, model-index dataset type) of a dataset name such as "cuhk-pedes" or "synthetic"."""
     key = dataset_name.lower()
@@ -517,10 +520,10 @@ def publish(
 
 
 __all__ = [
-    "saved_model_type",
     "PUBLISHED_RESULTS",
     "build_model_card",
     "dataset_labels",
     "publish",
     "results_from_training_output",
+    "saved_model_type",
 ]
