@@ -84,7 +84,7 @@ def main():
     ]
     rows = [run_case(*case) for case in cases]
 
-    print(f"\n| case | relevant/query | wall s | peak RSS increase MiB | R1 | mAP | mINP |")
+    print("\n| case | relevant/query | wall s | peak RSS increase MiB | R1 | mAP | mINP |")
     print("|---|---|---|---|---|---|---|")
     for (name, seconds, peak_mib, results), case in zip(rows, cases):
         case_query_ids, case_gallery_ids = np.asarray(case[2]), np.asarray(case[3])
