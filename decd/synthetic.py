@@ -33,9 +33,13 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump whenever the rendering or captions change: a cache with another version is regenerated.
-SYNTHETIC_VERSION = "1.1"
+SYNTHETIC_VERSION = "1.2"
 
 DEFAULT_NUM_TRAIN_IDS = 500
+# Identities are drawn in one sequence: the first (up to) this many training identities, then val, then
+# test, then any further training identities. So val and test stay the same when only the training
+# set grows beyond it, and a larger training set is measured on the very same test split.
+TRAIN_IDS_DRAWN_FIRST = 500
 DEFAULT_NUM_VAL_IDS = 50
 DEFAULT_NUM_TEST_IDS = 100
 DEFAULT_IMAGES_PER_ID = 4
@@ -627,7 +631,9 @@ def generate_synthetic_person_search(
     `processed_tokens`), the PNG crops under `ROOT/imgs/`, and `ROOT/meta.json` (the generation
     parameters and `SYNTHETIC_VERSION`, plus each identity's attributes).
 
-    Train, val and test identities are disjoint: ids 1..T are train, then val, then test.
+    Train, val and test identities are disjoint. Ids follow the drawing order: up to
+    `TRAIN_IDS_DRAWN_FIRST` (500) train identities, then val, then test, then the remaining train
+    identities, so val and test do not change when `num_train_ids` grows past 500.
     `image_size` is (height, width) in pixels. A second call with the same parameters is a cache hit
     and writes nothing; different parameters (or `overwrite=True`) regenerate. The set is built in a
     temporary folder next to ROOT and renamed into place, so an interrupted run never leaves a half
@@ -679,8 +685,9 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     seed = parameters["seed"]
     image_size = tuple(parameters["image_size"])
     images_per_id = parameters["images_per_id"]
-    split_sizes = [("train", parameters["num_train_ids"]), ("val", parameters["num_val_ids"]),
-                   ("test", parameters["num_test_ids"])]
+    first_train = min(parameters["num_train_ids"], TRAIN_IDS_DRAWN_FIRST)
+    split_sizes = [("train", first_train), ("val", parameters["num_val_ids"]), ("test", parameters["num_test_ids"]),
+                   ("train", parameters["num_train_ids"] - first_train)]
     identities = sample_identities(sum(size for _, size in split_sizes), seed)
     splits = [name for name, size in split_sizes for _ in range(size)]
 

@@ -120,6 +120,28 @@ def test_synthetic_is_deterministic(tmp_path, tiny_synthetic):
     assert (other_seed / first_image).read_bytes() != (tiny_synthetic / first_image).read_bytes()
 
 
+def test_synthetic_val_and_test_do_not_move_when_the_training_set_grows(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "TRAIN_IDS_DRAWN_FIRST", 3)
+    sizes = dict(num_val_ids=2, num_test_ids=2, images_per_id=1, progress=False)
+    small = generate_synthetic_person_search(tmp_path / "small", num_train_ids=3, **sizes)
+    large = generate_synthetic_person_search(tmp_path / "large", num_train_ids=6, **sizes)
+
+    def by_split(root):
+        records = json.loads((root / "reid_raw.json").read_text())
+        return {split: [(r["id"], r["captions"], (root / "imgs" / r["file_path"]).read_bytes())
+                        for r in records if r["split"] == split] for split in ("train", "val", "test")}
+
+    small_splits, large_splits = by_split(small), by_split(large)
+    assert large_splits["val"] == small_splits["val"] and large_splits["test"] == small_splits["test"]
+    assert [r[0] for r in large_splits["val"]] == [4, 5] and [r[0] for r in large_splits["test"]] == [6, 7]
+    # The first training identities are shared; the extra ones come after test, all distinct.
+    assert large_splits["train"][:3] == small_splits["train"]
+    assert [r[0] for r in large_splits["train"]] == [1, 2, 3, 8, 9, 10]
+    meta = json.loads((large / "meta.json").read_text())
+    assert len(meta["identities"]) == 10 and len(set(map(json.dumps, meta["identities"].values()))) == 10
+    assert num_identities(load_person_search("synthetic", large, "train")) == 6
+
+
 def test_synthetic_cache_hit_and_regeneration(tmp_path):
     root = generate_synthetic_person_search(tmp_path / "cache", **TINY)
     stamps = {path: os.stat(path).st_mtime_ns for path in (root / "meta.json", root / "reid_raw.json",
