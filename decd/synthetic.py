@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump whenever the rendering or captions change: a cache with another version is regenerated.
-SYNTHETIC_VERSION = "1.2"
+SYNTHETIC_VERSION = "1.3"
 
 DEFAULT_NUM_TRAIN_IDS = 500
 # Identities are drawn in one sequence: the first (up to) this many training identities, then val, then
-# test, then any further training identities. So val and test stay the same when only the training
-# set grows beyond it, and a larger training set is measured on the very same test split.
+# test, then any further training identities, which never wear a val or test identity's clothing. So
+# val and test stay the same when only the training set grows beyond it, and a larger training set is
+# measured on the very same test split, whose outfits remain unseen in training.
 TRAIN_IDS_DRAWN_FIRST = 500
 DEFAULT_NUM_VAL_IDS = 50
 DEFAULT_NUM_TEST_IDS = 100
@@ -170,21 +171,29 @@ def sample_attributes(rng: np.random.Generator) -> PersonAttributes:
     )
 
 
-def sample_identities(num_identities: int, seed: int = 0) -> list[PersonAttributes]:
+def sample_identities(num_identities: int, seed: int = 0, reserve_clothing: range | None = None) -> list[PersonAttributes]:
     """`num_identities` distinct attribute combinations, drawn without replacement.
 
     The clothing (upper/lower colour and type) is kept unique across identities while that space
     (about 1,100 combinations) is less than ~75% used, so identities differ in large coloured
     areas; beyond that only the full attribute combination is unique.
+
+    `reserve_clothing`: positions (in drawing order) whose clothing no LATER identity may wear, even
+    once the space is mostly used: the synthetic set reserves its val and test identities' clothing,
+    so no training identity ever wears an evaluation identity's outfit. Identities drawn up to the end
+    of that range are the same with or without it.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     identities: list[PersonAttributes] = []
     seen_full: set[PersonAttributes] = set()
     seen_clothing: set[tuple] = set()
     clothing_space = len(COLORS) * 3 * (len(COLORS) - 1) * len(LOWER_TYPES) + len(COLORS)
+    reserved: set[tuple] = set()
     while len(identities) < num_identities:
+        if reserve_clothing is not None and len(identities) == reserve_clothing.stop and not reserved:
+            reserved = {identities[position].clothing_key for position in reserve_clothing}
         attributes = sample_attributes(rng)
-        if attributes in seen_full:
+        if attributes in seen_full or attributes.clothing_key in reserved:
             continue
         if attributes.clothing_key in seen_clothing and len(seen_clothing) < 0.75 * clothing_space:
             continue
@@ -633,7 +642,8 @@ def generate_synthetic_person_search(
 
     Train, val and test identities are disjoint. Ids follow the drawing order: up to
     `TRAIN_IDS_DRAWN_FIRST` (500) train identities, then val, then test, then the remaining train
-    identities, so val and test do not change when `num_train_ids` grows past 500.
+    identities, so val and test do not change when `num_train_ids` grows past 500; no train identity
+    wears the clothing (upper and lower colour and type) of a val or test identity.
     `image_size` is (height, width) in pixels. A second call with the same parameters is a cache hit
     and writes nothing; different parameters (or `overwrite=True`) regenerate. The set is built in a
     temporary folder next to ROOT and renamed into place, so an interrupted run never leaves a half
@@ -688,7 +698,9 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     first_train = min(parameters["num_train_ids"], TRAIN_IDS_DRAWN_FIRST)
     split_sizes = [("train", first_train), ("val", parameters["num_val_ids"]), ("test", parameters["num_test_ids"]),
                    ("train", parameters["num_train_ids"] - first_train)]
-    identities = sample_identities(sum(size for _, size in split_sizes), seed)
+    # Val and test clothing is reserved: the training identities drawn after them never wear it.
+    evaluation = range(first_train, first_train + parameters["num_val_ids"] + parameters["num_test_ids"])
+    identities = sample_identities(sum(size for _, size in split_sizes), seed, reserve_clothing=evaluation)
     splits = [name for name, size in split_sizes for _ in range(size)]
 
     records = []

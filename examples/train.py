@@ -76,7 +76,10 @@ class DataArguments:
     )
     test_split: str = field(default="test", metadata={"help": "Split evaluated with the best model at the end."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
-    synthetic_train_ids: int | None = field(default=None, metadata={"help": "Synthetic set: training identities."})
+    synthetic_train_ids: int | None = field(
+        default=None,
+        metadata={"help": "Synthetic set: training identities (500 by default; more leave val and test unchanged)."},
+    )
     synthetic_eval_ids: int | None = field(
         default=None, metadata={"help": "Synthetic set: identities in each of val and test."}
     )

@@ -142,6 +142,17 @@ def test_synthetic_val_and_test_do_not_move_when_the_training_set_grows(tmp_path
     assert num_identities(load_person_search("synthetic", large, "train")) == 6
 
 
+def test_sample_identities_keeps_reserved_clothing_out_of_later_draws():
+    plain = sample_identities(1200, seed=0)
+    reserved = sample_identities(1200, seed=0, reserve_clothing=range(500, 650))
+    assert reserved[:650] == plain[:650]
+    evaluation_clothing = {identity.clothing_key for identity in plain[500:650]}
+    # Without the reservation the crowded clothing space makes later identities repeat those outfits.
+    assert any(identity.clothing_key in evaluation_clothing for identity in plain[650:])
+    assert not any(identity.clothing_key in evaluation_clothing for identity in reserved[650:])
+    assert len(set(reserved)) == 1200
+
+
 def test_synthetic_cache_hit_and_regeneration(tmp_path):
     root = generate_synthetic_person_search(tmp_path / "cache", **TINY)
     stamps = {path: os.stat(path).st_mtime_ns for path in (root / "meta.json", root / "reid_raw.json",
