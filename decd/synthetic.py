@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 # Bump whenever the rendering or captions change: a cache with another version is regenerated.
 SYNTHETIC_VERSION = "1.3"
 
-DEFAULT_NUM_TRAIN_IDS = 500
+# 1,000 training identities (v1.1 had 500): with the same number of training steps, twice the
+# identities lifted test R@1 by about 10 points (README, "Training from scratch").
+DEFAULT_NUM_TRAIN_IDS = 1000
 # Identities are drawn in one sequence: the first (up to) this many training identities, then val, then
 # test, then any further training identities, which never wear a val or test identity's clothing. So
 # val and test stay the same when only the training set grows beyond it, and a larger training set is

@@ -78,7 +78,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
     synthetic_train_ids: int | None = field(
         default=None,
-        metadata={"help": "Synthetic set: training identities (500 by default; more leave val and test unchanged)."},
+        metadata={"help": "Synthetic set: training identities (default 1000; any number leaves val and test unchanged)."},
     )
     synthetic_eval_ids: int | None = field(
         default=None, metadata={"help": "Synthetic set: identities in each of val and test."}
@@ -96,7 +96,7 @@ class TrainingArguments(DecdTrainingArguments):
     learning_rate: float = field(default=1e-3)
     new_module_lr_multiplier: float = field(default=1.0)
     weight_decay: float = field(default=4e-5)
-    num_train_epochs: float = field(default=20.0)
+    num_train_epochs: float = field(default=10.0)
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.05)
     eval_strategy: str = field(default="epoch")
