@@ -137,15 +137,16 @@ def environment() -> dict:
 
 def write_json(path: Path, runs: list[Run], extra: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(extra, environment=environment(), runs=[{"variant": run.variant, "seed": run.seed, "arguments": run.arguments,
-                                 "metrics": run.metrics, "minutes": round(run.minutes, 2), "error": run.error}
-                                for run in runs if run.metrics or run.error],
-                   summary=report(runs))
+    finished = [{"variant": run.variant, "seed": run.seed, "arguments": run.arguments, "metrics": run.metrics,
+                 "minutes": round(run.minutes, 2), "error": run.error}
+                for run in runs if run.metrics or run.error]
+    payload = dict(extra, environment=environment(), runs=finished, summary=report(runs))
     path.write_text(json.dumps(payload, indent=2))
 
 
 def print_table(runs: list[Run]) -> None:
-    print("\n| variant | seeds | R@1 mean ± std | R@1 min-max | mAP mean ± std | minutes/run |\n|---|---|---|---|---|---|")
+    print("\n| variant | seeds | R@1 mean ± std | R@1 min-max | mAP mean ± std | minutes/run |")
+    print("|---|---|---|---|---|---|")
     for variant, row in report(runs).items():
         r1, ap = row["R1"], row["mAP"]
         print(f"| {variant} | {row['R1']['n']} | {r1['mean']:.2f} ± {r1['std']:.2f} | {r1['min']:.2f}-{r1['max']:.2f} "

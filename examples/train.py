@@ -78,7 +78,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
     synthetic_train_ids: int | None = field(
         default=None,
-        metadata={"help": "Synthetic set: training identities (default 1000; any number leaves val and test unchanged)."},
+        metadata={"help": "Synthetic set: training identities (default 1000; from 500 up, val and test stay put)."},
     )
     synthetic_eval_ids: int | None = field(
         default=None, metadata={"help": "Synthetic set: identities in each of val and test."}
