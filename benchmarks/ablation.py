@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sweep import print_table, run_all, write_json  # noqa: E402
+from sweep import add_run_arguments, run_and_report  # noqa: E402
 
 VARIANTS = {
     "full": [],
@@ -38,20 +38,10 @@ VARIANTS = {
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_root", default="outputs/ablation")
+    add_run_arguments(parser, output_root="outputs/ablation", seeds=[42])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
-    parser.add_argument("--parallel", type=int, default=1, help="Runs at a time (default 1).")
-    parser.add_argument("--threads_per_run", type=int, default=None, help="OMP/MKL threads per run.")
     args, passthrough = parser.parse_known_args(argv)
-    output_root = Path(args.output_root)
-    variants = {name: VARIANTS[name] for name in args.variants}
-    extra = {"passthrough": passthrough, "parallel": args.parallel, "threads_per_run": args.threads_per_run}
-    runs = run_all(variants, args.seeds, output_root, passthrough, args.parallel, args.threads_per_run,
-                   on_finish=lambda runs: write_json(output_root / "ablation.json", runs, extra))
-    write_json(output_root / "ablation.json", runs, extra)
-    print_table(runs)
-    return 1 if any(run.error for run in runs) else 0
+    return run_and_report({name: VARIANTS[name] for name in args.variants}, args, passthrough, "ablation.json")
 
 
 if __name__ == "__main__":

@@ -156,28 +156,39 @@ def print_table(runs: list[Run]) -> None:
             print(f"FAILED: {run.variant} seed {run.seed}: {run.error}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_root", default="outputs/sweep")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 7, 1])
-    parser.add_argument("--variant", action="append", type=parse_variant, default=None, metavar="NAME=ARGS",
-                        help="A recipe to train (repeatable); default: one variant 'default' with no extra arguments.")
+def add_run_arguments(parser: argparse.ArgumentParser, output_root: str, seeds: list[int]) -> None:
+    """The options every sweep-style benchmark shares (this one and `ablation.py`)."""
+    parser.add_argument("--output_root", default=output_root)
+    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time (default 1).")
     parser.add_argument("--threads_per_run", type=int, default=None,
                         help="OMP/MKL threads per run (default: inherit). With --parallel on a CPU, cores / parallel.")
-    args, passthrough = parser.parse_known_args(argv)
+
+
+def run_and_report(variants: dict[str, list[str]], args: argparse.Namespace, passthrough: list[str],
+                   json_name: str) -> int:
+    """Run every (variant, seed), keep `<output_root>/<json_name>` current, print the table; exit status."""
     if passthrough[:1] == ["--"]:
         passthrough = passthrough[1:]
-    variants = dict(args.variant or [("default", [])])
-    if len(variants) != len(args.variant or [None]):
-        parser.error("each --variant needs its own NAME")
     output_root = Path(args.output_root)
     extra = {"passthrough": passthrough, "parallel": args.parallel, "threads_per_run": args.threads_per_run}
     runs = run_all(variants, args.seeds, output_root, passthrough, args.parallel, args.threads_per_run,
-                   on_finish=lambda runs: write_json(output_root / "sweep.json", runs, extra))
-    write_json(output_root / "sweep.json", runs, extra)
+                   on_finish=lambda runs: write_json(output_root / json_name, runs, extra))
+    write_json(output_root / json_name, runs, extra)
     print_table(runs)
     return 1 if any(run.error for run in runs) else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, output_root="outputs/sweep", seeds=[42, 7, 1])
+    parser.add_argument("--variant", action="append", type=parse_variant, default=None, metavar="NAME=ARGS",
+                        help="A recipe to train (repeatable); default: one variant 'default' with no extra arguments.")
+    args, passthrough = parser.parse_known_args(argv)
+    variants = dict(args.variant or [("default", [])])
+    if len(variants) != len(args.variant or [None]):
+        parser.error("each --variant needs its own NAME")
+    return run_and_report(variants, args, passthrough, "sweep.json")
 
 
 if __name__ == "__main__":
