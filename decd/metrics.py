@@ -1,6 +1,6 @@
 """Text-to-image retrieval metrics of the evaluation protocol: R@k (CMC), mAP and mINP.
 
-The definitions are those of `design/protocol.md` ("Retrieval metrics"):
+The definitions are those of `docs/protocol.md` ("Retrieval metrics"):
 
 - the gallery is ranked per query by descending similarity; equal similarities are ordered by
   gallery index, lower index first, so the ranking is deterministic;
@@ -34,13 +34,12 @@ __all__ = ["retrieval_metrics"]
 # Target working set of one chunk of queries.
 _CHUNK_BYTES = 256 * 2**20
 # On CPU the comparisons are done a few queries at a time so that the boolean temporary stays in
-# cache; this is its target size (about one query of a 20k gallery; measured several times faster
-# than one chunk-wide comparison).
+# cache; this is its target size (about one query of a 20k gallery; benchmarks/results/design_notes.md).
 _CPU_COMPARE_BYTES = 2**20
 # Above this many relevant items per query, sort the chunk instead of counting comparisons.
-# Counting costs num_relevant comparisons per gallery item, a sort ~log2(num_gallery) slower steps;
-# measured on CPU with a 20k gallery: ~11 us per relevant item and query against ~3 ms to sort a
-# row, so counting wins up to a few hundred relevant items. 128 also bounds the comparison memory.
+# Counting costs num_relevant comparisons per gallery item, a sort ~log2(num_gallery) slower steps, so
+# counting wins up to a few hundred relevant items (benchmarks/results/design_notes.md). 128 also
+# bounds the comparison memory.
 _MAX_RELEVANT_FOR_COUNTING = 128
 
 

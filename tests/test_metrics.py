@@ -16,7 +16,7 @@ METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 def reference_retrieval_metrics(similarity, query_ids, gallery_ids, ks=(1, 5, 10)):
-    """protocol.md read literally: a full stable sort per query, then the matches per rank."""
+    """docs/protocol.md read literally: a full stable sort per query, then the matches per rank."""
     similarity = np.asarray(similarity, dtype=np.float64)
     query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
     hits = {k: 0 for k in ks}

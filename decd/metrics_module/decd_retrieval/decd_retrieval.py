@@ -7,7 +7,7 @@ Load it from its folder, offline:
 
 This script is a thin adapter. The computation is `decd.metrics.retrieval_metrics`, imported from
 the installed `decd` package (this folder ships inside it), so the numbers are those of the
-package and of `design/protocol.md`. `evaluate` copies the script alone into its module cache, so
+package and of `docs/protocol.md`. `evaluate` copies the script alone into its module cache, so
 the import cannot be relative; without `decd` installed, computing raises an ImportError that
 says how to install it.
 """
