@@ -1,4 +1,4 @@
-"""Pictures for inspecting a DECD model, drawn with PIL only (no plotting library).
+"""Pictures for inspecting a DECD model: retrieval grids (PIL) and training curves (matplotlib).
 
 - `retrieval_grid`: one row per text query, its caption on the left and the top-k retrieved gallery
   crops in rank order, each framed green (same identity as the query) or red (another identity).
@@ -7,7 +7,7 @@
 - `plot_training_curves`: training losses and evaluation metrics over steps, from a Hugging Face
   `Trainer.state.log_history` (also `trainer_state.json["log_history"]`).
 
-Text uses PIL's default font (`ImageFont.load_default()`), so nothing needs to be installed.
+Grid text uses PIL's default font (`ImageFont.load_default()`), so nothing needs to be installed for it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ SERIES_COLORS = {
     "eval_mAP": (204, 121, 167),
     "eval_mINP": (213, 94, 0),
 }
-_FALLBACK_COLORS = [(86, 180, 233), (240, 228, 66), (120, 120, 120), (150, 60, 30)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,139 +435,6 @@ def _series(log_history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> di
     return found
 
 
-def _nice_step(span: float, target_ticks: int = 5) -> float:
-    raw = span / max(target_ticks, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 2.5, 5, 10):
-        if raw <= factor * magnitude:
-            return factor * magnitude
-    return 10 * magnitude
-
-
-def _nice_range(low: float, high: float, integer: bool = False) -> tuple[float, float, list[float]]:
-    """A (low, high, ticks) range covering [low, high] with round tick values."""
-    if high < low:
-        low, high = high, low
-    if high - low < 1e-12:
-        pad = abs(low) * 0.1 if low != 0 else 1.0
-        if integer:
-            pad = max(1.0, pad)
-        low, high = low - pad, high + pad
-    step = _nice_step(high - low)
-    if integer:
-        step = max(1.0, round(step))
-    start = math.floor(low / step + 1e-9) * step
-    stop = math.ceil(high / step - 1e-9) * step
-    ticks = []
-    value = start
-    while value <= stop + step * 1e-6:
-        ticks.append(round(value, 10))
-        value += step
-    return start, stop, ticks
-
-
-def _format_tick(value: float, step: float) -> str:
-    if abs(value) >= 10000 and float(value).is_integer():
-        return f"{value / 1000:g}k"
-    if step >= 1 and float(value).is_integer():
-        return f"{int(value)}"
-    decimals = 0
-    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9 * max(1.0, abs(step)):
-        decimals += 1
-    return f"{value:.{decimals}f}"
-
-
-def _draw_panel(
-    canvas: Image.Image,
-    box: tuple[int, int, int, int],
-    series: dict[str, list[tuple[float, float]]],
-    panel_title: str,
-    y_label: str,
-) -> None:
-    draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = box
-    title_font = _font(14)
-    tick_font = _font(11)
-    legend_font = _font(12)
-    draw.text(((left + right) / 2, top + 4), panel_title, fill=TEXT_COLOR, font=title_font, anchor="mt")
-
-    if not series:
-        draw.rectangle((left + 60, top + 30, right - 10, bottom - 60), outline=SEPARATOR_COLOR)
-        draw.text(((left + right) / 2, (top + bottom) / 2), "no data logged", fill=MUTED_TEXT, font=legend_font,
-                  anchor="mm")
-        return
-
-    # Legend below the plot: entries laid out in rows.
-    entries = list(series)
-    legend_rows: list[list[str]] = [[]]
-    row_width = 0.0
-    available = right - left - 70
-    for key in entries:
-        entry_width = 22 + _text_width(legend_font, key) + 18
-        if legend_rows[-1] and row_width + entry_width > available:
-            legend_rows.append([])
-            row_width = 0.0
-        legend_rows[-1].append(key)
-        row_width += entry_width
-    legend_height = 18 * len(legend_rows) + 6
-
-    plot = (left + 64, top + 30, right - 14, bottom - 40 - legend_height)
-    steps = [step for points in series.values() for step, _ in points]
-    values = [value for points in series.values() for _, value in points]
-    x_low, x_high, x_ticks = _nice_range(min(steps), max(steps), integer=True)
-    y_low, y_high, y_ticks = _nice_range(min(values), max(values))
-    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-    y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
-
-    def to_pixel(step: float, value: float) -> tuple[float, float]:
-        x = plot[0] + (step - x_low) / (x_high - x_low) * (plot[2] - plot[0])
-        y = plot[3] - (value - y_low) / (y_high - y_low) * (plot[3] - plot[1])
-        return x, y
-
-    # Grid, axes, ticks.
-    for tick in y_ticks:
-        _, y = to_pixel(x_low, tick)
-        draw.line((plot[0], y, plot[2], y), fill=(232, 232, 232), width=1)
-        draw.line((plot[0] - 4, y, plot[0], y), fill=TEXT_COLOR, width=1)
-        draw.text((plot[0] - 7, y), _format_tick(tick, y_step), fill=TEXT_COLOR, font=tick_font, anchor="rm")
-    for tick in x_ticks:
-        x, _ = to_pixel(tick, y_low)
-        draw.line((x, plot[1], x, plot[3]), fill=(240, 240, 240), width=1)
-        draw.line((x, plot[3], x, plot[3] + 4), fill=TEXT_COLOR, width=1)
-        draw.text((x, plot[3] + 7), _format_tick(tick, x_step), fill=TEXT_COLOR, font=tick_font, anchor="mt")
-    draw.line((plot[0], plot[1], plot[0], plot[3]), fill=TEXT_COLOR, width=1)
-    draw.line((plot[0], plot[3], plot[2], plot[3]), fill=TEXT_COLOR, width=1)
-    draw.text(((plot[0] + plot[2]) / 2, plot[3] + 22), "step", fill=TEXT_COLOR, font=tick_font, anchor="mt")
-    # Vertical y label, drawn on its own image and rotated.
-    label_image = Image.new("RGBA", (int(_text_width(tick_font, y_label)) + 4, _line_height(tick_font) + 2), (0, 0, 0, 0))
-    ImageDraw.Draw(label_image).text((2, 0), y_label, fill=TEXT_COLOR + (255,), font=tick_font)
-    label_image = label_image.rotate(90, expand=True)
-    canvas.paste(label_image, (left + 4, int((plot[1] + plot[3]) / 2 - label_image.height / 2)), label_image)
-
-    # Lines and markers.
-    fallback = iter(_FALLBACK_COLORS * 4)
-    colors = {key: SERIES_COLORS.get(key) or next(fallback) for key in entries}
-    for key in entries:
-        points = [to_pixel(step, value) for step, value in series[key]]
-        color = colors[key]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2, joint="curve")
-        if len(points) <= 40:
-            for x, y in points:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-
-    # Legend.
-    y = plot[3] + 42
-    for legend_row in legend_rows:
-        x = plot[0]
-        for key in legend_row:
-            draw.line((x, y + 7, x + 16, y + 7), fill=colors[key], width=3)
-            draw.ellipse((x + 5, y + 4, x + 11, y + 10), fill=colors[key])
-            draw.text((x + 22, y + 7), key, fill=TEXT_COLOR, font=legend_font, anchor="lm")
-            x += 22 + _text_width(legend_font, key) + 18
-        y += 18
-
-
 def plot_training_curves(
     log_history: Sequence[Mapping[str, Any]],
     output_path: PathLike,
@@ -584,7 +450,7 @@ def plot_training_curves(
             percent). Missing keys are skipped; a panel with nothing says "no data logged".
         output_path: where to write the PNG (parent folders are created).
         title: optional title above both panels.
-        panel_size: (width, height) of each panel in pixels.
+        panel_size: (width, height) of each panel in pixels (at 100 dpi).
 
     Raises:
         ValueError: when no entry has a step and any of those keys.
@@ -598,15 +464,29 @@ def plot_training_curves(
             f"nothing to plot: no log_history entry with a 'step' has any of {list(LOSS_KEYS + EVAL_KEYS)} "
             f"({len(log_history)} entries given)"
         )
-    panel_width, panel_height = panel_size
-    title_height = 34 if title else 8
-    canvas = Image.new("RGB", (2 * panel_width + 10, panel_height + title_height + 8), BACKGROUND)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only: no display needed
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(panel_size[0] * 2 / 100, panel_size[1] / 100), dpi=100, layout="constrained")
+    for axes, series, heading, unit in zip(figure.subplots(1, 2), (losses, metrics),
+                                          ("Training losses", "Evaluation metrics"), ("loss", "percent")):
+        for key, points in series.items():
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key,
+                      color=tuple(channel / 255 for channel in SERIES_COLORS.get(key, NEUTRAL_COLOR)))
+        axes.set_title(heading)
+        axes.set_xlabel("step")
+        axes.set_ylabel(unit)
+        axes.grid(alpha=0.3)
+        if series:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "no data logged", ha="center", va="center", transform=axes.transAxes)
     if title:
-        ImageDraw.Draw(canvas).text((canvas.width / 2, 10), title, fill=TEXT_COLOR, font=_font(16), anchor="mt")
-    _draw_panel(canvas, (0, title_height, panel_width, title_height + panel_height), losses, "Training losses", "loss")
-    _draw_panel(canvas, (panel_width + 10, title_height, 2 * panel_width + 10, title_height + panel_height), metrics,
-                "Evaluation metrics", "percent")
+        figure.suptitle(title)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(output_path, format="PNG")
+    figure.savefig(output_path, format="png")
     return output_path
