@@ -9,9 +9,8 @@ Configuration (a command-line option wins over its environment variable):
 ==================  =================  ==========================================================
 option              environment        meaning
 ==================  =================  ==========================================================
-``--model``         ``DECD_MODEL``     a local DECD folder (``save_pretrained``), or a Hub id /
-                                       other folder, loaded with ``AutoModel.from_pretrained(...,
-                                       trust_remote_code=True)``
+``--model``         ``DECD_MODEL``     a DECD model folder (``save_pretrained``) or Hub id, loaded
+                                       by ``modeling_decd.load_model`` like every entry point
 ``--gallery``       ``DECD_GALLERY``   a folder of images (searched recursively, encoded at
                                        startup), or an index folder written by
                                        ``decd.search.GalleryIndex.build`` / ``decd-search index``
@@ -49,13 +48,9 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from decd.hub import saved_model_type  # noqa: E402
-from decd.search import (  # noqa: E402  (after the sys.path set-up above)
-    GalleryIndex,
-    GalleryIndexError,
-    encode_texts,
-    list_images,
-)
+from decd.search import GalleryIndex, GalleryIndexError, list_images  # noqa: E402  (after the sys.path set-up)
+from modeling_decd import ModelLoadError, embed_texts  # noqa: E402
+from modeling_decd import load_model as spine_load_model  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 
@@ -79,46 +74,21 @@ class AppConfigError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_decd_folder(path: Path) -> bool:
-    try:
-        return saved_model_type(path) == "decd"
-    except ValueError:
-        return False
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(name: PathLike, device: Optional[Union[str, torch.device]] = None):
-    """(model, processor) in eval mode on `device`.
+    """(model, processor) in eval mode on `device`, through the one loader (`modeling_decd.load_model`).
 
-    A local DECD folder loads with this checkout's `DecdModel` / `DecdProcessor`; anything else (a Hub id,
-    a folder shipping its own code) with `AutoModel` / `AutoProcessor` and `trust_remote_code=True`.
+    `name` is a DECD folder or a Hub id; problems become an `AppConfigError` with one readable line.
     """
     name = str(name)
     path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AppConfigError(f"DECD_MODEL {name!r} is a file; give a model folder or a Hub id")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+        raise AppConfigError(f"model folder {name!r} does not exist (DECD_MODEL / --model)")
     try:
-        if path.is_dir() and _is_decd_folder(path):
-            from modeling_decd import DecdModel
-            from processing_decd import DecdProcessor
-
-            model = DecdModel.from_pretrained(path)
-            processor = DecdProcessor.from_pretrained(path)
-        else:
-            if path.exists() and not path.is_dir():
-                raise AppConfigError(f"DECD_MODEL {name!r} is a file; give a model folder or a Hub id")
-            if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
-                raise AppConfigError(f"model folder {name!r} does not exist (DECD_MODEL / --model)")
-            from transformers import AutoModel, AutoProcessor
-
-            model = AutoModel.from_pretrained(name, trust_remote_code=True)
-            processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise AppConfigError(f"could not load the model {name!r}: {first_line}") from error
-    device = torch.device(device) if device is not None else default_device()
-    return model.to(device).eval(), processor
+        return spine_load_model(path if path.is_dir() else name, device)
+    except ModelLoadError as error:
+        raise AppConfigError(str(error)) from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +208,7 @@ def search_gallery(model, processor, gallery: Gallery, description: str, top_k: 
     if not description:
         raise ValueError("Describe the person you are looking for (clothes, colours, bags, hair, ...).")
     top_k = max(1, min(int(top_k), len(gallery)))
-    query = encode_texts(model, processor, [description])
+    query = embed_texts(model, processor, [description])
     result = gallery.index.search(query, top_k=top_k)
     scores, indices = result.scores[0].tolist(), result.indices[0].tolist()
     return [(str(gallery.paths[index]), caption(rank, score, gallery.paths[index]))

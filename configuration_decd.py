@@ -50,12 +50,9 @@ class DecdConfig(PreTrainedConfig):
         sew_margin (`float`, defaults to 0.1):
             Largest quality-adaptive margin `m_max`; caption i gets `m_max * q_i`. 0 gives IRRA's SDM loss.
         caption_quality (`str`, defaults to `"density"`):
-            `"density"`: margins follow the information density of each caption (from the processor);
+            `"density"`: margins follow the information density of each caption, computed by the processor
+            (`DecdProcessor.quality_reference_words`; the MCM masking rate is `DecdProcessor.mask_probability`);
             `"uniform"`: every caption gets q = 1; `"none"`: no margin at all (ablation).
-        quality_reference_words (`int`, defaults to 12):
-            Number of distinct informative words at which a caption's quality reaches 1.
-        mask_probability (`float`, defaults to 0.15):
-            Fraction of caption tokens masked for the MCM loss.
         sew_weight, mcm_weight, id_weight (`float`, defaults to 1.0, 1.0, 0.0):
             Weights of the three losses in the total.
         num_identities (`int`, defaults to 0):
@@ -87,8 +84,6 @@ class DecdConfig(PreTrainedConfig):
     learnable_temperature: bool = False
     sew_margin: float = 0.1
     caption_quality: str = "density"
-    quality_reference_words: int = 12
-    mask_probability: float = 0.15
     sew_weight: float = 1.0
     mcm_weight: float = 1.0
     id_weight: float = 0.0
@@ -139,10 +134,6 @@ class DecdConfig(PreTrainedConfig):
             raise ValueError(f"DecdConfig.temperature must be positive, got {self.temperature}.")
         if self.sew_margin < 0:
             raise ValueError(f"DecdConfig.sew_margin must be >= 0, got {self.sew_margin}.")
-        if not 0.0 < self.mask_probability < 1.0:
-            raise ValueError(f"DecdConfig.mask_probability must lie in (0, 1), got {self.mask_probability}.")
-        if self.quality_reference_words < 1:
-            raise ValueError(f"DecdConfig.quality_reference_words must be >= 1, got {self.quality_reference_words}.")
         if self.decoder_hidden_size % self.decoder_attention_heads:
             raise ValueError(
                 f"decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by decoder_attention_heads "

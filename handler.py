@@ -22,49 +22,37 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-from transformers import AutoModel, AutoProcessor
-
 MODES = ("text-to-image", "image-to-text")
 
 
-def _load(path: Path):
-    """Model + processor from `path`, with the repository's own code when it ships it (Hub layout)."""
+def _spine(path: Path):
+    """The repository's own `modeling_decd` (Hub layout: its code files sit next to config.json), loaded as
+    transformers loads remote code; for a folder without code, this checkout's. Either way the model is
+    loaded and images and captions are embedded by the same functions every DECD entry point uses."""
     if (path / "modeling_decd.py").is_file():
-        # A Hub repository (or save_pretrained folder): its code files sit next to config.json.
-        model = AutoModel.from_pretrained(path, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        return model, processor
-    # A folder without code (e.g. weights only) loaded from a checkout: register the checkout's classes.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return sys.modules[get_class_from_dynamic_module("modeling_decd.DecdModel", str(path)).__module__]
     checkout = str(Path(__file__).resolve().parent)
     if checkout not in sys.path:
         sys.path.insert(0, checkout)
-    import modeling_decd  # noqa: F401  (registers DecdConfig / DecdModel / DecdProcessor with the Auto classes)
+    import modeling_decd
 
-    return AutoModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    return modeling_decd
 
 
-def _decode_image(item: Any, index: int) -> Image.Image:
+def _decode_base64(item: Any, index: int) -> bytes:
     if not isinstance(item, str):
         raise ValueError(f"inputs.image[{index}] is a {type(item).__name__}: send each image as a base64 string.")
     data = item.split(",", 1)[1] if item.startswith("data:") else item
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"inputs.image[{index}] is not valid base64 ({error}).") from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"inputs.image[{index}] decodes from base64 but is not a readable image ({error}).") from None
-    return image.convert("RGB")
 
 
 def _as_list(value, name: str) -> list:
@@ -79,8 +67,8 @@ class EndpointHandler:
 
     def __init__(self, path: str = ""):
         folder = Path(path) if path else Path(__file__).resolve().parent
-        self.model, self.processor = _load(folder)
-        self.model.eval()
+        self.spine = _spine(folder)
+        self.model, self.processor = self.spine.load_model(str(folder))
 
     def __call__(self, data: dict) -> list | dict:
         if not isinstance(data, dict):
@@ -102,12 +90,11 @@ class EndpointHandler:
             raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r}.")
 
         texts = _as_list(inputs["text"], "text")
-        images = [_decode_image(item, index) for index, item in enumerate(_as_list(inputs["image"], "image"))]
-        batch = self.processor(text=texts, images=images, return_tensors="pt")
-        with torch.no_grad():
-            text_embeds = F.normalize(self.model.get_text_features(batch["input_ids"], batch["attention_mask"]), dim=-1)
-            image_embeds = F.normalize(self.model.get_image_features(batch["pixel_values"]), dim=-1)
-            logit_scale = self.model.log_logit_scale.exp()
+        images = [self.processor.load_image(_decode_base64(item, index), name=f"inputs.image[{index}]")
+                  for index, item in enumerate(_as_list(inputs["image"], "image"))]
+        text_embeds = self.spine.embed_texts(self.model, self.processor, texts)
+        image_embeds = self.spine.embed_images(self.model, self.processor, images)
+        logit_scale = float(self.model.log_logit_scale.detach().exp())
         cosine = text_embeds @ image_embeds.T  # [texts, images]
         if mode == "image-to-text":
             cosine = cosine.T

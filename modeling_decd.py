@@ -33,8 +33,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPPreTrainedModel, CLIPVisionEmbeddings
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
     from .configuration_decd import DecdConfig
@@ -77,18 +79,24 @@ class DecdVisionEmbeddings(CLIPVisionEmbeddings):
                 f"{tuple(pixel_values.shape)}. Prepare images with DecdProcessor."
             )
         height, width = pixel_values.shape[-2:]
+        positions = self.position_embedding(self.position_ids)[0]
         if (height, width) != self.image_size:
-            raise ValueError(
-                f"pixel_values are {height}x{width} (height x width) but this model expects "
-                f"{self.image_size[0]}x{self.image_size[1]}. Use DecdProcessor(image_size={self.image_size}) "
-                "or the processor saved with the model."
-            )
+            if not interpolate_pos_encoding or height % self.patch_size or width % self.patch_size:
+                raise ValueError(
+                    f"pixel_values are {height}x{width} (height x width) but this model expects "
+                    f"{self.image_size[0]}x{self.image_size[1]}. Use DecdProcessor(image_size={self.image_size}) "
+                    "or the processor saved with the model, or pass interpolate_pos_encoding=True with sides "
+                    f"divisible by the patch size {self.patch_size}."
+                )
+            # Bicubic over the stored grid, as `from_clip` resizes once: costs a resize per call.
+            positions = resize_position_embedding(positions, (height // self.patch_size, width // self.patch_size),
+                                                  self.grid_size)
         batch_size = pixel_values.shape[0]
         patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
         class_embeds = self.class_embedding.expand(batch_size, 1, -1)
         embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
-        return embeddings + self.position_embedding(self.position_ids)
+        return embeddings + positions[None]
 
 
 def _initialize_like_library_code(model_class):
@@ -107,6 +115,8 @@ def _initialize_like_library_code(model_class):
 class DecdVisionModel(CLIPVisionModel):
     """CLIP's vision transformer (same parameter names and forward) on the person-crop grid."""
 
+    _no_split_modules = ["CLIPEncoderLayer", "DecdVisionEmbeddings"]  # CLIP's list names CLIPVisionEmbeddings
+
     def __init__(self, config):
         CLIPPreTrainedModel.__init__(self, config)
         self.embeddings = DecdVisionEmbeddings(config)
@@ -116,15 +126,22 @@ class DecdVisionModel(CLIPVisionModel):
         self.post_init()
 
 
-def resize_position_embedding(weight: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a square ViT position table [1 + g*g, dim] to [1 + h*w, dim] (bicubic over the grid, CLS kept)."""
+def resize_position_embedding(
+    weight: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Resize a ViT position table [1 + h*w, dim] to [1 + h'*w', dim] (bicubic over the grid, CLS kept).
+
+    `old_grid` (h, w) defaults to a square grid, which is all a table alone can tell.
+    """
     class_position, patch_positions = weight[:1], weight[1:]
-    old = int(round(math.sqrt(patch_positions.shape[0])))
-    if old * old != patch_positions.shape[0]:
-        raise ValueError(f"Expected a square grid of position embeddings, got {patch_positions.shape[0]} rows.")
-    if (old, old) == tuple(new_grid):
+    if old_grid is None:
+        side = int(round(math.sqrt(patch_positions.shape[0])))
+        if side * side != patch_positions.shape[0]:
+            raise ValueError(f"Expected a square grid of position embeddings, got {patch_positions.shape[0]} rows.")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
         return weight.clone()
-    grid = patch_positions.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = patch_positions.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
     patch_positions = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(weight.dtype)
     return torch.cat([class_position, patch_positions], dim=0)
@@ -234,7 +251,7 @@ def sew_loss(
 
     Returns:
         Scalar: mean over captions of KL(softmax(z_i) || Q_i) + mean over images of KL(softmax(u_i) || Q_i),
-        Q being the identity-normalised positive mask (see method.md).
+        Q being the identity-normalised positive mask (see docs/method.md).
     """
     if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
         raise ValueError(
@@ -287,6 +304,7 @@ class DecdOutput(ModelOutput):
     loss: weighted total (when `return_loss`); loss_sew / loss_mcm / loss_id: its parts (unweighted).
     logits_per_image: [images, captions] cosine / temperature; logits_per_text: its transpose.
     text_embeds / image_embeds: [batch, projection_dim], L2-normalised.
+    text_model_output / vision_model_output: the encoders' outputs (`pooler_output` projected), as in CLIPOutput.
     """
 
     loss: torch.Tensor | None = None
@@ -297,6 +315,29 @@ class DecdOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
+
+
+# Keywords DecdModel accepts beyond its named arguments, as transformers' CLIPModel does.
+PASSED_THROUGH_KEYWORDS = ("output_attentions", "output_hidden_states")
+
+
+def _check_keywords(kwargs: dict, method: str) -> None:
+    """Refuse keywords the model would otherwise drop silently, suggesting the closest real name."""
+    unknown = sorted(set(kwargs) - set(PASSED_THROUGH_KEYWORDS))
+    if unknown:
+        import difflib
+        import inspect
+
+        known = [name for name in inspect.signature(getattr(DecdModel, method)).parameters if name != "self"]
+        hints = [f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                 for name in unknown
+                 for close in [difflib.get_close_matches(name, known + list(PASSED_THROUGH_KEYWORDS), n=1)]]
+        raise TypeError(f"DecdModel.{method} got unexpected keyword argument(s) {', '.join(hints)}.")
 
 
 @_initialize_like_library_code
@@ -308,7 +349,7 @@ class DecdPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "DecdDecoderLayer"]
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "DecdVisionEmbeddings", "DecdDecoderLayer"]
     # Every loss here is a batch mean: the Trainer must scale it for gradient accumulation itself
     # rather than pass `num_items_in_batch` through **kwargs.
     accepts_loss_kwargs = False
@@ -359,6 +400,8 @@ class DecdModel(DecdPreTrainedModel):
             if config.num_identities > 0:
                 self.identity_classifier = nn.Linear(config.projection_dim, config.num_identities)
         self.post_init()
+        # post_init merges the towers' lists, and CLIP's names CLIPVisionEmbeddings, which DECD replaces.
+        self._no_split_modules = set(DecdPreTrainedModel._no_split_modules)
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
@@ -451,22 +494,51 @@ class DecdModel(DecdPreTrainedModel):
         mask[overflowing, -1] = 1
         return cut, mask
 
-    def _encode_text(self, input_ids, attention_mask):
+    def _encode_text(self, input_ids, attention_mask, position_ids=None, **kwargs) -> BaseModelOutputWithPooling:
         input_ids, attention_mask = self._fit_context(input_ids, attention_mask)
-        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        return outputs.last_hidden_state, self.text_projection(outputs.pooler_output)
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  return_dict=True, **kwargs)
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs
 
-    def _encode_image(self, pixel_values):
-        outputs = self.vision_model(pixel_values=pixel_values)
-        return outputs.last_hidden_state, self.visual_projection(outputs.pooler_output)
+    def _encode_image(self, pixel_values, interpolate_pos_encoding=False, **kwargs) -> BaseModelOutputWithPooling:
+        outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                    return_dict=True, **kwargs)
+        outputs.pooler_output = self.visual_projection(outputs.pooler_output)
+        return outputs
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected global caption embeddings [batch, projection_dim] (end-of-text token). NOT normalised."""
-        return self._encode_text(input_ids, attention_mask)[1]
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        caption_quality: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """Caption embeddings, as transformers' `CLIPModel.get_text_features` returns them.
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected global image embeddings [batch, projection_dim] (CLS token). NOT normalised."""
-        return self._encode_image(pixel_values)[1]
+        Returns a `BaseModelOutputWithPooling`: `pooler_output` [batch, projection_dim] is the projected
+        end-of-text state (NOT normalised), `last_hidden_state` the token states. `caption_quality` (a
+        processor output) is accepted so that `get_text_features(**processor(text=...))` works; it only
+        matters for the training loss. `output_attentions`, `output_hidden_states` and `return_dict` work
+        as for CLIP; any other keyword is an error.
+        """
+        _check_keywords(kwargs, "get_text_features")
+        return self._encode_text(input_ids, attention_mask, position_ids, **kwargs)
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
+        """Image embeddings, as transformers' `CLIPModel.get_image_features` returns them.
+
+        Returns a `BaseModelOutputWithPooling`: `pooler_output` [batch, projection_dim] is the projected
+        CLS state (NOT normalised). `interpolate_pos_encoding=True` accepts another input size (sides
+        divisible by the patch size) by resizing the position table for that call.
+        """
+        _check_keywords(kwargs, "get_image_features")
+        return self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
 
     # ---- training + scoring -----------------------------------------------------------------------
     def _caption_quality(self, caption_quality, batch_size, device):
@@ -482,6 +554,7 @@ class DecdModel(DecdPreTrainedModel):
             )
         return caption_quality.to(device), self.config.sew_margin
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -492,6 +565,8 @@ class DecdModel(DecdPreTrainedModel):
         masked_input_ids: torch.Tensor | None = None,
         mcm_labels: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs: Any,
     ) -> DecdOutput:
         r"""Encode a batch of (caption, image) pairs; with `person_ids`, also compute the training losses.
@@ -504,16 +579,23 @@ class DecdModel(DecdPreTrainedModel):
             masked_input_ids, mcm_labels: [batch, tokens] from `DecdProcessor.mask_captions`; when given,
                 the cross-modal decoder runs and the MCM loss is computed.
             return_loss: defaults to `person_ids is not None`.
+            position_ids, interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict:
+                as for transformers' `CLIPModel`. Any other keyword is an error (a misspelt `person_id`
+                would otherwise train without a loss).
 
         Returns:
-            `DecdOutput`. Under several processes the Sew loss uses the global batch.
+            `DecdOutput` (the fields of `CLIPOutput` plus the loss parts). Under several processes the Sew
+            loss uses the global batch.
         """
+        _check_keywords(kwargs, "forward")
         if input_ids is None or pixel_values is None:
             raise ValueError("DecdModel.forward needs both input_ids and pixel_values (use DecdProcessor).")
         if return_loss is None:
             return_loss = person_ids is not None
-        text_states, text_features = self._encode_text(input_ids, attention_mask)
-        image_states, image_features = self._encode_image(pixel_values)
+        text_outputs = self._encode_text(input_ids, attention_mask, position_ids, **kwargs)
+        vision_outputs = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
+        text_features = text_outputs.pooler_output
+        image_states, image_features = vision_outputs.last_hidden_state, vision_outputs.pooler_output
         text_embeds = F.normalize(text_features, dim=-1)
         image_embeds = F.normalize(image_features, dim=-1)
         logit_scale = self.log_logit_scale.exp()
@@ -523,6 +605,8 @@ class DecdModel(DecdPreTrainedModel):
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
         )
         if not return_loss:
             return output
@@ -580,6 +664,133 @@ class DecdModel(DecdPreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+# --------------------------------------------------------------------------------------------------
+# The inference spine: one way to load a model, one way to embed images and captions
+# (here, not in the `decd` package, because this file travels to the Hub with the weights)
+# --------------------------------------------------------------------------------------------------
+class ModelLoadError(ValueError):
+    """A model folder or Hub id that does not hold a loadable DECD model (the message says why)."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name_or_path, device=None, dtype=None, **overrides: Any
+) -> tuple["DecdModel", DecdProcessor]:
+    """A saved DECD model and its processor from a folder or a Hub id, in eval mode on `device`.
+
+    Args:
+        name_or_path: a folder written by `save_pretrained` or a Hub repository id.
+        device: where the model goes (default: CUDA when available, else CPU).
+        dtype: the model's dtype (default: as saved).
+        overrides: `DecdConfig` fields to change (e.g. `num_identities=...` to continue training).
+
+    Returns:
+        (model, processor). A folder without processor files gets the default processor for the
+        model's image size (with a warning).
+
+    Raises:
+        ModelLoadError naming the model: missing folder or config, another model type, no safetensors.
+    """
+    name = str(name_or_path)
+    try:
+        model = DecdModel.from_pretrained(name, dtype=dtype, **overrides)
+    except (OSError, ValueError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise ModelLoadError(f"could not load the model {name!r}: {lines[0]}") from error
+    processor = load_processor(name, model)
+    return model.to(default_device() if device is None else torch.device(device)).eval(), processor
+
+
+def load_processor(name_or_path, model: "DecdModel") -> DecdProcessor:
+    """The processor saved with a model; a folder without one gets the default for the model's crop size."""
+    try:
+        return DecdProcessor.from_pretrained(str(name_or_path))
+    except (OSError, ValueError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"{name_or_path} has no loadable processor ({reason}); using the default DecdProcessor for "
+                      f"{tuple(model.config.image_size)} crops.", stacklevel=3)
+        return DecdProcessor(image_size=model.config.image_size)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _embed(model, items, collate, features, batch_size, show_progress, accelerator, num_workers, description):
+    """L2-normalised float32 CPU embeddings of `items`, in order, encoded `batch_size` at a time."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    if accelerator is not None:  # each process encodes its share; the shares are gathered below
+        loader = accelerator.prepare(loader)
+    if show_progress is None:
+        show_progress = len(items) >= 10 * batch_size
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for batch in tqdm(loader, desc=description, disable=not show_progress, leave=False):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            embeddings = F.normalize(features(**batch).pooler_output.float(), dim=-1)
+            if accelerator is not None:
+                embeddings = accelerator.gather_for_metrics(embeddings)
+            chunks.append(embeddings.cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError(f"{description}: nothing to embed (an empty list).")
+    return torch.cat(chunks)
+
+
+class _ImageBatch:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, images):
+        return {"pixel_values": self.processor(images=list(images), return_tensors="pt")["pixel_values"]}
+
+
+class _CaptionBatch:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, texts):
+        batch = self.processor(text=list(texts), return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def embed_images(model, processor, images, batch_size: int = 64, show_progress: bool | None = None,
+                 accelerator=None, num_workers: int = 0) -> torch.Tensor:
+    """Image embeddings [len(images), projection_dim]: float32, L2-normalised, on the CPU, in input order.
+
+    `images` is a sequence of anything `load_image` opens (paths, bytes, PIL images, `datasets` Image
+    values, arrays); each is opened and preprocessed by `processor`. `show_progress` (default: when
+    there are ten batches or more) shows a tqdm bar; `num_workers` decodes in DataLoader workers; with
+    an `accelerate` `accelerator`, each process encodes its share and every process gets them all.
+    """
+    return _embed(model, images, _ImageBatch(processor), model.get_image_features, batch_size, show_progress,
+                  accelerator, num_workers, "Embedding images")
+
+
+def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: bool | None = None,
+                accelerator=None, num_workers: int = 0) -> torch.Tensor:
+    """Caption embeddings [len(texts), projection_dim]: float32, L2-normalised, on the CPU, in input order.
+
+    `texts` is a string or a sequence of strings; the rest as for `embed_images`.
+    """
+    texts = [texts] if isinstance(texts, str) else texts
+    return _embed(model, texts, _CaptionBatch(processor), model.get_text_features, batch_size, show_progress,
+                  accelerator, num_workers, "Embedding captions")
+
+
 AUTO_MAP = {
     "AutoConfig": "configuration_decd.DecdConfig",
     "AutoModel": "modeling_decd.DecdModel",
@@ -591,13 +802,20 @@ AUTO_MAP = {
 DecdConfig.register_for_auto_class()
 DecdModel.register_for_auto_class("AutoModel")
 DecdProcessor.register_for_auto_class("AutoProcessor")
-AutoConfig.register("decd", DecdConfig, exist_ok=True)
-AutoModel.register(DecdConfig, DecdModel, exist_ok=True)
-AutoModelForZeroShotImageClassification.register(DecdConfig, DecdModel, exist_ok=True)
-AutoProcessor.register(DecdConfig, DecdProcessor, exist_ok=True)
+# A copy loaded as Hub remote code (e.g. by handler.py) never displaces classes already registered.
+if not (__name__.startswith("transformers_modules") and "decd" in CONFIG_MAPPING):
+    AutoConfig.register("decd", DecdConfig, exist_ok=True)
+    AutoModel.register(DecdConfig, DecdModel, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(DecdConfig, DecdModel, exist_ok=True)
+    AutoProcessor.register(DecdConfig, DecdProcessor, exist_ok=True)
 
 __all__ = [
     "DecdModel",
+    "ModelLoadError",
+    "embed_images",
+    "embed_texts",
+    "load_model",
+    "load_processor",
     "DecdPreTrainedModel",
     "DecdOutput",
     "DecdVisionModel",

@@ -14,14 +14,17 @@ What it adds to a plain CLIP processor:
 """
 
 import importlib.resources
+import io
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import transformers
 from transformers import BatchFeature, CLIPTokenizer, ProcessorMixin
@@ -61,11 +64,6 @@ STOP_WORDS = frozenset(
 )
 
 _WORD_PATTERN = re.compile(r"[a-z]+")
-# PIL modes whose conversion to RGB keeps the picture; high-bit-depth and float modes ("I", "F",
-# "I;16", ...) need a scaling only the caller knows, so they are refused.
-_RGB_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
-
-
 def compute_caption_quality(texts: str | Sequence[str], reference_words: int = 12) -> torch.FloatTensor:
     """Caption quality ("information density") q = min(1, n / reference_words).
 
@@ -152,54 +150,190 @@ def default_image_processor(image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE):
     )
 
 
-def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:
-    """HxW or HxWxC (C in {1, 3}) array, uint8 or float in [0, 1], to an RGB PIL image."""
+# PIL modes that convert to RGB as they are; modes with alpha are composited onto white first, and
+# high-bit-depth / float modes are scaled by their value range (see `load_image`).
+_DIRECT_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+_HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # 100 megapixels: larger files are refused, not decoded
+
+
+def _scale_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """uint8 values of an integer or float image, scaled by its value range (never clipped).
+
+    uint8 stays as it is; 16-bit data (and other integers within [0, 65535] that exceed 255) is
+    scaled by 255 / 65535; other integers within [0, 255] are taken as 8-bit; floats within [0, 1]
+    are scaled by 255; anything else is stretched from its own minimum..maximum to 0..255.
+    """
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{name}: pixel type {array.dtype} is not an image; pass integers or floats.")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name}: the image holds NaN or infinite values; replace them before loading it.")
+    low, high = float(values.min()), float(values.max())
+    if np.issubdtype(array.dtype, np.floating):
+        scale_low, scale_high = (0.0, 1.0) if low >= 0 and high <= 1 else (low, high)
+    elif array.dtype.itemsize == 2 and low >= 0:
+        scale_low, scale_high = 0.0, 65535.0
+    elif low >= 0 and high <= 255:
+        scale_low, scale_high = 0.0, 255.0
+    elif low >= 0 and high <= 65535:
+        scale_low, scale_high = 0.0, 65535.0
+    else:
+        scale_low, scale_high = low, high
+    if scale_high == scale_low:  # a constant image outside the usual ranges
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.rint((values - scale_low) * (255.0 / (scale_high - scale_low))).astype(np.uint8)
+
+
+def _array_to_image(array: np.ndarray, name: str) -> PIL.Image.Image:
+    """HxW or HxWxC (C in {1, 3, 4}) array of any numeric type to an L / RGB / RGBA PIL image."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(
-            f"Image {index} has shape {tuple(array.shape)}: expected height x width x channels with 1 or 3 "
-            "channels (numpy) or channels x height x width (torch). Drop alpha or extra channels first."
+            f"{name} has shape {tuple(array.shape)}: expected height x width x channels with 1, 3 or 4 channels "
+            "(numpy) or channels x height x width (torch)."
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"Image {index} is empty (shape {tuple(array.shape)}): pass a crop with non-zero size.")
-    if array.dtype != np.uint8:
-        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
-            raise ValueError(f"Image {index} has dtype {array.dtype}: pass uint8 in [0, 255] or floats in [0, 1].")
-        if np.issubdtype(array.dtype, np.floating):
-            if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
-                raise ValueError(f"Image {index} is a float array outside [0, 1]: scale it to [0, 1] or to uint8.")
-            array = np.rint(array * 255)
-        elif array.min() < 0 or array.max() > 255:
-            raise ValueError(f"Image {index} has integer values outside [0, 255]: convert it to uint8 first.")
-        array = array.astype(np.uint8)
-    return PIL.Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+        raise ValueError(f"{name} is empty (shape {tuple(array.shape)}): pass a crop with non-zero size.")
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1] if array.ndim == 3 else 2]
+    return PIL.Image.fromarray(np.ascontiguousarray(_scale_to_uint8(array, name)), mode=mode)
 
 
-def _to_rgb_image(image, index: int) -> PIL.Image.Image:
-    if isinstance(image, PIL.Image.Image):
-        if image.mode not in _RGB_CONVERTIBLE_MODES:
-            raise ValueError(
-                f"Image {index} has PIL mode {image.mode!r}, which has no meaningful RGB conversion: scale it to "
-                "8 bits and convert it (e.g. to 'L' or 'RGB') before passing it."
-            )
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Image {index} is empty ({image.width}x{image.height}): pass a crop with non-zero size.")
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        array = image.detach().cpu().numpy()
-        if array.ndim == 3:  # torch images are channels first
-            array = np.moveaxis(array, 0, -1)
-        return _array_to_pil(array, index)
-    if isinstance(image, np.ndarray):
-        return _array_to_pil(image, index)
-    raise ValueError(
-        f"Image {index} is a {type(image).__name__}: pass a PIL image, a numpy array or a torch tensor."
-    )
+def _to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """RGB by one rule for every mode: alpha composited onto white, high bit depths scaled by range."""
+    mode = image.mode
+    if mode == "P" and "transparency" in image.info:
+        mode, image = "RGBA", image.convert("RGBA")
+    if mode in _HIGH_BIT_DEPTH_MODES:
+        image = _array_to_image(np.asarray(image), name)
+        mode = image.mode
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode in _DIRECT_RGB_MODES:
+        return image if mode == "RGB" else image.convert("RGB")
+    raise ValueError(f"{name} has PIL mode {mode!r}, which has no RGB conversion here: convert it to RGB first.")
+
+
+def _reduce_for(image: PIL.Image.Image, size) -> PIL.Image.Image:
+    """Shrink by an integer factor (box filter) while the image stays at least twice `size` on both axes."""
+    if size is None:
+        return image
+    height, width = size
+    factor = int(min(image.width / width, image.height / height) // 2)
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def _describe_source(image) -> tuple[object, str | None]:
+    """(what to open, its file name or None) for the sources `load_image` accepts."""
+    if isinstance(image, dict) and ("path" in image or "bytes" in image):  # a `datasets.Image` value
+        data, path = image.get("bytes"), image.get("path")
+        return (data if data is not None else path), (str(path) if path is not None else None)
+    if isinstance(image, (str, Path)) or hasattr(image, "__fspath__"):
+        return image, str(image)
+    return image, None
+
+
+def load_image(image, size=None, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, name=None) -> PIL.Image.Image:
+    """The RGB picture of an image source: the one way every DECD entry point opens an image.
+
+    Args:
+        image: a file path (str / os.PathLike), encoded file bytes, a PIL image, a `datasets` Image
+            value (``{"path": ..., "bytes": ...}``), a numpy array (HxW or HxWxC, C in {1, 3, 4}) or a
+            torch tensor (CxHxW or HxW).
+        size: (height, width) the image is going to be resized to; large files are then decoded
+            reduced (JPEG draft mode, then integer box reduction) to no less than twice that size, so
+            memory follows the model's input size rather than the camera's.
+        max_pixels: images with more pixels (width x height) are refused before decoding; None: no limit.
+        name: what error messages call the image (default: its file path, else "image").
+
+    Rules, the same for every source: EXIF orientation is applied; 16-bit and float images are scaled
+    by their value range (16-bit by 255/65535, floats in [0, 1] by 255, other ranges from their own
+    minimum..maximum), never clipped; alpha (RGBA, LA, transparent palettes) is composited onto white.
+
+    Returns:
+        An RGB `PIL.Image.Image`.
+
+    Raises:
+        ValueError naming the image: unreadable, truncated or missing file, too many pixels, empty
+        image, NaN values, or a shape or type that is not an image.
+    """
+    source, path = _describe_source(image)
+    name = name or path or "image"
+    if isinstance(source, torch.Tensor):
+        array = source.detach().cpu().numpy()
+        return _reduce_for(_to_rgb(_array_to_image(np.moveaxis(array, 0, -1) if array.ndim == 3 else array, name),
+                                   name), size)
+    if isinstance(source, np.ndarray):
+        return _reduce_for(_to_rgb(_array_to_image(source, name), name), size)
+    if isinstance(source, PIL.Image.Image):
+        return _finish(source, size, max_pixels, name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    elif not (isinstance(source, (str, Path)) or hasattr(source, "__fspath__")):
+        raise ValueError(
+            f"{name} is a {type(image).__name__}: pass a file path, file bytes, a PIL image, a numpy array or a "
+            "torch tensor."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # `max_pixels` decides
+            opened = PIL.Image.open(source)
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such image file.") from None
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{name}: {error}. Raise max_image_pixels (and PIL.Image.MAX_IMAGE_PIXELS) to load it.") \
+            from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not an image I can read"
+        raise ValueError(f"{name}: not a readable image ({type(error).__name__}: {error}).") from None
+    try:
+        return _finish(opened, size, max_pixels, name, from_file=True)
+    finally:
+        opened.close()
+
+
+def _finish(image: PIL.Image.Image, size, max_pixels, name: str, from_file: bool = False) -> PIL.Image.Image:
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"{name} is empty ({width}x{height}): pass a crop with non-zero size.")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"{name} has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; "
+            "shrink it first or raise the limit (max_image_pixels)."
+        )
+    opened = image
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if from_file and size is not None and image.format == "JPEG":
+            height_wanted, width_wanted = (2 * side for side in size)
+            if orientation in _SWAPS_AXES:
+                height_wanted, width_wanted = width_wanted, height_wanted
+            image.draft(image.mode, (width_wanted, height_wanted))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
+        raise ValueError(f"{name}: the image data cannot be decoded ({type(error).__name__}: {error}); "
+                         "replace the file.") from None
+    if orientation != 1:
+        image = PIL.ImageOps.exif_transpose(image)  # a copy without the orientation tag: applied once
+    result = _reduce_for(_to_rgb(image, name), size)
+    return result.copy() if from_file and result is opened else result  # the caller closes the file
+
+
+def _names_itself(image) -> bool:
+    """Whether errors can name the image by its file (a path or a `datasets` value with a path)."""
+    return _describe_source(image)[1] is not None
 
 
 def _is_single_image(images) -> bool:
-    if isinstance(images, PIL.Image.Image):
+    if isinstance(images, (PIL.Image.Image, str, Path, bytes, bytearray, memoryview, dict)):
+        return True
+    if hasattr(images, "__fspath__"):
         return True
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return images.ndim <= 3
@@ -217,6 +351,10 @@ class DecdProcessor(ProcessorMixin):
             to exactly this size, whatever size the image processor was configured with.
         quality_reference_words: distinct informative words at which caption quality reaches 1.
         mask_probability: fraction of caption tokens selected by ``mask_captions`` (0.15).
+        max_image_pixels: images with more pixels are refused (see ``load_image``); None: no limit.
+
+    Caption quality and masking are set here and only here (the model config does not repeat them):
+    what the processor saves is what training used.
     """
 
     def __init__(
@@ -226,6 +364,7 @@ class DecdProcessor(ProcessorMixin):
         image_size=DEFAULT_IMAGE_SIZE,
         quality_reference_words=12,
         mask_probability=0.15,
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs,
     ):
         image_size = tuple(int(side) for side in image_size)
@@ -235,6 +374,8 @@ class DecdProcessor(ProcessorMixin):
             raise ValueError(f"mask_probability must be a fraction in (0, 1], got {mask_probability}.")
         if quality_reference_words <= 0:
             raise ValueError(f"quality_reference_words must be positive, got {quality_reference_words}.")
+        if max_image_pixels is not None and max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive (or None for no limit), got {max_image_pixels}.")
         if image_processor is None:
             image_processor = default_image_processor(image_size)
         if tokenizer is None:
@@ -242,6 +383,7 @@ class DecdProcessor(ProcessorMixin):
         self.image_size = image_size
         self.quality_reference_words = quality_reference_words
         self.mask_probability = float(mask_probability)
+        self.max_image_pixels = max_image_pixels
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @property
@@ -263,7 +405,8 @@ class DecdProcessor(ProcessorMixin):
 
         Args:
             text: a caption or a list of captions (non-empty strings).
-            images: a PIL image, an HxWxC uint8 numpy array, a CxHxW torch tensor, or a list of them.
+            images: a person crop or a list of them, in any form ``load_image`` accepts (file path, file
+                bytes, PIL image, ``datasets`` Image value, numpy array, torch tensor).
             return_tensors: "pt" (default), "np" or None (lists).
             padding, truncation, max_length: as for the tokenizer; truncation keeps the end-of-text
                 token last. Other keyword arguments go to the tokenizer.
@@ -295,7 +438,8 @@ class DecdProcessor(ProcessorMixin):
             images = list(images)
             if not images:
                 raise ValueError("`images` is an empty list: pass at least one person crop.")
-            rgb_images = [_to_rgb_image(image, index) for index, image in enumerate(images)]
+            rgb_images = [self.load_image(image, name=None if _names_itself(image) else f"Image {index}")
+                          for index, image in enumerate(images)]
             height, width = self.image_size
             pixels = self.image_processor(
                 rgb_images,
@@ -307,6 +451,10 @@ class DecdProcessor(ProcessorMixin):
             pixels = np.asarray(pixels, dtype=np.float32)
             data["pixel_values"] = list(pixels) if return_tensors is None else pixels
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def load_image(self, image, name=None) -> PIL.Image.Image:
+        """``load_image`` with this processor's input size and pixel limit: what ``__call__`` does per image."""
+        return load_image(image, size=self.image_size, max_pixels=self.max_image_pixels, name=name)
 
     @staticmethod
     def _check_texts(text) -> list[str]:
@@ -335,7 +483,7 @@ class DecdProcessor(ProcessorMixin):
         return mask_token_id
 
     def mask_captions(self, input_ids, attention_mask=None, generator: torch.Generator | None = None) -> dict:
-        """Mask caption tokens for the Masking Caption Modeling loss (BERT-style, see method.md).
+        """Mask caption tokens for the Masking Caption Modeling loss (BERT-style, see docs/method.md).
 
         Candidates are attended tokens other than start-of-text, end-of-text/padding and the mask
         token. Each candidate is selected with probability ``mask_probability``; a caption with
@@ -411,4 +559,5 @@ __all__ = [
     "compute_caption_quality",
     "default_clip_tokenizer",
     "default_image_processor",
+    "load_image",
 ]

@@ -174,15 +174,15 @@ def run(args) -> dict:
     # name -> (DECD call, CLIP call, items per call)
     workloads = {
         "image_square": (
-            lambda: decd_square.get_image_features(pixel_values=images_square),
+            lambda: decd_square.get_image_features(pixel_values=images_square).pooler_output,
             lambda: clip.get_image_features(pixel_values=images_square).pooler_output,
         ),
         "image_crop": (
-            lambda: decd_crop.get_image_features(pixel_values=images_crop),
+            lambda: decd_crop.get_image_features(pixel_values=images_crop).pooler_output,
             lambda: clip.get_image_features(pixel_values=images_crop, interpolate_pos_encoding=True).pooler_output,
         ),
         "text": (
-            lambda: decd_square.get_text_features(input_ids=input_ids, attention_mask=attention_mask),
+            lambda: decd_square.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output,
             lambda: clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output,
         ),
     }

@@ -114,11 +114,11 @@ def main():
     base = DecdModel(DecdConfig.vit_base_patch16()).eval()
     cpu_batch = batch_for(base.config, 4, with_mcm=False, device="cpu")
     with torch.no_grad():
-        cpu_text = base.get_text_features(cpu_batch["input_ids"], cpu_batch["attention_mask"])
-        cpu_image = base.get_image_features(cpu_batch["pixel_values"])
+        cpu_text = base.get_text_features(cpu_batch["input_ids"], cpu_batch["attention_mask"]).pooler_output
+        cpu_image = base.get_image_features(cpu_batch["pixel_values"]).pooler_output
         base = base.cuda()
-        gpu_text = base.get_text_features(cpu_batch["input_ids"].cuda(), cpu_batch["attention_mask"].cuda()).cpu()
-        gpu_image = base.get_image_features(cpu_batch["pixel_values"].cuda()).cpu()
+        gpu_text = base.get_text_features(cpu_batch["input_ids"].cuda(), cpu_batch["attention_mask"].cuda()).pooler_output.cpu()
+        gpu_image = base.get_image_features(cpu_batch["pixel_values"].cuda()).pooler_output.cpu()
     results["cpu_gpu_max_abs_diff"] = {"text": float((cpu_text - gpu_text).abs().max()),
                                        "image": float((cpu_image - gpu_image).abs().max())}
     print(json.dumps(results["cpu_gpu_max_abs_diff"]), flush=True)
@@ -139,11 +139,11 @@ def main():
         pixels = torch.randn(256, 3, *size, device="cuda", dtype=torch.half)
         interpolate = size != (224, 224)
         with torch.inference_mode():
-            same = torch.allclose(decd.get_image_features(pixels[:8]).float(),
+            same = torch.allclose(decd.get_image_features(pixels[:8]).pooler_output.float(),
                                   clip.get_image_features(pixel_values=pixels[:8],
                                                           interpolate_pos_encoding=interpolate).pooler_output.float(),
                                   atol=2e-2)
-            decd_s = time_cuda(lambda: decd.get_image_features(pixels))
+            decd_s = time_cuda(lambda: decd.get_image_features(pixels).pooler_output)
             clip_s = time_cuda(lambda: clip.get_image_features(pixel_values=pixels,
                                                                interpolate_pos_encoding=interpolate))
         throughput[f"images_{size[0]}x{size[1]}"] = {
@@ -151,7 +151,7 @@ def main():
         if size == (224, 224):
             ids = batch_for(decd.config, 256, with_mcm=False)
             with torch.inference_mode():
-                decd_s = time_cuda(lambda: decd.get_text_features(ids["input_ids"], ids["attention_mask"]))
+                decd_s = time_cuda(lambda: decd.get_text_features(ids["input_ids"], ids["attention_mask"]).pooler_output)
                 clip_s = time_cuda(lambda: clip.get_text_features(input_ids=ids["input_ids"],
                                                                   attention_mask=ids["attention_mask"]))
             throughput["captions_50_tokens"] = {"decd_per_s": 256 / decd_s, "clip_per_s": 256 / clip_s,

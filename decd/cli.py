@@ -56,26 +56,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: Optional[str]):
-    import torch
-
-    if name is not None:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_model(name: str, device):
-    """DecdModel + DecdProcessor from a folder / Hub id; loading problems become a one-line user error."""
-    from modeling_decd import DecdModel
-    from processing_decd import DecdProcessor
+def _load_model(name: str, device: Optional[str]):
+    """The one model loader (`modeling_decd.load_model`); its refusals become one-line user errors."""
+    from modeling_decd import ModelLoadError, load_model
 
     try:
-        model = DecdModel.from_pretrained(name)
-        processor = DecdProcessor.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise _UserError(f"could not load the model {name!r}: {first_line}") from error
-    return model.to(device).eval(), processor
+        return load_model(name, device)
+    except ModelLoadError as error:
+        raise _UserError(str(error)) from error
 
 
 def _run_index(arguments) -> int:
@@ -83,7 +71,7 @@ def _run_index(arguments) -> int:
         raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
     if not Path(arguments.gallery_dir).is_dir():
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
-    model, processor = _load_model(arguments.model, _device(arguments.device))
+    model, processor = _load_model(arguments.model, arguments.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
         index = GalleryIndex.build(
@@ -125,7 +113,7 @@ def _run_query(arguments) -> int:
     model_name = arguments.model or index.model_id
     if not model_name or model_name.startswith("<in-memory"):
         raise _UserError(f"the index {arguments.index!r} records no loadable model ({model_name}); pass --model")
-    model, processor = _load_model(model_name, _device(arguments.device))
+    model, processor = _load_model(model_name, arguments.device)
     result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=arguments.backend,
                                model_id=model_name)
     for row, description in enumerate(descriptions):

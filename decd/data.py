@@ -1,7 +1,7 @@
 """Loading text-based person search benchmarks as `datasets` objects.
 
 One entry point, `load_person_search`, reads CUHK-PEDES, ICFG-PEDES, RSTPReid, the embedded synthetic
-benchmark or any JSON in the CUHK-PEDES shape (see `shared/design/protocol.md`):
+benchmark or any JSON in the CUHK-PEDES shape (see `docs/protocol.md`):
 
 - split "train" -> a `datasets.Dataset` with one row per (image, caption) pair:
   `image` (`datasets.Image()`, decoded lazily from the file), `image_path` (absolute str), `caption`,
@@ -32,6 +32,8 @@ from typing import Any, Optional, Union
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from tqdm.auto import tqdm
+
+from processing_decd import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -141,15 +143,29 @@ def _resolve_image(image_root: Path, relative: str) -> Optional[Path]:
 
 
 def _verify_image(path: Path) -> Optional[str]:
-    """None if PIL can read the file's header and data, else the reason it cannot."""
-    from PIL import Image as PILImage
-
+    """None if `load_image` decodes the file completely, else the reason it cannot."""
     try:
-        with PILImage.open(path) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many types for broken files
-        return f"{type(error).__name__}: {error}"
+        load_image(path, name=str(path))
+    except ValueError as error:  # load_image names the file and says what is wrong
+        return str(error).removeprefix(f"{path}: ")
     return None
+
+
+def without_image_decoding(dataset):
+    """`dataset` with its `image` column left as stored ({"path", "bytes"}): `load_image` decodes it later.
+
+    Training and evaluation read images this way so that they go through the one image path every
+    entry point shares, not through `datasets`' own decoder (which differs on 16-bit files, alpha, ...).
+    """
+    feature = dataset.features.get("image")
+    if isinstance(feature, Image) and feature.decode:
+        return dataset.cast_column("image", Image(decode=False))
+    return dataset
+
+
+def image_sources(dataset) -> list:
+    """The `image` column of a gallery or training split as `load_image` sources (paths / bytes, not pixels)."""
+    return list(without_image_decoding(dataset)["image"])
 
 
 def _verify_images(paths: list[Path], show_progress: bool) -> list[Optional[str]]:
@@ -228,8 +244,8 @@ def load_person_search(
             instead of raising.
         annotation_file: overrides the dataset's JSON file; for "custom" the default is
             `data_dir/annotations.json`. Records may name their image by `file_path` or `img_path`.
-        verify_images: open each image with PIL (`verify()`) to catch unreadable files; existence is
-            always checked.
+        verify_images: decode each image completely with `load_image` (the loader every entry point
+            uses) to catch unreadable or truncated files before training; existence is always checked.
         return_report: also return a `LoadReport`.
 
     Returns:

@@ -236,10 +236,9 @@ processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
 
 captions = ["a woman in a red coat with a black backpack", "a man in a blue shirt and grey trousers"]
 image = Image.open(hf_hub_download(repo_id, "{EXAMPLE_IMAGE_FILE}"))  # any person crop works
-inputs = processor(text=captions, images=[image], return_tensors="pt")
-with torch.no_grad():
-    text_embeds = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-    image_embeds = model.get_image_features(inputs["pixel_values"])
+with torch.no_grad():  # the same calls as with transformers' CLIPModel
+    text_embeds = model.get_text_features(**processor(text=captions, return_tensors="pt")).pooler_output
+    image_embeds = model.get_image_features(**processor(images=[image], return_tensors="pt")).pooler_output
 text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
 image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
 cosine = text_embeds @ image_embeds.T  # [captions, images]; rank a gallery per caption by this
@@ -378,7 +377,7 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _hyperparameters_from(model, folder: Path | None) -> dict:
+def _hyperparameters_from(model, processor, folder: Path | None) -> dict:
     config = model.config
     settings = {
         "image_size (height, width)": tuple(config.image_size),
@@ -386,7 +385,8 @@ def _hyperparameters_from(model, folder: Path | None) -> dict:
         "temperature": config.temperature,
         "sew_margin (m_max)": config.sew_margin,
         "caption_quality": config.caption_quality,
-        "mask_probability (MCM)": config.mask_probability,
+        "mask_probability (MCM)": processor.mask_probability,
+        "quality_reference_words": processor.quality_reference_words,
         "loss weights (sew / mcm / id)": f"{config.sew_weight} / {config.mcm_weight} / {config.id_weight}",
         "decoder": f"{config.decoder_layers} layers, width {config.decoder_hidden_size} (training only)",
     }
@@ -414,7 +414,7 @@ def _example_crop(image_size: tuple[int, int]) -> bytes:
 
 
 def _load_for_publishing(model_or_folder, processor, keep_decoder):
-    from modeling_decd import DecdModel
+    from modeling_decd import load_model
     from processing_decd import DecdProcessor
 
     folder = None
@@ -422,9 +422,8 @@ def _load_for_publishing(model_or_folder, processor, keep_decoder):
         folder = Path(model_or_folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json: pass a folder written by save_pretrained.")
-        model = DecdModel.from_pretrained(folder)
-        if processor is None:
-            processor = DecdProcessor.from_pretrained(folder)
+        model, saved_processor = load_model(folder, device="cpu")
+        processor = processor or saved_processor
         if not keep_decoder:
             model.detach_decoder()  # our own copy: nothing of the caller's changes
     else:
@@ -433,10 +432,7 @@ def _load_for_publishing(model_or_folder, processor, keep_decoder):
             # Detach on a copy: the caller may keep training its model (costs one model's memory).
             model = copy.deepcopy(model).detach_decoder()
         if processor is None:
-            config = model.config
-            processor = DecdProcessor(image_size=config.image_size,
-                                      quality_reference_words=config.quality_reference_words,
-                                      mask_probability=config.mask_probability)
+            processor = DecdProcessor(image_size=model.config.image_size)
     if keep_decoder and getattr(model, "decoder", None) is None:
         logger.warning("keep_decoder=True but this model has no decoder (it was detached before saving).")
     return model.eval(), processor, folder
@@ -511,7 +507,7 @@ def publish(
     api.create_commit(repo_id, operations=extra, commit_message="Add Inference Endpoints handler and example image")
 
     card_kwargs.setdefault("base_model", getattr(model.config, "base_model", None) or None)
-    card_kwargs.setdefault("training_hyperparameters", _hyperparameters_from(model, folder))
+    card_kwargs.setdefault("training_hyperparameters", _hyperparameters_from(model, processor, folder))
     card_kwargs.setdefault("widget_images", [f"{api.endpoint}/{repo_id}/resolve/main/{EXAMPLE_IMAGE_FILE}"])
     card = build_model_card(repo_id, results, **card_kwargs)
     api.upload_file(path_or_fileobj=str(card).encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from modeling_decd import embed_texts
+
 from .search import DEFAULT_CHUNK_SIZE, META_FILE, GalleryIndex
 
 TASK = "text-based-person-search"
@@ -70,12 +72,12 @@ class TextBasedPersonSearchPipeline(Pipeline):
         self.gallery_index = self._load_gallery(gallery, gallery_batch_size)
 
     def _default_processor(self):
-        from processing_decd import DecdProcessor
+        from modeling_decd import load_processor
 
         name = getattr(self.model, "name_or_path", "") or ""
         if not name:
             raise ValueError("the model has no name_or_path to load its DecdProcessor from; pass processor=...")
-        return DecdProcessor.from_pretrained(name)
+        return load_processor(name, self.model)
 
     def _load_gallery(self, gallery: Any, batch_size: int) -> GalleryIndex:
         if isinstance(gallery, GalleryIndex):
@@ -121,15 +123,14 @@ class TextBasedPersonSearchPipeline(Pipeline):
             raise ValueError(f"a description must be a string, got {type(description).__name__}")
         if not description.strip():
             raise ValueError("the description is empty: say what the person looks like")
-        batch = self.processor(text=[description], return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"description": description}
 
     def _forward(self, model_inputs: dict) -> dict:
-        return {"text_embeds": self.model.get_text_features(**model_inputs)}
+        return {"text_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
 
     def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str = "exact",
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
-        result = self.gallery_index.search(model_outputs["text_embeds"].float(), top_k=top_k, backend=backend,
+        result = self.gallery_index.search(model_outputs["text_embeds"], top_k=top_k, backend=backend,
                                            chunk_size=chunk_size)
         matches = []
         for rank, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):

@@ -1,60 +1,15 @@
-"""Encoding a gallery and queries with a DECD model, and text-to-image retrieval evaluation."""
+"""Text-to-image retrieval evaluation of a DECD model on a gallery and queries (`datasets` splits)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from modeling_decd import embed_images, embed_texts
+
+from .data import image_sources
 from .metrics import retrieval_metrics
-
-
-class _ImageCollator:
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, rows):
-        return {"pixel_values": self.processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]}
-
-
-class _CaptionCollator:
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, rows):
-        batch = self.processor(text=[row["caption"] for row in rows], return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-@torch.no_grad()
-def _encode(model, dataset, collator, encode, batch_size, accelerator, num_workers, show_progress, description):
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
-    if accelerator is not None:
-        loader = accelerator.prepare(loader)
-    device = next(model.parameters()).device
-    chunks = []
-    for batch in tqdm(loader, desc=description, disable=not show_progress, leave=False):
-        batch = {name: value.to(device) for name, value in batch.items()}
-        embeddings = F.normalize(encode(**batch).float(), dim=-1)
-        if accelerator is not None:
-            embeddings = accelerator.gather_for_metrics(embeddings)
-        chunks.append(embeddings.cpu())
-    return torch.cat(chunks)
-
-
-def encode_gallery(model, processor, gallery, batch_size=64, accelerator=None, num_workers=0, show_progress=True):
-    """L2-normalised image embeddings [len(gallery), projection_dim] in gallery order (rows need `image`)."""
-    return _encode(model, gallery, _ImageCollator(processor), model.get_image_features, batch_size, accelerator,
-                   num_workers, show_progress, "Encoding gallery")
-
-
-def encode_queries(model, processor, queries, batch_size=64, accelerator=None, num_workers=0, show_progress=True):
-    """L2-normalised caption embeddings [len(queries), projection_dim] in query order (rows need `caption`)."""
-    return _encode(model, queries, _CaptionCollator(processor), model.get_text_features, batch_size, accelerator,
-                   num_workers, show_progress, "Encoding queries")
 
 
 def evaluate_retrieval(
@@ -68,14 +23,18 @@ def evaluate_retrieval(
     show_progress: bool = True,
     return_similarity: bool = False,
 ):
-    """Encode the gallery and the queries once each and compute text-to-image retrieval metrics (percent).
+    """Embed the gallery and the queries once each and compute text-to-image retrieval metrics (percent).
 
-    Under several processes (`accelerator` given) each process encodes its share and the embeddings
-    are gathered; every process gets the same metrics.
+    `gallery` rows need `image` and `person_id`, `queries` rows `caption` and `person_id` (the splits
+    `load_person_search` returns). Images are opened by `load_image` from the stored path or bytes,
+    never by `datasets`' own decoder, so evaluation sees the pixels every other entry point sees. Under
+    several processes (`accelerator` given) each process embeds its share and the embeddings are
+    gathered; every process gets the same metrics.
     """
-    model.eval()
-    image_embeddings = encode_gallery(model, processor, gallery, batch_size, accelerator, num_workers, show_progress)
-    text_embeddings = encode_queries(model, processor, queries, batch_size, accelerator, num_workers, show_progress)
+    common = dict(batch_size=batch_size, show_progress=show_progress, accelerator=accelerator,
+                  num_workers=num_workers)
+    image_embeddings = embed_images(model, processor, image_sources(gallery), **common)
+    text_embeddings = embed_texts(model, processor, list(queries["caption"]), **common)
     similarity = text_embeddings @ image_embeddings.t()
     metrics = retrieval_metrics(
         similarity, torch.as_tensor(queries["person_id"]), torch.as_tensor(gallery["person_id"])
@@ -85,4 +44,4 @@ def evaluate_retrieval(
     return metrics
 
 
-__all__ = ["encode_gallery", "encode_queries", "evaluate_retrieval"]
+__all__ = ["evaluate_retrieval"]

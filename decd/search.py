@@ -23,7 +23,7 @@ encoder and projection tensors (name, dtype, shape and raw bytes of every tensor
 encoders' configs. It hashes the parameters in memory rather than the `model.safetensors` file so that
 a model built in code, the same model after `save_pretrained` / `from_pretrained`, and the same model
 with its training-only decoder detached all get the same checksum, while any retraining or a
-different dtype changes it. Hashing costs about one pass over the weights (~0.5 s for ViT-B/16 sizes).
+different dtype changes it. Hashing costs about one pass over the weights.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
+
+from modeling_decd import embed_images, embed_texts
 
 PathLike = Union[str, os.PathLike]
 
@@ -195,8 +196,8 @@ def exact_top_k(
     if num_gallery == 0:
         raise ValueError("the gallery is empty")
     device = torch.device(device) if device is not None else queries.device
-    # [dim, num_queries]: `block @ queries_t` runs ~1.4x faster than `queries @ block.T` on MKL for a few
-    # dozen queries (a tall GEMM); the [chunk, num_queries] scores are then transposed for a row-wise topk.
+    # [dim, num_queries]: `block @ queries_t` is the faster GEMM shape on MKL for a few dozen queries
+    # (benchmarks/results/design_notes.md); the [chunk, num_queries] scores are then transposed for a row-wise topk.
     queries_t = queries.to(device=device, dtype=torch.float32).T.contiguous()
     top_k = min(top_k, num_gallery)
     best_scores = best_indices = None
@@ -250,15 +251,18 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
     return sorted(found)
 
 
-def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decode now: truncated or corrupt files fail here, not inside the processor
-        return image.convert("RGB")
-
-
-def _encode_images(model, processor, images: list, device) -> torch.Tensor:
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-    return F.normalize(model.get_image_features(pixel_values=pixel_values).float(), dim=-1).cpu()
+def _embed_files(model, processor, folder: Path, names: list[str]) -> tuple[Optional[np.ndarray], list[str], list[dict]]:
+    """Embed one batch of gallery files: (embeddings or None, the names embedded, the files skipped with why)."""
+    images, kept, skipped = [], [], []
+    for name in names:
+        try:
+            images.append(processor.load_image(folder / name, name=name))
+            kept.append(name)
+        except ValueError as error:  # load_image names the file and says what is wrong
+            skipped.append(dict(path=name, error=str(error).removeprefix(f"{name}: ")))
+    if not images:
+        return None, kept, skipped
+    return embed_images(model, processor, images, batch_size=len(images), show_progress=False).numpy(), kept, skipped
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -296,20 +300,52 @@ class _ShardStore:
             if self.shards and record["start"] != self.shards[-1]["end"]:
                 break  # a gap: keep only the contiguous prefix
             self.shards.append(record)
+        self._clear_staged()
 
     @property
     def next_position(self) -> int:
+        """The listing position after everything saved or staged."""
+        if self._staged_end is not None:
+            return self._staged_end
         return self.shards[-1]["end"] if self.shards else 0
 
-    def add(self, start: int, end: int, embeddings: list[torch.Tensor], paths: list[str], skipped: list[dict],
-            embedding_dim: int) -> None:
-        number = len(self.shards)
+    def stage(self, end: int, embeddings: Optional[np.ndarray], paths: list[str], skipped: list[dict]) -> None:
+        """Hold one embedded batch (listing positions up to `end`) for the next shard."""
+        if embeddings is not None:
+            self._staged.append(embeddings)
+        self._staged_paths.extend(paths)
+        self._staged_skipped.extend(skipped)
+        self._staged_end = end
+        self._staged_batches += 1
+
+    @property
+    def staged_batches(self) -> int:
+        return self._staged_batches
+
+    def flush(self) -> None:
+        """Write the staged batches as one shard (npy, then its json: the proof it is complete)."""
+        if self._staged_end is None:
+            return
+        start, number = self.shards[-1]["end"] if self.shards else 0, len(self.shards)
         stem = f"shard_{number:05d}"
-        array = torch.cat(embeddings).numpy() if embeddings else np.zeros((0, embedding_dim), np.float32)
+        array = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), np.float32)  # unreadable only
         _save_npy(self.folder / f"{stem}.npy", array.astype(np.float32, copy=False))
-        record = dict(number=number, start=start, end=end, paths=paths, skipped=skipped, file=f"{stem}.npy")
+        record = dict(number=number, start=start, end=self._staged_end, paths=self._staged_paths,
+                      skipped=self._staged_skipped, file=f"{stem}.npy")
         _write_json(self.folder / f"{stem}.json", record)
         self.shards.append(record)
+        self._clear_staged()
+
+    def _clear_staged(self) -> None:
+        self._staged, self._staged_paths, self._staged_skipped = [], [], []
+        self._staged_end, self._staged_batches = None, 0
+
+    def embedding_dim(self) -> Optional[int]:
+        """Width of the saved embeddings (None before the first readable image)."""
+        for shard in self.shards:
+            if shard["paths"]:
+                return int(np.load(self.folder / shard["file"], mmap_mode="r").shape[1])
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,8 +476,7 @@ class GalleryIndex:
         """
         if batch_size < 1 or shard_batches < 1:
             raise ValueError(f"batch_size and shard_batches must be positive, got {batch_size}, {shard_batches}")
-        gallery_dir = Path(gallery_dir)
-        output = Path(output)
+        gallery_dir, output = Path(gallery_dir), Path(output)
         extensions = tuple(extension.lower().lstrip(".") for extension in extensions)
         files = list_images(gallery_dir, extensions, exclude=output)
         if not files:
@@ -449,87 +484,37 @@ class GalleryIndex:
                 f"no images found under {str(gallery_dir)!r} (looked recursively for "
                 f"{', '.join('.' + extension for extension in extensions)})"
             )
-        device = next(model.parameters()).device
         checksum = model_checksum(model)
-        listing = hashlib.sha256("\n".join(files).encode()).hexdigest()
         output.mkdir(parents=True, exist_ok=True)
         for name in (META_FILE, EMBEDDINGS_FILE, PATHS_FILE):  # an old finished index is now stale
             (output / name).unlink(missing_ok=True)
-        fingerprint = dict(format_version=INDEX_FORMAT_VERSION, model_checksum=checksum, listing_sha256=listing,
+        fingerprint = dict(format_version=INDEX_FORMAT_VERSION, model_checksum=checksum,
+                           listing_sha256=hashlib.sha256("\n".join(files).encode()).hexdigest(),
                            num_files=len(files), gallery_dir=str(gallery_dir.resolve()))
         store = _ShardStore(output / PARTIAL_DIR, fingerprint, resume)
-
-        was_training = model.training
-        model.eval()
-        embedding_dim = None
-        for shard in store.shards:
-            if shard["paths"]:
-                embedding_dim = int(np.load(store.folder / shard["file"], mmap_mode="r").shape[1])
-                break
-        position = store.next_position
-        pending: list[torch.Tensor] = []
-        pending_paths: list[str] = []
-        pending_skipped: list[dict] = []
-        shard_start = position
-        batches_done = 0
-
-        def flush():
-            nonlocal pending, pending_paths, pending_skipped, shard_start
-            if position > shard_start:
-                store.add(shard_start, position, pending, pending_paths, pending_skipped, embedding_dim or 0)
-            pending, pending_paths, pending_skipped, shard_start = [], [], [], position
-
-        bar = tqdm(total=len(files), initial=position, desc="Indexing gallery", unit="img", disable=not show_progress)
+        first = store.next_position
+        bar = tqdm(total=len(files), initial=first, desc="Indexing gallery", unit="img", disable=not show_progress)
         try:
-            while position < len(files):
-                if max_batches is not None and batches_done >= max_batches:
+            for start in range(first, len(files), batch_size):
+                if max_batches is not None and start - first >= max_batches * batch_size:
                     raise BuildInterrupted(
-                        f"stopped after {batches_done} batches ({position} of {len(files)} files done); "
+                        f"stopped after {max_batches} batches ({start} of {len(files)} files done); "
                         f"build again with the same model and folder to resume"
                     )
-                batch_files = files[position:position + batch_size]
-                images, names, batch_skipped = [], [], []
-                for name in batch_files:
-                    try:
-                        images.append(_open_image(gallery_dir / name))
-                        names.append(name)
-                    except Exception as error:  # any decoder failure means "unreadable"; reported below
-                        batch_skipped.append(dict(path=name, error=f"{type(error).__name__}: {error}"))
-                if images:
-                    try:
-                        embeddings = _encode_images(model, processor, images, device)
-                    except ValueError:  # the processor refused one of them: find which, keep the others
-                        kept, kept_names = [], []
-                        for image, name in zip(images, names):
-                            try:
-                                kept.append(_encode_images(model, processor, [image], device))
-                                kept_names.append(name)
-                            except ValueError as error:
-                                batch_skipped.append(dict(path=name, error=f"ValueError: {error}"))
-                        embeddings = torch.cat(kept) if kept else None
-                        names = kept_names
-                    if embeddings is not None:
-                        embedding_dim = int(embeddings.shape[1])
-                        pending.append(embeddings)
-                        pending_paths.extend(names)
-                # The batch is complete only now: an exception above leaves it out of the saved shard.
-                pending_skipped.extend(batch_skipped)
-                position += len(batch_files)
-                batches_done += 1
-                bar.update(len(batch_files))
-                if batches_done % shard_batches == 0:
-                    flush()
+                names = files[start:start + batch_size]
+                store.stage(start + len(names), *_embed_files(model, processor, gallery_dir, names))
+                if store.staged_batches == shard_batches:
+                    store.flush()
+                bar.update(len(names))
         finally:
-            flush()  # keep what was encoded, whether finished, interrupted or failed
+            store.flush()  # keep what was embedded, whether finished, interrupted or failed
             bar.close()
-            model.train(was_training)
 
         index = cls._assemble(store, output, dict(
             format_version=INDEX_FORMAT_VERSION,
             model_id=model_identifier(model, model_id),
             model_checksum=checksum,
             model_class=type(model).__name__,
-            embedding_dim=embedding_dim,
             image_size=list(getattr(processor, "image_size", []) or []) or None,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             gallery_dir=str(gallery_dir.resolve()),
@@ -556,7 +541,7 @@ class GalleryIndex:
             raise GalleryIndexError(
                 f"none of the {meta['num_files']} image files under {meta['gallery_dir']!r} could be read ({reasons})"
             )
-        embedding_dim = meta["embedding_dim"]
+        embedding_dim = store.embedding_dim()
         temporary = output / (EMBEDDINGS_FILE + ".tmp.npy")
         joined = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(len(paths), embedding_dim))
         row = 0
@@ -570,7 +555,7 @@ class GalleryIndex:
         del joined
         os.replace(temporary, output / EMBEDDINGS_FILE)
         _write_json(output / PATHS_FILE, paths)
-        meta = dict(meta, count=len(paths), skipped=skipped, num_skipped=len(skipped))
+        meta = dict(meta, embedding_dim=embedding_dim, count=len(paths), skipped=skipped, num_skipped=len(skipped))
         _write_json(output / META_FILE, meta)
         shutil.rmtree(store.folder, ignore_errors=True)
         return cls(np.load(output / EMBEDDINGS_FILE, mmap_mode="r"), paths, meta, output)
@@ -579,7 +564,7 @@ class GalleryIndex:
     @torch.no_grad()
     def from_images(cls, model, processor, images: Sequence[Any], batch_size: int = 64,
                     model_id: Optional[str] = None, show_progress: bool = False) -> "GalleryIndex":
-        """An in-memory index of a list of PIL images and/or image file paths (nothing written).
+        """An in-memory index of a list of images (anything `load_image` opens; nothing written).
 
         Paths are kept as given (`paths`, `None` if any item is a PIL image). Unreadable items raise:
         a list the caller assembled is expected to be valid, unlike a folder scan.
@@ -587,18 +572,7 @@ class GalleryIndex:
         images = list(images)
         if not images:
             raise GalleryIndexError("the gallery is an empty list of images")
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        chunks = []
-        try:
-            for start in tqdm(range(0, len(images), batch_size), desc="Encoding gallery", disable=not show_progress):
-                batch = [item if isinstance(item, Image.Image) else _open_image(Path(item))
-                         for item in images[start:start + batch_size]]
-                chunks.append(_encode_images(model, processor, batch, device))
-        finally:
-            model.train(was_training)
-        embeddings = torch.cat(chunks).numpy()
+        embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
         has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
         paths = [str(item) for item in images] if has_paths else None
         meta = dict(
@@ -716,24 +690,7 @@ class GalleryIndex:
         """
         if verify:
             self.verify_model(model, model_id)
-        queries = encode_texts(model, processor, texts)
-        return self.search(queries, top_k=top_k, **search_kwargs)
-
-
-def encode_texts(model, processor, texts: Union[str, Sequence[str]]) -> torch.Tensor:
-    """L2-normalised caption embeddings [num_texts, dim] (float32, CPU), model put in eval mode meanwhile."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    batch = processor(text=texts, return_tensors="pt")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            features = model.get_text_features(input_ids=batch["input_ids"].to(device),
-                                               attention_mask=batch["attention_mask"].to(device))
-    finally:
-        model.train(was_training)
-    return F.normalize(features.float(), dim=-1).cpu()
+        return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
 
 
 def import_faiss():
@@ -756,7 +713,6 @@ __all__ = [
     "IndexNotFoundError",
     "SearchResult",
     "StaleIndexError",
-    "encode_texts",
     "exact_top_k",
     "import_faiss",
     "list_images",

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
+from .data import without_image_decoding
 from .retrieval import evaluate_retrieval
 
 NEW_MODULE_PREFIXES = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
@@ -63,7 +64,9 @@ def augment_person_crops(
 class DecdTrainingCollator:
     """Rows of a training split (`image`, `caption`, `person_id`) -> a `DecdModel.forward` batch.
 
-    Adds `caption_quality`, and MCM inputs (`masked_input_ids`, `mcm_labels`) when `mask_captions`.
+    `image` may be anything `load_image` opens; `DecdTrainer` hands over the stored path or bytes, so
+    the processor opens each image the way every other entry point does. Adds `caption_quality`, and
+    MCM inputs (`masked_input_ids`, `mcm_labels`) when `mask_captions`.
     """
 
     processor: Any
@@ -155,7 +158,7 @@ class IdentityBalancedSampler(Sampler[int]):
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class DecdTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus DECD's recipe knobs (defaults: method.md's recipe)."""
+    """`TrainingArguments` plus DECD's recipe knobs (defaults: docs/method.md's recipe)."""
 
     new_module_lr_multiplier: float = field(
         default=5.0, metadata={"help": "Learning-rate multiplier of the new modules (decoder, heads) over the encoders."}
@@ -186,6 +189,8 @@ class DecdTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.train_dataset is not None:  # images reach the collator as stored; it opens them (load_image)
+            self.train_dataset = without_image_decoding(self.train_dataset)
         self._loss_part_sums: dict[str, float] = {}
         self._loss_part_count = 0
 
@@ -249,10 +254,8 @@ class DecdTrainer(Trainer):
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if eval_dataset is None or "gallery" not in eval_dataset or "queries" not in eval_dataset:
             raise ValueError("DecdTrainer.evaluate needs a dataset dict with 'gallery' and 'queries' splits.")
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
         metrics = evaluate_retrieval(
-            model,
+            self.accelerator.unwrap_model(self.model),
             self.processing_class,
             gallery=eval_dataset["gallery"],
             queries=eval_dataset["queries"],
@@ -261,7 +264,6 @@ class DecdTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
         )
-        model.train(was_training)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

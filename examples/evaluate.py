@@ -82,24 +82,6 @@ def check_model_dir(model_dir: Path) -> None:
         )
 
 
-def load_model(model_dir: Path, device):
-    from modeling_decd import DecdModel
-    from processing_decd import DecdProcessor
-
-    try:
-        model = DecdModel.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot load the DECD model from {model_dir}: {error}") from None
-    try:
-        processor = DecdProcessor.from_pretrained(str(model_dir))
-    except (OSError, ValueError, TypeError) as error:
-        raise SystemExit(
-            f"error: cannot load the DECD processor from {model_dir} ({error}); save it next to the model with "
-            "processor.save_pretrained(MODEL_DIR)"
-        ) from None
-    return model.to(device).eval(), processor
-
-
 def pick_queries(num_queries: int, count: int, seed: int) -> list[int]:
     """`count` distinct query indices, deterministic for a seed, in increasing order."""
     import numpy as np
@@ -127,9 +109,8 @@ def main(argv=None) -> dict:
     model_dir = Path(args.model_dir).expanduser().resolve()
     check_model_dir(model_dir)  # before the heavy imports, so that a wrong path fails at once
 
-    import torch
-
     from decd.data import PersonSearchDataError, load_person_search
+    from modeling_decd import ModelLoadError, load_model
     from decd.retrieval import evaluate_retrieval
     from decd.visualize import retrieval_grid_from_similarity
 
@@ -145,10 +126,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: cannot load {args.dataset_name!r} split {args.split!r}: {error}") from None
     gallery, queries = dataset["gallery"], dataset["queries"]
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, processor = load_model(model_dir, device)
+    try:
+        model, processor = load_model(model_dir, args.device)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
     logger.info("evaluating %s on %s/%s: %d queries, %d gallery images (device %s)",
-                model_dir, args.dataset_name, args.split, len(queries), len(gallery), device)
+                model_dir, args.dataset_name, args.split, len(queries), len(gallery), model.device)
 
     metrics, similarity = evaluate_retrieval(
         model, processor, gallery, queries, batch_size=args.batch_size, num_workers=args.num_workers,

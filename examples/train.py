@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from configuration_decd import DecdConfig  # noqa: E402
-from modeling_decd import DecdModel  # noqa: E402
+from modeling_decd import DecdModel, load_model  # noqa: E402
 from processing_decd import DecdProcessor  # noqa: E402
 
 from decd.hub import saved_model_type  # noqa: E402
@@ -127,9 +127,8 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
             raise SystemExit(f"--config_preset must be 'tiny' or 'base', got {model_args.config_preset!r}.")
         model = DecdModel(preset(num_identities=identities, **overrides))
         return model, DecdProcessor(image_size=model.config.image_size)
-    if saved_model_type(source) == "decd":
-        model = DecdModel.from_pretrained(source, num_identities=identities, use_decoder=True, **overrides)
-        return model, DecdProcessor.from_pretrained(source)
+    if saved_model_type(source) == "decd":  # continue training: the decoder and heads come back (fresh if detached)
+        return load_model(source, device="cpu", num_identities=identities, use_decoder=True, **overrides)
     overrides.setdefault("image_size", (384, 128))
     model = DecdModel.from_clip(source, num_identities=identities, **overrides)
     return model, DecdProcessor(image_size=model.config.image_size)

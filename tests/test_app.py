@@ -106,10 +106,10 @@ def direct_ranking(model, processor, paths, description):
     with torch.no_grad():
         text = processor(text=[description], return_tensors="pt")
         query = F.normalize(model.get_text_features(input_ids=text["input_ids"],
-                                                    attention_mask=text["attention_mask"]), dim=-1)
+                                                    attention_mask=text["attention_mask"]).pooler_output, dim=-1)
         images = [Image.open(path).convert("RGB") for path in paths]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        keys = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
+        keys = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     scores = (query @ keys.T)[0]
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [Path(paths[i]).name for i in order], [float(scores[i]) for i in order]

@@ -48,8 +48,8 @@ def _images():
 def _embed(model, processor):
     inputs = processor(text=CAPTIONS, images=_images(), return_tensors="pt")
     with torch.no_grad():
-        return (model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
-                model.get_image_features(inputs["pixel_values"]))
+        return (model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
+                model.get_image_features(inputs["pixel_values"]).pooler_output)
 
 
 def _weight_names(repo_files: dict) -> list[str]:
@@ -194,8 +194,8 @@ def test_remote_code_from_the_hub_without_the_package(hub, published, tmp_path):
     images = [Image.new("RGB", (40, 90), (200, 30, 30)), Image.new("RGB", (64, 128), (20, 40, 220))]
     inputs = processor(text={CAPTIONS!r}, images=images, return_tensors="pt")
     with torch.no_grad():
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-        image = model.get_image_features(inputs["pixel_values"])
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        image = model.get_image_features(inputs["pixel_values"]).pooler_output
     classifier = pipeline("zero-shot-image-classification", model=repo_id, trust_remote_code=True)
     ranked = classifier(images[0], candidate_labels={CAPTIONS!r}, hypothesis_template="{{}}")
     scores = [r["score"] for r in ranked]

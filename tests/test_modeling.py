@@ -61,8 +61,8 @@ def test_outputs_are_normalised_and_logits_scaled():
     with torch.no_grad():
         output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"])
-        text = model.get_text_features(batch["input_ids"], batch["attention_mask"])
-        image = model.get_image_features(batch["pixel_values"])
+        text = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+        image = model.get_image_features(batch["pixel_values"]).pooler_output
     assert output.loss is None
     assert text.shape == image.shape == (len(batch["input_ids"]), model.config.projection_dim)
     assert text.dtype == torch.float32
@@ -209,8 +209,8 @@ def test_from_clip_square_matches_clip_features(tmp_path):
     with torch.no_grad():
         expected_text = clip.get_text_features(input_ids=ids, attention_mask=attention).pooler_output
         expected_image = clip.get_image_features(pixel_values=pixels).pooler_output
-        assert torch.allclose(model.get_text_features(ids, attention), expected_text, atol=1e-5)
-        assert torch.allclose(model.get_image_features(pixels), expected_image, atol=1e-5)
+        assert torch.allclose(model.get_text_features(ids, attention).pooler_output, expected_text, atol=1e-5)
+        assert torch.allclose(model.get_image_features(pixels).pooler_output, expected_image, atol=1e-5)
     # The mask token's embedding starts at the mean of CLIP's token embeddings.
     tokens = model.text_model.embeddings.token_embedding.weight
     assert torch.allclose(tokens[1000], clip.text_model.embeddings.token_embedding.weight.mean(0), atol=1e-6)
@@ -232,7 +232,7 @@ def test_from_clip_non_square_resizes_position_embeddings_once(tmp_path):
     reloaded = DecdModel.from_pretrained(tmp_path / "decd")
     assert reloaded.vision_model.embeddings.position_embedding.weight.shape == (13, 48)
     with torch.no_grad():
-        features = reloaded.get_image_features(torch.randn(2, 3, 48, 16))
+        features = reloaded.get_image_features(torch.randn(2, 3, 48, 16)).pooler_output
     assert features.shape == (2, 24)
 
 
@@ -274,9 +274,9 @@ def test_config_rejects_image_size_not_divisible_by_patch():
 def test_model_rejects_wrong_pixel_size():
     model = DecdModel(tiny_config())
     with pytest.raises(ValueError, match=r"expects 128x64"):
-        model.get_image_features(torch.randn(1, 3, 224, 224))
+        model.get_image_features(torch.randn(1, 3, 224, 224)).pooler_output
     with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
-        model.get_image_features(torch.randn(1, 1, 128, 64))
+        model.get_image_features(torch.randn(1, 1, 128, 64)).pooler_output
 
 
 def test_overlong_captions_are_cut_keeping_end_of_text():
@@ -285,11 +285,11 @@ def test_overlong_captions_are_cut_keeping_end_of_text():
     ids = torch.randint(0, 49000, (1, 100))
     ids[0, 0], ids[0, -1] = 49406, 49407
     with pytest.warns(UserWarning, match="exceed the 77-token context"):
-        features = model.get_text_features(ids, torch.ones_like(ids))
+        features = model.get_text_features(ids, torch.ones_like(ids)).pooler_output
     cut = ids[:, :77].clone()
     cut[0, -1] = 49407
     with torch.no_grad():
-        assert torch.allclose(features, model.get_text_features(cut, torch.ones_like(cut)), atol=1e-6)
+        assert torch.allclose(features, model.get_text_features(cut, torch.ones_like(cut)).pooler_output, atol=1e-6)
 
 
 def test_other_model_type_checkpoint_is_refused(tmp_path):

@@ -399,23 +399,49 @@ def test_bad_text_is_refused(processor, text, message):
 @pytest.mark.parametrize(
     "bad_image, message",
     [
-        (PIL.Image.new("F", (8, 8)), "mode 'F'"),
-        (PIL.Image.new("I", (8, 8)), "mode 'I'"),
-        (PIL.Image.new("I;16", (8, 8)), "mode 'I;16'"),
-        (np.zeros((8, 8, 4), dtype=np.uint8), "1 or 3"),
-        (np.zeros((8, 8, 2), dtype=np.uint8), "1 or 3"),
+        (np.zeros((8, 8, 2), dtype=np.uint8), "1, 3 or 4"),
         (np.zeros((0, 8, 3), dtype=np.uint8), "empty"),
         (np.zeros((8, 0), dtype=np.uint8), "empty"),
-        (torch.zeros(2, 8, 8), "1 or 3"),
-        (np.full((8, 8, 3), 2.0), "outside"),
-        ("not an image", "str"),
+        (torch.zeros(2, 8, 8), "1, 3 or 4"),
+        (np.full((8, 8, 3), np.nan), "NaN"),
+        (np.zeros((8, 8, 3), dtype=bool), "not an image"),
+        (PIL.Image.new("RGB", (0, 5)), "empty"),
+        ("no/such/file.png", "no such image file"),
+        (b"not an image at all", "not a readable image"),
+        (3.5, "float"),
     ],
 )
 def test_bad_image_is_refused_with_its_index(processor, bad_image, message):
     good = PIL.Image.new("RGB", (8, 8))
     with pytest.raises(ValueError, match=message) as error:
         processor(images=[good, good, bad_image])
-    assert "Image 2" in str(error.value)
+    assert ("Image 2" if not isinstance(bad_image, str) else bad_image) in str(error.value)
+
+
+def test_high_bit_depth_and_float_images_are_scaled_by_their_range_not_clipped(processor):
+    ramp16 = np.linspace(0, 65535, 8 * 8).reshape(8, 8).astype(np.uint16)
+    ramp8 = np.rint(ramp16 / 65535 * 255).astype(np.uint8)
+    expected = processor(images=PIL.Image.fromarray(ramp8))["pixel_values"]
+    for image in (PIL.Image.fromarray(ramp16), ramp16, PIL.Image.fromarray(ramp16.astype(np.int32), mode="I"),
+                  PIL.Image.fromarray((ramp16 / 65535).astype(np.float32)), ramp16.astype(np.float64) / 65535):
+        assert torch.equal(processor(images=image)["pixel_values"], expected), type(image)
+    # Floats outside [0, 1] are stretched from their own range: 0..1000 reads like 0..1.
+    stretched = processor(images=np.full((8, 8, 3), 1000.0) * np.linspace(0, 1, 8)[None, :, None])["pixel_values"]
+    assert torch.equal(stretched, processor(images=np.ones((8, 8, 3)) * np.linspace(0, 1, 8)[None, :, None])
+                       ["pixel_values"])
+
+
+def test_alpha_is_composited_onto_white_for_every_alpha_mode(processor):
+    white = processor(images=PIL.Image.new("RGB", (8, 8), (255, 255, 255)))["pixel_values"]
+    transparent = [PIL.Image.new("RGBA", (8, 8), (10, 20, 30, 0)), PIL.Image.new("LA", (8, 8), (10, 0)),
+                   np.zeros((8, 8, 4), dtype=np.uint8)]
+    palette = PIL.Image.new("P", (8, 8), 0)
+    palette.info["transparency"] = 0
+    for image in transparent + [palette]:
+        assert torch.equal(processor(images=image)["pixel_values"], white)
+    half = processor(images=PIL.Image.new("RGBA", (8, 8), (0, 0, 0, 128)))["pixel_values"][0, :, 0, 0]
+    grey = processor(images=PIL.Image.new("RGB", (8, 8), (127, 127, 127)))["pixel_values"][0, :, 0, 0]
+    assert torch.allclose(half, grey, atol=0.02)
 
 
 def test_nothing_given_is_refused(processor):

@@ -47,8 +47,8 @@ def _save_model(folder: Path, detach=False, seed=0):
 def _embed(model, processor):
     inputs = processor(text=CAPTIONS, images=_images(), return_tensors="pt")
     with torch.no_grad():
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-        image = model.get_image_features(inputs["pixel_values"])
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        image = model.get_image_features(inputs["pixel_values"]).pooler_output
     return text, image
 
 
@@ -122,8 +122,8 @@ def test_remote_code_from_hub_cache_without_the_package(tmp_path):
     images = [Image.new("RGB", (40, 90), (200, 30, 30)), Image.new("RGB", (64, 128), (20, 40, 220))]
     inputs = processor(text={CAPTIONS!r}, images=images, return_tensors="pt")
     with torch.no_grad():
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
-        image = model.get_image_features(inputs["pixel_values"])
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        image = model.get_image_features(inputs["pixel_values"]).pooler_output
     save_file({{"text": text, "image": image}}, "remote.safetensors")
     """
     _run_without_package(tmp_path, body, cache)

@@ -95,7 +95,7 @@ def test_embeddings_are_the_model_s_normalised_image_features(workspace):
     index, model, processor = workspace["index"], workspace["model"], workspace["processor"]
     images = [Image.open(workspace["gallery"] / path).convert("RGB") for path in index.paths[:3]]
     with torch.no_grad():
-        features = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        features = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).pooler_output
     np.testing.assert_allclose(np.asarray(index.embeddings[:3]), F.normalize(features, dim=-1).numpy(), atol=1e-5)
 
 
@@ -137,7 +137,7 @@ class _FailingProcessor:
 
     def __init__(self, processor, fail_at=None):
         self.processor, self.fail_at, self.image_calls = processor, fail_at, 0
-        self.image_size = processor.image_size
+        self.image_size, self.load_image = processor.image_size, processor.load_image
 
     def __call__(self, *args, **kwargs):
         if kwargs.get("images") is not None:
@@ -202,7 +202,7 @@ def test_text_search_equals_brute_force_cosine_ranking(workspace):
     result = index.search_text(model, processor, texts, top_k=len(index) + 5)  # clamped to the gallery size
     with torch.no_grad():
         batch = processor(text=texts, return_tensors="pt")
-        queries = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        queries = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
     order, scores = _brute_force(queries, index.embeddings, len(index))
     assert result.indices.shape == (3, len(index))
     np.testing.assert_array_equal(result.indices.numpy(), order)
