@@ -444,19 +444,25 @@ class DecdModel(DecdPreTrainedModel):
         parameter, config = self.log_logit_scale, self.config
         if parameter.is_meta or parameter.numel() != 1:  # not materialised here (meta device, ZeRO-3 partition)
             return
-        current = float(torch.exp(-parameter.detach().float()))
-        differs = not math.isclose(current, config.temperature, rel_tol=1e-6)
+        log_scale = float(parameter.detach().float())
+        current = float(torch.exp(-parameter.detach().float()))  # exactly what `self.temperature` reports
+        # Equal up to the parameter's precision (a bfloat16 log-scale cannot hold 0.2 any closer).
+        tolerance = max(1e-6, 2 * torch.finfo(parameter.dtype).eps * max(1.0, abs(log_scale)))
+
+        def differs(temperature: float) -> bool:
+            return not math.isclose(current, temperature, rel_tol=tolerance)
+
         if temperature_override is not None:
-            if not math.isclose(current, temperature_override, rel_tol=1e-6):
+            if differs(temperature_override):
                 logger.info("Temperature %.6g requested explicitly: it replaces the stored temperature %.6g.",
                             temperature_override, current)
             config.temperature = float(temperature_override)
         elif config.learnable_temperature:
-            if differs:
+            if differs(config.temperature):
                 logger.info("Learnable temperature: the config's %.6g is updated to the trained value %.6g.",
                             config.temperature, current)
                 config.temperature = current
-        elif differs:
+        elif differs(config.temperature):
             logger.warning("Fixed temperature: the weights held %.6g but the config fixes it at %.6g; using %.6g.",
                            current, config.temperature, config.temperature)
         if temperature_override is not None or not config.learnable_temperature:
