@@ -108,7 +108,7 @@ def test_explicit_temperature_override_wins_and_is_logged(tmp_path, caplog):
     assert sum("0.05" in message and "0.25" in message for message in messages) == 2, messages
 
 
-def test_the_logits_and_the_loss_use_the_overridden_temperature(tmp_path):
+def test_the_logits_use_the_overridden_temperature(tmp_path):
     from .helpers import random_batch
 
     DecdModel(tiny_config(temperature=0.2)).save_pretrained(tmp_path / "fixed")
@@ -118,6 +118,18 @@ def test_the_logits_and_the_loss_use_the_overridden_temperature(tmp_path):
         output = model(**batch)
     cosine = output.text_embeds @ output.image_embeds.t()
     assert torch.allclose(output.logits_per_text, cosine / 0.02, atol=1e-4)
+
+
+def test_half_precision_load_keeps_the_config_and_warns_about_nothing(tmp_path, caplog):
+    DecdModel(tiny_config(temperature=0.2)).save_pretrained(tmp_path / "fixed")
+    caplog.set_level(logging.INFO, logger="modeling_decd")
+    for learnable in (False, True):
+        model = DecdModel.from_pretrained(tmp_path / "fixed", dtype=torch.bfloat16, learnable_temperature=learnable)
+        assert model.log_logit_scale.dtype == torch.bfloat16
+        assert model.config.temperature == 0.2  # not the bfloat16-rounded 0.2002
+        assert model.log_logit_scale.requires_grad is learnable
+        assert float(model.temperature.detach()) == pytest.approx(0.2, rel=1e-2)
+    assert not [record for record in caplog.records if record.name == "modeling_decd"]
 
 
 def test_learnable_flag_given_on_load_decides_trainability(tmp_path):
