@@ -13,6 +13,7 @@ transformers and its two sibling modules.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ try:  # relative imports when loaded as Hub remote code (transformers copies the
 except ImportError:  # installed as top-level modules
     from configuration_decd import DecdConfig
     from processing_decd import DecdProcessor
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,6 +396,8 @@ class DecdModel(DecdPreTrainedModel):
         self.log_logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learnable_temperature
         )
+        # Loading a state dict (Trainer resume, best-model reload, converters) overwrites it: re-apply the config.
+        self.register_load_state_dict_post_hook(_sync_after_load_state_dict)
         self.decoder = self.mcm_head = self.identity_classifier = None
         if config.use_decoder:
             self.decoder = DecdCrossModalDecoder(config)
@@ -470,6 +475,64 @@ class DecdModel(DecdPreTrainedModel):
     @property
     def temperature(self) -> torch.Tensor:
         return torch.exp(-self.log_logit_scale)
+
+    def _sync_with_config(self, temperature_override: float | None = None) -> None:
+        """Make the parameters that follow the config agree with it. Runs after every way of loading weights
+        (`from_pretrained`, `load_state_dict`, a Trainer resume) and before `save_pretrained`.
+
+        The temperature: an explicit `temperature_override` sets it (config and parameter); a learnable one keeps
+        its loaded or trained value, which the config then states; a fixed one is the config's, whatever the
+        weights held. Its `requires_grad` is `config.learnable_temperature`, always.
+        """
+        parameter, config = self.log_logit_scale, self.config
+        if parameter.is_meta or parameter.numel() != 1:  # not materialised here (meta device, ZeRO-3 partition)
+            return
+        log_scale = float(parameter.detach().float())
+        current = float(torch.exp(-parameter.detach().float()))  # exactly what `self.temperature` reports
+        # Equal up to the parameter's precision (a bfloat16 log-scale cannot hold 0.2 any closer).
+        tolerance = max(1e-6, 2 * torch.finfo(parameter.dtype).eps * max(1.0, abs(log_scale)))
+
+        def differs(temperature: float) -> bool:
+            return not math.isclose(current, temperature, rel_tol=tolerance)
+
+        if temperature_override is not None:
+            if differs(temperature_override):
+                logger.info("Temperature %.6g requested explicitly: it replaces the stored temperature %.6g.",
+                            temperature_override, current)
+            config.temperature = float(temperature_override)
+        elif config.learnable_temperature:
+            if differs(config.temperature):
+                logger.info("Learnable temperature: the config's %.6g is updated to the trained value %.6g.",
+                            config.temperature, current)
+                config.temperature = current
+        elif differs(config.temperature):
+            logger.warning("Fixed temperature: the weights held %.6g but the config fixes it at %.6g; using %.6g.",
+                           current, config.temperature, config.temperature)
+        if temperature_override is not None or not config.learnable_temperature:
+            with torch.no_grad():
+                parameter.fill_(math.log(1.0 / config.temperature))
+        parameter.requires_grad_(config.learnable_temperature)
+
+    @classmethod
+    def _requested_temperature(cls, pretrained_model_name_or_path, kwargs: dict) -> float | None:
+        """The temperature a `from_pretrained` call asks for explicitly, or None: a `temperature=` keyword, or
+        a config object (e.g. built by `AutoModel` from that keyword) whose temperature differs from the saved one."""
+        if kwargs.get("temperature") is not None:
+            return float(kwargs["temperature"])
+        config = kwargs.get("config")
+        if not isinstance(config, DecdConfig) or pretrained_model_name_or_path is None:
+            return None
+        download = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+        try:
+            saved, _ = DecdConfig.get_config_dict(
+                pretrained_model_name_or_path, **{name: kwargs[name] for name in download if name in kwargs}
+            )
+        except (OSError, ValueError):
+            return None
+        stored = saved.get("temperature")
+        if stored is None or math.isclose(stored, config.temperature, rel_tol=1e-6):
+            return None
+        return float(config.temperature)
 
     # ---- encoders -------------------------------------------------------------------------------
     def _fit_context(self, input_ids, attention_mask):
@@ -654,10 +717,19 @@ class DecdModel(DecdPreTrainedModel):
         """Load a saved DECD model (folder or Hub id). Weights are read from safetensors only: a checkpoint
         that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled."""
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        temperature = cls._requested_temperature(pretrained_model_name_or_path, kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # transformers re-creates every floating-point parameter as trainable and writes the stored weights over
+        # the config's values: re-apply the config (see `_sync_with_config`).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._sync_with_config(temperature_override=temperature)
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class."""
+        """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class.
+
+        The saved config states the temperature the model uses (a learnable one: its trained value)."""
+        self._sync_with_config()
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(AUTO_MAP)
         self.config.auto_map = auto_map
@@ -789,6 +861,10 @@ def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: b
     texts = [texts] if isinstance(texts, str) else texts
     return _embed(model, texts, _CaptionBatch(processor), model.get_text_features, batch_size, show_progress,
                   accelerator, num_workers, "Embedding captions")
+
+
+def _sync_after_load_state_dict(module: DecdModel, incompatible_keys) -> None:
+    module._sync_with_config()
 
 
 AUTO_MAP = {
