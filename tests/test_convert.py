@@ -389,6 +389,10 @@ def _bad_checkpoint(kind, openai_model_code, path: Path) -> tuple[Path, str, lis
     if kind == "transformers-layout":
         torch.save({"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 16, 16)}, path)
         return path, "DecdModel.from_clip", []
+    if kind == "resnet":
+        torch.manual_seed(0)
+        torch.save(openai_model_code.CLIP(32, 64, (1, 1, 1, 1), 32, None, 77, 49408, 64, 1, 1).state_dict(), path)
+        return path, "ResNet CLIP", []
     state = _reference_clip(openai_model_code, (24, 8)).state_dict()
     if kind == "truncated":
         torch.save(state, path)
@@ -425,7 +429,7 @@ def _bad_checkpoint(kind, openai_model_code, path: Path) -> tuple[Path, str, lis
     return path, message, []
 
 
-BAD = ["torchscript", "pickled-module", "unknown-layout", "transformers-layout", "truncated", "wrong-projection",
+BAD = ["torchscript", "pickled-module", "unknown-layout", "resnet", "transformers-layout", "truncated", "wrong-projection",
        "wrong-attention", "wrong-mlp", "extra-tensor", "missing-tensor", "ambiguous-grid", "wrong-vocabulary",
        "irra-flag-on-openai-file"]
 
@@ -453,7 +457,7 @@ def test_ambiguous_grid_converts_with_image_size(openai_model_code, tmp_path):
 
 
 def test_safetensors_source_and_console_module(converted, tmp_path):
-    """An OpenAI-layout .safetensors file converts like the .pt file; `python -m decd.convert` fails in one line."""
+    """.safetensors and open_clip's wrapped state dict convert like the .pt file; `python -m decd.convert` fails in one line."""
     state = torch.load(converted["root"] / "openai-224-fp32.pt", weights_only=True)
     save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / "clip.safetensors")
     convert_checkpoint(tmp_path / "clip.safetensors", tmp_path / "out")
@@ -461,6 +465,12 @@ def test_safetensors_source_and_console_module(converted, tmp_path):
         converted["root"] / "openai-224-fp32" / "model.safetensors").keys()
     for key, value in load_file(tmp_path / "out" / "model.safetensors").items():
         assert torch.equal(value, load_file(converted["root"] / "openai-224-fp32" / "model.safetensors")[key]), key
+    # open_clip's training checkpoints: {"epoch", "state_dict": {"module." + key}}.
+    torch.save({"epoch": 3, "state_dict": {"module." + key: value for key, value in state.items()}},
+               tmp_path / "open_clip.pt")
+    assert convert_checkpoint(tmp_path / "open_clip.pt", tmp_path / "open_clip").format == "openai-clip"
+    for key, value in load_file(tmp_path / "open_clip" / "model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "out" / "model.safetensors")[key]), key
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "clip.safetensors").read_bytes()[:5000])
     result = subprocess.run([sys.executable, "-m", "decd.convert", str(tmp_path / "cut.safetensors"),
                              str(tmp_path / "cut")], cwd=REPO, capture_output=True, text=True, timeout=300,
