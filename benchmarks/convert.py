@@ -157,9 +157,9 @@ def main(argv=None) -> dict:
             },
         }
     print(f"Median: {summary['median_convert_seconds']:.2f} s to convert (+ {summary['median_import_seconds']:.1f} s "
-          f"imports), peak RSS {summary['median_peak_rss_mib']:.0f} MiB ({summary['median_peak_rss_after_imports_mib']:.0f}"
-          f" MiB after imports); {summary['source_mib']:.0f} MiB fp16 in, "
-          f"{summary['output_model_safetensors_mib']:.0f} MiB float32 out")
+          f"imports), peak RSS {summary['median_peak_rss_mib']:.0f} MiB "
+          f"({summary['median_peak_rss_after_imports_mib']:.0f} MiB after imports); "
+          f"{summary['source_mib']:.0f} MiB fp16 in, {summary['output_model_safetensors_mib']:.0f} MiB float32 out")
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -82,6 +82,10 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and what to do."""
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 @dataclass
 class ConversionReport:
     """What `convert_checkpoint` did: where the weights came from and what was left behind."""
@@ -103,16 +107,16 @@ class ConversionReport:
         sizes = self.sizes
         lines = [
             f"Converted {self.source} ({self.format}, sha256 {self.sha256[:16]}...) to {self.output_dir}",
-            f"  vision: width {sizes['vision_width']}, {sizes['vision_layers']} layers, {sizes['vision_heads']} heads, "
-            f"patch {sizes['patch_size']}, grid {sizes['grid'][0]} x {sizes['grid'][1]} "
-            f"(image {self.image_size[0]} x {self.image_size[1]})",
-            f"  text: width {sizes['text_width']}, {sizes['text_layers']} layers, {sizes['text_heads']} heads, "
-            f"context {sizes['context_length']}, vocabulary {sizes['vocab_size']} + 1 mask token; "
-            f"projection {sizes['projection_dim']}",
+            f"  vision: width {sizes['vision_width']}, {sizes['vision_layers']} layers, "
+            f"{_plural(sizes['vision_heads'], 'head')}, patch {sizes['patch_size']}, "
+            f"grid {sizes['grid'][0]} x {sizes['grid'][1]} (image {self.image_size[0]} x {self.image_size[1]})",
+            f"  text: width {sizes['text_width']}, {sizes['text_layers']} layers, "
+            f"{_plural(sizes['text_heads'], 'head')}, context {sizes['context_length']}, "
+            f"vocabulary {sizes['vocab_size']} + 1 mask token; projection {sizes['projection_dim']}",
             f"  weights: {', '.join(self.source_dtypes)} -> {self.dtype}; temperature {self.temperature}",
         ]
         if self.dropped:
-            parts = [f"{name} ({count} tensors, {self.dropped_parameters[name]:,} values)"
+            parts = [f"{name} ({_plural(count, 'tensor')}, {_plural(self.dropped_parameters[name], 'value')})"
                      for name, count in self.dropped.items()]
             lines.append("  dropped: " + "; ".join(parts))
         else:
@@ -146,7 +150,7 @@ def _is_torchscript(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError):
         return False
     # torch.jit.save writes code/ and constants.pkl next to data.pkl; torch.save never does.
-    return any(name.split("/", 1)[-1] in ("constants.pkl",) or "/code/" in name or name.startswith("code/")
+    return any(name.split("/", 1)[-1] == "constants.pkl" or name.startswith("code/") or "/code/" in name
                for name in names)
 
 
@@ -328,7 +332,8 @@ def infer_sizes(encoder: dict, image_size: Optional[Sequence[int]], vision_heads
     projection = need("visual.proj")
     text_projection = need("text_projection")
     if projection.dim() != 2 or projection.shape[0] != vision_width:
-        raise ConversionError(f"{path}: visual.proj has shape {tuple(projection.shape)}; expected [{vision_width}, dim].")
+        raise ConversionError(
+            f"{path}: visual.proj has shape {tuple(projection.shape)}; expected [{vision_width}, dim].")
     if text_projection.dim() != 2 or text_projection.shape[0] != text_width:
         raise ConversionError(
             f"{path}: text_projection has shape {tuple(text_projection.shape)}; expected [{text_width}, dim].")
@@ -581,6 +586,8 @@ def convert_checkpoint(
     temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
     if not temperature > 0:
         raise ConversionError(f"--temperature must be positive, got {temperature}.")
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file.")
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ConversionError(f"{output} exists and is not a folder.")
@@ -645,7 +652,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="decd-convert",
         description="Convert an IRRA-family or OpenAI-layout CLIP ViT checkpoint into a DECD model folder.",
     )
-    parser.add_argument("source", metavar="SOURCE", help="checkpoint file (IRRA best.pth, CLIP state dict, .safetensors)")
+    parser.add_argument("source", metavar="SOURCE",
+                        help="checkpoint file (IRRA best.pth, CLIP state dict, .safetensors)")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="DECD model folder to write")
     parser.add_argument("--format", choices=FORMATS, default=None, help="source layout (default: detected)")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
@@ -663,6 +671,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `decd-convert`: 0 on success, 1 with one line on stderr for a checkpoint it cannot convert."""
     arguments = _build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    progress_bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # the summary below says what was written
     try:
         report = convert_checkpoint(
             arguments.source, arguments.output_dir, format=arguments.format, image_size=arguments.image_size,
@@ -672,6 +684,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConversionError as error:
         print(f"decd-convert: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
+    finally:
+        if progress_bars:
+            transformers_logging.enable_progress_bar()
     print(report.summary())
     return 0
 

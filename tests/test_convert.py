@@ -429,11 +429,12 @@ def _bad_checkpoint(kind, openai_model_code, path: Path) -> tuple[Path, str, lis
     return path, message, []
 
 
-BAD = ["torchscript", "pickled-module", "unknown-layout", "resnet", "transformers-layout", "truncated", "wrong-projection",
-       "wrong-attention", "wrong-mlp", "extra-tensor", "missing-tensor", "ambiguous-grid", "wrong-vocabulary",
-       "irra-flag-on-openai-file"]
+BAD = ["torchscript", "pickled-module", "unknown-layout", "resnet", "transformers-layout", "truncated",
+       "wrong-projection", "wrong-attention", "wrong-mlp", "extra-tensor", "missing-tensor", "ambiguous-grid",
+       "wrong-vocabulary", "irra-flag-on-openai-file"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.s:DeprecationWarning")  # building the TorchScript file
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_checkpoints_give_clear_errors(kind, openai_model_code, tmp_path, capsys):
     path, message, flags = _bad_checkpoint(kind, openai_model_code, tmp_path / f"{kind}.pt")
@@ -457,7 +458,9 @@ def test_ambiguous_grid_converts_with_image_size(openai_model_code, tmp_path):
 
 
 def test_safetensors_source_and_console_module(converted, tmp_path):
-    """.safetensors and open_clip's wrapped state dict convert like the .pt file; `python -m decd.convert` fails in one line."""
+    """.safetensors and open_clip's wrapped state dict convert like the .pt file.
+
+    `python -m decd.convert` on a truncated file fails in one line."""
     state = torch.load(converted["root"] / "openai-224-fp32.pt", weights_only=True)
     save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / "clip.safetensors")
     convert_checkpoint(tmp_path / "clip.safetensors", tmp_path / "out")
