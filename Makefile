@@ -11,9 +11,12 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# openai-clip: OpenAI's original CLIP code, the reference of tests/test_convert.py; --no-deps because its
+# declared dependencies pull torchvision and another torch build.
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test,app,faiss]"
+	$(BIN)/python -m pip install -q --no-deps openai-clip==1.0.1
 	touch $@
 
 setup: $(VENV)/.installed
