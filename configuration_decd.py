@@ -6,6 +6,8 @@ so it imports nothing but ``transformers``.
 
 from __future__ import annotations
 
+import math
+
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
 CAPTION_QUALITY_MODES = ("density", "uniform", "none")
@@ -104,6 +106,7 @@ class DecdConfig(PreTrainedConfig):
         if isinstance(self.vision_config, dict):
             self.vision_config = CLIPVisionConfig(**self.vision_config)
         super().__post_init__(**kwargs)
+        self._check_types()
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         self.image_size = tuple(int(side) for side in self.image_size)
@@ -112,6 +115,46 @@ class DecdConfig(PreTrainedConfig):
         self.text_config.projection_dim = self.projection_dim
         self.vision_config.projection_dim = self.projection_dim
         self._validate()
+
+    def _check_types(self):
+        """Refuse a value of the wrong type (e.g. from a hand-edited config.json), naming the field."""
+        def fail(name, expected):
+            value = getattr(self, name)
+            raise ValueError(f"DecdConfig.{name} must be {expected}, got {value!r} ({type(value).__name__}); "
+                             "fix it in config.json or pass a valid value.")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name, (check, expected) in {
+            "projection_dim": (lambda v: is_int(v) and v > 0, "a positive integer"),
+            "decoder_layers": (lambda v: is_int(v) and v > 0, "a positive integer"),
+            "decoder_hidden_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
+            "decoder_attention_heads": (lambda v: is_int(v) and v > 0, "a positive integer"),
+            "decoder_intermediate_size": (lambda v: is_int(v) and v > 0, "a positive integer"),
+            "num_identities": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+            "mask_token_id": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+            "temperature": (lambda v: is_number(v) and v > 0, "a positive number"),
+            "sew_margin": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+            "sew_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+            "mcm_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+            "id_weight": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+            "initializer_range": (lambda v: is_number(v) and v > 0, "a positive number"),
+            "initializer_factor": (lambda v: is_number(v) and v > 0, "a positive number"),
+            "learnable_temperature": (lambda v: isinstance(v, bool), "true or false"),
+            "use_decoder": (lambda v: isinstance(v, bool), "true or false"),
+            "caption_quality": (lambda v: isinstance(v, str), f"one of {CAPTION_QUALITY_MODES}"),
+        }.items():
+            if not check(getattr(self, name)):
+                fail(name, expected)
+        size = self.image_size
+        if not (is_int(size) and size > 0) and not (
+            isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(side) and side > 0 for side in size)
+        ):
+            fail("image_size", "[height, width] (two positive integers)")
 
     def _validate(self):
         if len(self.image_size) != 2 or min(self.image_size) <= 0:

@@ -25,6 +25,7 @@ import logging
 import ntpath
 import os
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from processing_decd import load_image
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 20
+_INTEGER_ID = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() also takes "٤٢" and "1_000"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Verifying images is I/O bound; a progress bar only pays off for large splits.
 PROGRESS_BAR_MIN_IMAGES = 2000
 
@@ -133,13 +136,17 @@ def _describe(index: int, record: Any, path_fields: tuple[str, ...]) -> str:
 
 
 def _resolve_image(image_root: Path, relative: str) -> Optional[Path]:
-    """The image path under `image_root`, or None when `relative` is absolute or escapes it."""
+    """The image path under `image_root`, or None when `relative` is absolute or escapes it (also by a symlink)."""
     if posixpath.isabs(relative) or ntpath.isabs(relative) or ntpath.splitdrive(relative)[0]:
         return None
     normalized = posixpath.normpath(relative.replace("\\", "/"))
     if normalized == ".." or normalized.startswith("../") or normalized == ".":
         return None
-    return image_root / normalized
+    path = image_root / normalized
+    # A symbolic link (of the file or of a folder on the way) may still lead outside the image folder.
+    if not path.resolve().is_relative_to(image_root.resolve()):
+        return None
+    return path
 
 
 def _verify_image(path: Path) -> Optional[str]:
@@ -147,7 +154,7 @@ def _verify_image(path: Path) -> Optional[str]:
     try:
         load_image(path, name=str(path))
     except ValueError as error:  # load_image names the file and says what is wrong
-        return str(error).removeprefix(f"{path}: ")
+        return str(error).removeprefix(f"{path}: ").removesuffix("; replace the file.")
     return None
 
 
@@ -352,12 +359,16 @@ def _check_record(index: int, record: dict, dataset_format: DatasetFormat, image
         problem(index, record, "missing field 'id'")
         ok = False
     elif isinstance(person_id, bool) or not isinstance(person_id, (int, str)) or (
-        isinstance(person_id, str) and not person_id.strip().lstrip("-").isdigit()
+        isinstance(person_id, str) and not _INTEGER_ID.fullmatch(person_id.strip())
     ):
-        problem(index, record, f"'id' must be an integer, got {person_id!r}")
+        problem(index, record, f"'id' must be an integer (or a string of ASCII digits such as \"0042\"), "
+                               f"got {_short(person_id)}")
+        ok = False
+    elif not _INT64_MIN <= int(person_id) <= _INT64_MAX:
+        problem(index, record, f"'id' {_short(person_id)} does not fit in 64 bits; renumber the identities")
         ok = False
     else:
-        person_id = int(person_id)
+        person_id = int(person_id)  # "0042" and 42 name the same identity
 
     path_field = next((name for name in dataset_format.path_fields if name in record), None)
     image_path = None

@@ -17,6 +17,10 @@ from .retrieval import evaluate_retrieval
 NEW_MODULE_PREFIXES = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step, the loss part and likely causes."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Augmentation (IRRA): flip 0.5, pad 10 + random crop back, random erasing (p 0.5, area 0.02-0.4)
 # ----------------------------------------------------------------------------------------------------
@@ -230,6 +234,8 @@ class DecdTrainer(Trainer):
     # ---- per-loss logging ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(self._explain_non_finite(outputs))
         if model.training:
             for name in ("loss_sew", "loss_mcm", "loss_id"):
                 value = outputs.get(name)
@@ -237,6 +243,20 @@ class DecdTrainer(Trainer):
                     self._loss_part_sums[name] = self._loss_part_sums.get(name, 0.0) + float(value.detach())
             self._loss_part_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _explain_non_finite(self, outputs) -> str:
+        parts = {name: outputs.get(name) for name in ("loss_sew", "loss_mcm", "loss_id")}
+        bad = [name for name, value in parts.items() if value is not None and not torch.isfinite(value.detach()).all()]
+        model = self.accelerator.unwrap_model(self.model)
+        weights_bad = any(not torch.isfinite(parameter.detach()).all() for parameter in model.parameters())
+        return (
+            f"the training loss is not finite at step {self.state.global_step + 1} "
+            f"({', '.join(bad) if bad else 'the weighted total'} went non-finite"
+            f"{'; the weights already hold NaN or inf' if weights_bad else ''}). Likely causes: a learning rate too "
+            f"high for this model (now {self.args.learning_rate:g}), a temperature too low for random weights "
+            f"(now {float(model.temperature):g}; the from-scratch default uses 0.2), or fp16 overflow. Training "
+            "stopped here; the last saved checkpoint is intact."
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_part_count:
@@ -271,6 +291,7 @@ class DecdTrainer(Trainer):
 
 
 __all__ = [
+    "NonFiniteLossError",
     "DecdTrainer",
     "DecdTrainingArguments",
     "DecdTrainingCollator",

@@ -29,7 +29,7 @@ from modeling_decd import DecdModel, load_model  # noqa: E402
 from processing_decd import DecdProcessor  # noqa: E402
 
 from decd.hub import saved_model_type  # noqa: E402
-from decd.data import load_person_search, num_identities  # noqa: E402
+from decd.data import PersonSearchDataError, load_person_search, num_identities  # noqa: E402
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator  # noqa: E402
 
 logger = logging.getLogger("decd.train")
@@ -134,6 +134,27 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
     return model, DecdProcessor(image_size=model.config.image_size)
 
 
+def check_settings(training_args: TrainingArguments, train_set) -> None:
+    """Refuse, before the first step, settings that cannot train or evaluate (all reasons at once)."""
+    problems = []
+    if training_args.per_device_eval_batch_size < 1:
+        problems.append(f"--per_device_eval_batch_size is {training_args.per_device_eval_batch_size}; it must be "
+                        "at least 1")
+    if training_args.num_train_epochs <= 0 and training_args.max_steps <= 0:
+        problems.append(f"--num_train_epochs is {training_args.num_train_epochs:g} and --max_steps is not set: "
+                        "nothing would be trained")
+    if training_args.per_device_train_batch_size < 2:
+        problems.append(f"--per_device_train_batch_size is {training_args.per_device_train_batch_size}; the Sew "
+                        "loss compares each pair with the rest of the batch, so with fewer than 2 pairs per "
+                        "process it is identically 0: use at least 2 (64 in the paper's recipe)")
+    identities = len(set(train_set["person_id"]))
+    if identities < 2:
+        problems.append(f"the training split has {identities} identity: every pair is a positive of every "
+                        "other, so the Sew loss is identically 0; it needs at least 2 identities")
+    if problems:
+        raise SystemExit("error: cannot train with these settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def main(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -166,15 +187,18 @@ def main(argv=None):
     train_set = load_person_search(split="train", **load)
     if data_args.max_train_samples is not None:
         train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
+    # Every split the run will use is loaded (and its images decoded) now, not after hours of training.
+    test_set = load_person_search(split=data_args.test_split, **load)
     eval_split = data_args.eval_split
     try:
-        eval_set = load_person_search(split=eval_split, **load)
-    except ValueError as error:
-        if eval_split != "val":
+        eval_set = test_set if eval_split == data_args.test_split else load_person_search(split=eval_split, **load)
+    except PersonSearchDataError as error:
+        no_val = "unknown split" in str(error) or ("no usable records" in str(error) and "skipped" not in str(error))
+        if eval_split != "val" or not no_val:
             raise
         logger.warning("No val split (%s); selecting the model on %s instead.", error, data_args.test_split)
-        eval_split = data_args.test_split
-        eval_set = load_person_search(split=eval_split, **load)
+        eval_split, eval_set = data_args.test_split, test_set
+    check_settings(training_args, train_set)
     identities = num_identities(train_set)
     logger.info("%d training pairs, %d identities; model selection on %s (%d queries, %d gallery images)",
                 len(train_set), identities, eval_split, len(eval_set["queries"]), len(eval_set["gallery"]))
@@ -200,18 +224,22 @@ def main(argv=None):
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
 
-    # ---- test with the best model -------------------------------------------------------------------------
-    test_set = load_person_search(split=data_args.test_split, **load)
-    metrics = trainer.evaluate(test_set, metric_key_prefix="test")
-    metrics["test_selected_on"] = eval_split
-    trainer.log_metrics("test", metrics)
-    trainer.save_metrics("test", metrics)
-
-    # ---- save -------------------------------------------------------------------------------------------
+    # ---- save first: nothing found after training may cost the trained model ----------------------------
     if not model_args.keep_decoder:
         trainer.accelerator.unwrap_model(trainer.model).detach_decoder()
     trainer.save_model()
     trainer.save_state()
+
+    # ---- test with the best model (the decoder plays no part in retrieval) ------------------------------
+    try:
+        metrics = trainer.evaluate(test_set, metric_key_prefix="test")
+    except Exception:
+        logger.error("Testing failed; the trained model is saved in %s (evaluate it again with "
+                     "examples/evaluate.py).", training_args.output_dir)
+        raise
+    metrics["test_selected_on"] = eval_split
+    trainer.log_metrics("test", metrics)
+    trainer.save_metrics("test", metrics)
     if trainer.is_world_process_zero():
         try:
             from decd.visualize import plot_training_curves
