@@ -638,8 +638,7 @@ def convert_checkpoint(
 
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
-    DecdProcessor(image_size=sizes["image_size"], quality_reference_words=config.quality_reference_words,
-                  mask_probability=config.mask_probability).save_pretrained(output)
+    DecdProcessor(image_size=sizes["image_size"]).save_pretrained(output)
     (output / "README.md").write_text(_model_card(report), encoding="utf-8")
     return report
 
