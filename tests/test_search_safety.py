@@ -243,3 +243,51 @@ def test_description_with_undecodable_bytes_is_decoded_or_refused(setup, tmp_pat
     assert main(["query", str(output), latin1]) == 1
     captured = capsys.readouterr()
     assert "not valid UTF-8" in captured.err and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The Inference Endpoints handler refuses oversized requests before decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _png_base64(size=(48, 96)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "green").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_handler_refuses_requests_over_its_limits(setup, monkeypatch):
+    import handler as checkout_handler
+
+    endpoint = checkout_handler.EndpointHandler(str(setup["model_dir"]), max_images=2, max_texts=3,
+                                                max_image_bytes=2000, max_text_chars=50)
+    decoded = []
+    monkeypatch.setattr(endpoint.processor, "load_image", lambda *a, **k: decoded.append(1))
+    image = _png_base64()
+    cases = [
+        (dict(text="a man", image=[image] * 3), r"inputs.image has 3 items, more than the limit of 2 .*max_images"),
+        (dict(text=["a man"] * 4, image=image), r"inputs.text has 4 items, more than the limit of 3 .*max_texts"),
+        (dict(text="a man", image=[image, "A" * 4000]), r"inputs.image\[1\] is about 3,000 bytes.*max_image_bytes"),
+        (dict(text=["a man", "x" * 51], image=image), r"inputs.text\[1\] has 51 characters.*max_text_chars"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            endpoint({"inputs": inputs})
+        assert "\n" not in str(error.value)
+    assert decoded == []  # refused before any image was decoded
+    with pytest.raises(ValueError, match="max_images must be a positive integer or None"):
+        checkout_handler.EndpointHandler(str(setup["model_dir"]), max_images=0)
+
+
+def test_handler_defaults_accept_a_normal_request_and_refuse_a_huge_body(setup):
+    import handler as checkout_handler
+
+    endpoint = checkout_handler.EndpointHandler(str(setup["model_dir"]))
+    assert (endpoint.max_images, endpoint.max_texts) == (checkout_handler.MAX_IMAGES, checkout_handler.MAX_TEXTS)
+    ranked = endpoint({"inputs": {"text": ["a man", "a woman"], "image": _png_base64()},
+                       "parameters": {"mode": "image-to-text"}})
+    assert len(ranked) == 2
+    with pytest.raises(ValueError, match="max_images"):
+        endpoint({"inputs": {"text": "a man", "image": [_png_base64()] * (checkout_handler.MAX_IMAGES + 1)}})
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        endpoint({"inputs": {"text": "a man", "image": "A" * (checkout_handler.MAX_IMAGE_BYTES // 3 * 4 + 8)}})
