@@ -187,12 +187,14 @@ def test_load_refuses_a_damaged_index_in_one_line(built, capsys, damage, message
     assert "rebuild" in captured.err and "Traceback" not in captured.err
 
 
-def test_verify_false_skips_the_full_read_and_nan_never_ranks_first(built, setup):
+def test_verify_false_skips_the_full_read_and_nan_never_ranks_first(built, setup, capsys):
     _damage_nan_with_matching_checksum(built)
     _damage_flipped(built)
     index = GalleryIndex.load(built, verify=False)  # cheap checks only
     result = index.search_text(setup["model"], setup["processor"], QUERY, top_k=5)
     assert result.indices[0, 0].item() != 3 and result.indices[0, -1].item() == 3
+    assert main(["query", str(built), QUERY, "--no-verify", "--top_k", "5"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].split()[-1] == "3.png"  # the NaN row comes last
 
 
 def test_load_of_a_good_index_checks_and_passes(built):
