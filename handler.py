@@ -16,6 +16,11 @@ Response: for each query, its candidates best first, as
 
 Images are base64-encoded files (PNG, JPEG, ...), optionally as ``data:image/...;base64,`` URLs.
 Bad requests raise ``ValueError`` with a message naming what is wrong.
+
+Limits (``EndpointHandler(path, max_images=..., max_texts=..., max_image_bytes=..., max_text_chars=...)``,
+defaults below) are checked before anything is decoded: the number of images and captions, each
+image's encoded size (from the base64 length) and each caption's length; the processor's
+``max_image_pixels`` then refuses an image with too many pixels before its pixels are decoded.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("text-to-image", "image-to-text")
+MAX_IMAGES = 64  # images per request
+MAX_TEXTS = 256  # captions per request
+MAX_IMAGE_BYTES = 16 * 1024 * 1024  # encoded (file) size of one image
+MAX_TEXT_CHARS = 4096  # characters per caption (the tokenizer keeps at most the model's context anyway)
 
 
 def _spine(path: Path):
@@ -45,27 +54,41 @@ def _spine(path: Path):
     return modeling_decd
 
 
-def _decode_base64(item: Any, index: int) -> bytes:
+def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes:
     if not isinstance(item, str):
         raise ValueError(f"inputs.image[{index}] is a {type(item).__name__}: send each image as a base64 string.")
     data = item.split(",", 1)[1] if item.startswith("data:") else item
+    if max_bytes is not None and len(data) // 4 * 3 > max_bytes:  # the decoded size, known before decoding
+        raise ValueError(f"inputs.image[{index}] is about {len(data) // 4 * 3:,} bytes, more than the limit of "
+                         f"{max_bytes:,} (max_image_bytes): send a smaller (e.g. JPEG or resized) image.")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"inputs.image[{index}] is not valid base64 ({error}).") from None
 
 
-def _as_list(value, name: str) -> list:
+def _as_list(value, name: str, limit: int | None = None) -> list:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values:
         raise ValueError(f"inputs.{name} must be a string or a non-empty list of strings.")
+    if limit is not None and len(values) > limit:
+        raise ValueError(f"inputs.{name} has {len(values)} items, more than the limit of {limit} per request "
+                         f"(max_{name}s): split the request.")
     return values
 
 
 class EndpointHandler:
     """Scores captions against person crops with a DECD dual encoder (see the module docstring)."""
 
-    def __init__(self, path: str = ""):
+    def __init__(self, path: str = "", max_images: int | None = MAX_IMAGES, max_texts: int | None = MAX_TEXTS,
+                 max_image_bytes: int | None = MAX_IMAGE_BYTES, max_text_chars: int | None = MAX_TEXT_CHARS):
+        """Load the model in `path`; the `max_*` limits (None: no limit) are described in the module docstring."""
+        for name, value in dict(max_images=max_images, max_texts=max_texts, max_image_bytes=max_image_bytes,
+                                max_text_chars=max_text_chars).items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        self.max_images, self.max_texts = max_images, max_texts
+        self.max_image_bytes, self.max_text_chars = max_image_bytes, max_text_chars
         folder = Path(path) if path else Path(__file__).resolve().parent
         self.spine = _spine(folder)
         self.model, self.processor = self.spine.load_model(str(folder))
@@ -89,9 +112,14 @@ class EndpointHandler:
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r}.")
 
-        texts = _as_list(inputs["text"], "text")
-        images = [self.processor.load_image(_decode_base64(item, index), name=f"inputs.image[{index}]")
-                  for index, item in enumerate(_as_list(inputs["image"], "image"))]
+        texts = _as_list(inputs["text"], "text", self.max_texts)
+        encoded = _as_list(inputs["image"], "image", self.max_images)
+        for index, text in enumerate(texts):
+            if self.max_text_chars is not None and isinstance(text, str) and len(text) > self.max_text_chars:
+                raise ValueError(f"inputs.text[{index}] has {len(text):,} characters, more than the limit of "
+                                 f"{self.max_text_chars:,} (max_text_chars): shorten it.")
+        raw = [_decode_base64(item, index, self.max_image_bytes) for index, item in enumerate(encoded)]
+        images = [self.processor.load_image(data, name=f"inputs.image[{index}]") for index, data in enumerate(raw)]
         text_embeds = self.spine.embed_texts(self.model, self.processor, texts)
         image_embeds = self.spine.embed_images(self.model, self.processor, images)
         logit_scale = float(self.model.log_logit_scale.detach().exp())

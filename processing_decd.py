@@ -222,12 +222,16 @@ def _to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
 
 
 def _reduce_for(image: PIL.Image.Image, size) -> PIL.Image.Image:
-    """Shrink by an integer factor (box filter) while the image stays at least twice `size` on both axes."""
+    """Shrink by integer factors (box filter) while the image stays at least twice `size` on each axis.
+
+    The factors are per axis: crops are resized to exactly `size` (no aspect-preserving crop), so a
+    landscape photo going into a portrait input keeps 2x the needed resolution on both axes and no more
+    (a 2000 x 1500 draft-decoded JPEG for 384 x 128 becomes 285 x 1500, 1.3 MB instead of 9 MB)."""
     if size is None:
         return image
     height, width = size
-    factor = int(min(image.width / width, image.height / height) // 2)
-    return image.reduce(factor) if factor >= 2 else image
+    factor_x, factor_y = max(1, int(image.width / width // 2)), max(1, int(image.height / height // 2))
+    return image.reduce((factor_x, factor_y)) if max(factor_x, factor_y) >= 2 else image
 
 
 def _describe_source(image) -> tuple[object, str | None]:

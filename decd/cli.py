@@ -2,6 +2,7 @@
 
     decd-search index GALLERY_DIR --model MODEL --output INDEX [--batch_size 64] [--no-resume]
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
+                      [--no-verify]
                       [--backend exact|faiss]
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
@@ -19,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .search import GalleryIndex, GalleryIndexError, import_faiss
+from .search import GalleryIndex, GalleryIndexError, check_output_folder, display_path, import_faiss
 
 EXIT_USER_ERROR = 1
 
@@ -53,6 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
     query.add_argument("--backend", choices=("exact", "faiss"), default="exact",
                        help="exact: chunked matrix multiply (default); faiss: faiss.IndexFlatIP (also exact)")
     query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    query.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip the full read that checks the embeddings' checksum and values (faster for a "
+                            "large index already checked)")
     return parser
 
 
@@ -71,6 +75,7 @@ def _run_index(arguments) -> int:
         raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
     if not Path(arguments.gallery_dir).is_dir():
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
+    check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
     model, processor = _load_model(arguments.model, arguments.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
@@ -78,18 +83,19 @@ def _run_index(arguments) -> int:
             model, processor, arguments.gallery_dir, arguments.output, batch_size=arguments.batch_size,
             model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
         )
-    print(f"Indexed {len(index)} images from {arguments.gallery_dir} into {arguments.output} "
+    print(f"Indexed {len(index)} images from {display_path(arguments.gallery_dir)} into {display_path(arguments.output)} "
           f"(model {index.model_id}, checksum {index.model_checksum[:12]}).")
     if index.skipped:
         print(f"Skipped {len(index.skipped)} unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'}):")
         for item in index.skipped[:20]:
-            print(f"  {item['path']}: {item['error']}")
+            print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
         if len(index.skipped) > 20:
             print(f"  ... and {len(index.skipped) - 20} more")
     return 0
 
 
 def _print_table(description: str, paths: Sequence[str], scores: Sequence[float]) -> None:
+    paths = [display_path(path) for path in paths]  # names that are not UTF-8 are shown escaped
     print(f'Query: "{description}"')
     width = max([len("path")] + [len(path) for path in paths])
     print(f"{'rank':>4}  {'score':>7}  path")
@@ -98,8 +104,23 @@ def _print_table(description: str, paths: Sequence[str], scores: Sequence[float]
         print(f"{rank:>4}  {score:>7.4f}  {path}")
 
 
+def _decode_argument(text: str) -> str:
+    """A description from sys.argv: bytes the locale could not decode arrive as lone surrogates
+    (surrogateescape); they are decoded as UTF-8 if they are UTF-8, otherwise refused in one line."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:  # lone surrogates that are not escaped bytes, or bytes that are not UTF-8
+        raise _UserError(f"the description {display_path(text)!r} is not valid UTF-8 text: set the terminal "
+                         f"to UTF-8 (e.g. LANG=C.UTF-8) or type it in ASCII") from None
+
+
 def _run_query(arguments) -> int:
-    descriptions = [description.strip() for description in arguments.descriptions]
+    descriptions = [_decode_argument(description).strip() for description in arguments.descriptions]
     if not all(descriptions):
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
     if arguments.top_k < 1:
@@ -109,10 +130,10 @@ def _run_query(arguments) -> int:
             import_faiss()
         except ImportError as error:
             raise _UserError(str(error)) from error
-    index = GalleryIndex.load(arguments.index)
+    index = GalleryIndex.load(arguments.index, verify=arguments.verify)
     model_name = arguments.model or index.model_id
     if not model_name or model_name.startswith("<in-memory"):
-        raise _UserError(f"the index {arguments.index!r} records no loadable model ({model_name}); pass --model")
+        raise _UserError(f"the index {display_path(arguments.index)!r} records no loadable model ({model_name}); pass --model")
     model, processor = _load_model(model_name, arguments.device)
     result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=arguments.backend,
                                model_id=model_name)
