@@ -1,12 +1,16 @@
 """`decd-search`: index a folder of pedestrian crops, then find people in it by description.
 
     decd-search index GALLERY_DIR --model MODEL --output INDEX [--batch_size 64] [--no-resume]
+                      [--backend exact|HNSW32|IVF4096,Flat|IVF4096,PQ64|...]
+    accelerate launch [--cpu] --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
-                      [--backend exact|faiss]
+                      [--backend exact|faiss] [--nprobe 48] [--ef_search 128]
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
-interrupted run resumes where it stopped. `query` prints the ranked images with their cosine
+interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
+(same index, bit for bit, as one process). `--backend` also builds an approximate FAISS index
+(index-factory string) that `query` then uses. `query` prints the ranked images with their cosine
 similarity and optionally draws them (`--grid`). By default `query` loads the model recorded in the
 index. User errors (empty description, missing index, index built by another model, ...) print one
 line on stderr and exit with status 1; no traceback.
@@ -44,6 +48,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="start over instead of resuming an unfinished build in INDEX")
     index.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.add_argument("--backend", default="exact", metavar="SPEC",
+                       help="exact (default), or a FAISS index-factory string built for approximate search: "
+                            "HNSW32, IVF4096,Flat, IVF4096,PQ64, ... (needs faiss; see README 'Large galleries')")
+    index.add_argument("--train_size", type=int, default=None,
+                       help="gallery vectors that train an IVF/PQ backend (default: 64 per IVF list, at least 65536)")
 
     query = commands.add_parser("query", help="rank the indexed images for a description")
     query.add_argument("index", metavar="INDEX", help="index folder written by `decd-search index`")
@@ -51,8 +60,13 @@ def _build_parser() -> argparse.ArgumentParser:
     query.add_argument("--model", default=None, help="model folder or Hub id (default: the one recorded in INDEX)")
     query.add_argument("--top_k", type=int, default=10, help="results per description (default: 10)")
     query.add_argument("--grid", default=None, metavar="PNG", help="also draw the top-k images into this PNG")
-    query.add_argument("--backend", choices=("exact", "faiss"), default="exact",
-                       help="exact: chunked matrix multiply (default); faiss: faiss.IndexFlatIP (also exact)")
+    query.add_argument("--backend", default=None,
+                       help="default: the backend INDEX was built with; exact: chunked matrix multiply; "
+                            "faiss: faiss.IndexFlatIP (also exact)")
+    query.add_argument("--nprobe", type=int, default=None,
+                       help="IVF backends: lists visited per query (default 48; more: slower, closer to exact)")
+    query.add_argument("--ef_search", type=int, default=None,
+                       help="HNSW backends: candidate list size (default 128; more: slower, closer to exact)")
     query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     query.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the full read that checks the embeddings' checksum and values (faster for a "
@@ -70,21 +84,42 @@ def _load_model(name: str, device: Optional[str]):
         raise _UserError(str(error)) from error
 
 
+def _process_state():
+    """accelerate's `PartialState` (one process unless started by `accelerate launch`), None without accelerate."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return None
+    return PartialState()
+
+
 def _run_index(arguments) -> int:
     if arguments.batch_size < 1:
         raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
     if not Path(arguments.gallery_dir).is_dir():
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
     check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
-    model, processor = _load_model(arguments.model, arguments.device)
+    if arguments.backend != "exact":
+        try:
+            import_faiss(arguments.backend)
+        except ImportError as error:
+            raise _UserError(str(error)) from error
+    state = _process_state()
+    device = arguments.device if arguments.device is not None or state is None or state.num_processes == 1 \
+        else state.device  # under `accelerate launch`: this process's GPU (or the CPU with --cpu)
+    model, processor = _load_model(arguments.model, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
         index = GalleryIndex.build(
             model, processor, arguments.gallery_dir, arguments.output, batch_size=arguments.batch_size,
             model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
+            backend=arguments.backend, train_size=arguments.train_size, distributed=state,
         )
+    if state is not None and not state.is_main_process:
+        return 0  # the main process reports
     print(f"Indexed {len(index)} images from {display_path(arguments.gallery_dir)} into {display_path(arguments.output)} "
-          f"(model {index.model_id}, checksum {index.model_checksum[:12]}).")
+          f"(model {index.model_id}, checksum {index.model_checksum[:12]}"
+          + (f", backend {index.backend}" if index.backend != "exact" else "") + ").")
     if index.skipped:
         print(f"Skipped {len(index.skipped)} unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'}):")
         for item in index.skipped[:20]:
@@ -125,18 +160,27 @@ def _run_query(arguments) -> int:
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
     if arguments.top_k < 1:
         raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
-    if arguments.backend == "faiss":
+    if arguments.backend not in (None, "exact"):
         try:
-            import_faiss()
+            import_faiss(arguments.backend)
         except ImportError as error:
             raise _UserError(str(error)) from error
     index = GalleryIndex.load(arguments.index, verify=arguments.verify)
+    backend = arguments.backend or index.backend
+    if backend not in ("exact", "faiss", index.backend):
+        raise _UserError(f"--backend must be exact, faiss or {index.backend} (the backend {display_path(arguments.index)!r} "
+                         f"was built with), got {backend!r}")
+    if backend != "exact":
+        try:
+            import_faiss(backend)
+        except ImportError as error:
+            raise _UserError(str(error)) from error
     model_name = arguments.model or index.model_id
     if not model_name or model_name.startswith("<in-memory"):
         raise _UserError(f"the index {display_path(arguments.index)!r} records no loadable model ({model_name}); pass --model")
     model, processor = _load_model(model_name, arguments.device)
-    result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=arguments.backend,
-                               model_id=model_name)
+    result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=backend,
+                               model_id=model_name, nprobe=arguments.nprobe, ef_search=arguments.ef_search)
     for row, description in enumerate(descriptions):
         if row:
             print()

@@ -2,8 +2,10 @@
 
 `GalleryIndex.build` encodes every image under a folder once with a DECD model and stores the
 L2-normalised image embeddings; `GalleryIndex.search_text` then ranks the whole gallery for a
-description by cosine similarity (exact top-k, never an approximation unless `backend="faiss"`,
-which is also exact: `IndexFlatIP`).
+description by cosine similarity: exact top-k by default (`backend="faiss"` is also exact: `IndexFlatIP`),
+or, for an index built with `backend=SPEC` (a FAISS index-factory string such as HNSW32, IVF4096,Flat or
+IVF4096,PQ64), an approximate search in that index. Several processes (`accelerate launch`) can build one
+index together: each encodes a contiguous share of the batches, the main process joins the shards.
 
 Index folder layout (all written by `build`, read by `load`):
 
@@ -17,10 +19,15 @@ Index folder layout (all written by `build`, read by `load`):
 - `meta.json`: `format` ("decd-gallery-index"), `format_version`, `model_id`, `model_checksum`,
   `embedding_dim`, `image_size`, `created` (UTC, ISO 8601), `count`, `embeddings_sha256` (sha256 of the
   `embeddings.npy` file, computed while it is written), `gallery_dir`, `extensions`, `skipped`
-  (unreadable files with the reason) and `num_skipped`. It is written last: a folder without it is an
-  unfinished build.
-- `partial/` exists only while a build is unfinished: `progress.json` (tagged with `format`) and shards
-  of encoded batches that a new `build` with the same model and the same file listing resumes from.
+  (unreadable files with the reason), `num_skipped` and `backend` ("exact" or a FAISS index-factory
+  string; for the latter also `ann_file`, `ann_sha256`, `ann_bytes`, `ann_train_size`, `ann_nlist`). It is
+  written last: a folder without it is an unfinished build.
+- `ann.faiss`: only for an approximate backend, the FAISS index (`faiss.write_index`) whose ids are the
+  rows of `embeddings.npy`; `load` checks its size and (verify) its sha256.
+- `partial/` exists only while a build is unfinished: `progress.json` (tagged with `format`; model
+  checksum, listing sha256, batch size) and shards `shard_<start position>.{npy,json}` of whole encoded
+  batches that a new `build` with the same model, file listing and batch size resumes from, with any
+  number of processes.
 
 Ownership: `build` never deletes or overwrites a file it did not write. It refuses (GalleryIndexError,
 nothing changed) an output folder that holds the gallery, or that is not empty and is neither a DECD
@@ -73,9 +80,11 @@ PARTIAL_DIR = "partial"
 PROGRESS_FILE = "progress.json"
 HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
 # Everything a build may create in the index folder (besides `partial/`): nothing else is ever touched.
-_OWNED_FILES = (META_FILE, PATHS_FILE, EMBEDDINGS_FILE, META_FILE + ".tmp", PATHS_FILE + ".tmp",
-                EMBEDDINGS_FILE + ".tmp.npy")
-_SHARD_FILE = re.compile(r"shard_\d{5}\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
+ANN_FILE = "ann.faiss"  # the FAISS index of an approximate backend (meta.json `backend`), next to embeddings.npy
+_OWNED_FILES = (META_FILE, PATHS_FILE, EMBEDDINGS_FILE, ANN_FILE, META_FILE + ".tmp", PATHS_FILE + ".tmp",
+                EMBEDDINGS_FILE + ".tmp.npy", ANN_FILE + ".tmp")
+# Shards are named by the listing position they start at (12 digits; 5-digit names are format-2 shards).
+_SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
 _ENCODER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
 
@@ -376,7 +385,7 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
                                 f"index (no DECD {META_FILE}); nothing was changed: {fix}")
 
 
-def _write_embeddings(path: Path, store: "_ShardStore", shape: tuple[int, int]) -> str:
+def _write_embeddings(path: Path, folder: Path, shards: list[dict], shape: tuple[int, int]) -> str:
     """Write the shards' rows as one float32 .npy file, one shard in memory at a time; returns the
     sha256 of the file's bytes, computed as they are written (no second pass)."""
     header = io.BytesIO()
@@ -387,12 +396,12 @@ def _write_embeddings(path: Path, store: "_ShardStore", shape: tuple[int, int]) 
     with open(path, "wb") as file:
         file.write(header.getvalue())
         digest.update(header.getvalue())
-        for shard in store.shards:
+        for shard in shards:
             if not shard["paths"]:
                 continue  # a shard of unreadable files only
-            block = np.ascontiguousarray(np.load(store.folder / shard["file"]), dtype="<f4")
+            block = np.ascontiguousarray(np.load(folder / shard["file"]), dtype="<f4")
             if block.ndim != 2 or block.shape != (len(shard["paths"]), shape[1]):
-                raise GalleryIndexError(f"{display_path(store.folder / shard['file'])} does not match its record; "
+                raise GalleryIndexError(f"{display_path(folder / shard['file'])} does not match its record; "
                                         f"build again with resume=False (--no-resume)")
             data = memoryview(block).cast("B")
             file.write(data)
@@ -401,7 +410,7 @@ def _write_embeddings(path: Path, store: "_ShardStore", shape: tuple[int, int]) 
         file.flush()
         os.fsync(file.fileno())
     if rows != shape[0]:
-        raise GalleryIndexError(f"the shards in {display_path(store.folder)} hold {rows} rows for {shape[0]} paths; "
+        raise GalleryIndexError(f"the shards in {display_path(folder)} hold {rows} rows for {shape[0]} paths; "
                                 f"build again with resume=False (--no-resume)")
     return digest.hexdigest()
 
@@ -415,39 +424,62 @@ def _file_sha256(path: Path) -> str:
 
 
 class _ShardStore:
-    """Encoded batches of an unfinished build: `partial/progress.json` + shard_NNNNN.{npy,json}.
+    """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}.
 
-    A shard covers the listing positions [start, end) and holds the embeddings of the readable files
-    among them; its json (written after its npy) is the proof that it is complete.
+    A shard covers the listing positions [start, end) (whole batches) and holds the embeddings of the
+    readable files among them; its json (written after its npy) is the proof that it is complete. Shards
+    are named by their start position, not by the process that wrote them, so a build resumes with any
+    number of processes: each process skips the batches of its share that a complete shard covers.
     """
 
-    def __init__(self, folder: Path, fingerprint: dict, resume: bool):
+    def __init__(self, folder: Path):
         self.folder = folder
-        progress_path = folder / PROGRESS_FILE
-        if folder.exists():  # `_check_output` made sure it is ours
-            if not resume or _read_json(progress_path) != fingerprint:
-                _remove_partial(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(progress_path, fingerprint)
-        self.shards = []
-        for shard_json in sorted(folder.glob("shard_[0-9][0-9][0-9][0-9][0-9].json")):
-            record = _read_json(shard_json)
-            if not isinstance(record, dict):
-                break  # unreadable record: redo from here
-            if self.shards and record["start"] != self.shards[-1]["end"]:
-                break  # a gap: keep only the contiguous prefix
-            self.shards.append(record)
+        self.shards: list[dict] = []
+        self.reload()
         self._clear_staged()
 
-    @property
-    def next_position(self) -> int:
-        """The listing position after everything saved or staged."""
-        if self._staged_end is not None:
-            return self._staged_end
-        return self.shards[-1]["end"] if self.shards else 0
+    @staticmethod
+    def prepare(folder: Path, fingerprint: dict, resume: bool) -> None:
+        """Keep `folder`'s shards if they belong to this build (same fingerprint) and `resume`, else clear
+        it; write progress.json. Run by one process only (the main one)."""
+        if folder.exists():  # `check_output_folder` made sure it is ours
+            if not resume or _read_json(folder / PROGRESS_FILE) != fingerprint:
+                _remove_partial(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / PROGRESS_FILE, fingerprint)
 
-    def stage(self, end: int, embeddings: Optional[np.ndarray], paths: list[str], skipped: list[dict]) -> None:
-        """Hold one embedded batch (listing positions up to `end`) for the next shard."""
+    def reload(self) -> None:
+        """Read every complete shard record (sorted by start; unreadable ones are ignored and redone)."""
+        shards = []
+        for shard_json in self.folder.glob("shard_*.json"):
+            record = _read_json(shard_json)
+            if not _SHARD_FILE.fullmatch(shard_json.name) or not isinstance(record, dict) \
+                    or not {"start", "end", "paths", "skipped", "file"} <= set(record):
+                continue
+            shards.append(record)
+        self.shards = sorted(shards, key=lambda record: (record["start"], -record["end"]))
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether one complete shard holds the positions [start, end)."""
+        return any(shard["start"] <= start and end <= shard["end"] for shard in self.shards)
+
+    def tiling(self, num_files: int) -> Optional[list[dict]]:
+        """Shards that cover [0, num_files) once each, in listing order (None while a part is missing)."""
+        chosen, position = [], 0
+        for shard in self.shards:
+            if shard["start"] == position and shard["end"] > position:
+                chosen.append(shard)
+                position = shard["end"]
+        return chosen if position == num_files else None
+
+    def stage(self, start: int, end: int, embeddings: Optional[np.ndarray], paths: list[str],
+              skipped: list[dict]) -> None:
+        """Hold one embedded batch (listing positions [start, end)) for the next shard; a batch that does
+        not follow the staged ones starts a new shard."""
+        if self._staged_end is not None and start != self._staged_end:
+            self.flush()
+        if self._staged_start is None:
+            self._staged_start = start
         if embeddings is not None:
             self._staged.append(embeddings)
         self._staged_paths.extend(paths)
@@ -463,26 +495,179 @@ class _ShardStore:
         """Write the staged batches as one shard (npy, then its json: the proof it is complete)."""
         if self._staged_end is None:
             return
-        start, number = self.shards[-1]["end"] if self.shards else 0, len(self.shards)
-        stem = f"shard_{number:05d}"
+        stem = f"shard_{self._staged_start:012d}"
         array = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), np.float32)  # unreadable only
         _save_npy(self.folder / f"{stem}.npy", array.astype(np.float32, copy=False))
-        record = dict(number=number, start=start, end=self._staged_end, paths=self._staged_paths,
+        record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
                       skipped=self._staged_skipped, file=f"{stem}.npy")
         _write_json(self.folder / f"{stem}.json", record)
-        self.shards.append(record)
+        self.shards = sorted(self.shards + [record], key=lambda shard: (shard["start"], -shard["end"]))
         self._clear_staged()
 
     def _clear_staged(self) -> None:
         self._staged, self._staged_paths, self._staged_skipped = [], [], []
-        self._staged_end, self._staged_batches = None, 0
+        self._staged_start = self._staged_end = None
+        self._staged_batches = 0
 
-    def embedding_dim(self) -> Optional[int]:
-        """Width of the saved embeddings (None before the first readable image)."""
-        for shard in self.shards:
-            if shard["paths"]:
-                return int(np.load(self.folder / shard["file"], mmap_mode="r").shape[1])
+
+def _embedding_dim(folder: Path, shards: list[dict]) -> Optional[int]:
+    """Width of the saved embeddings (None if no shard holds a readable image)."""
+    for shard in shards:
+        if shard["paths"]:
+            return int(np.load(folder / shard["file"], mmap_mode="r").shape[1])
+    return None
+
+
+class _SingleProcess:
+    """The process state of a build without `accelerate`: one process, nothing to wait for."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Approximate backends (FAISS index-factory strings)
+# --------------------------------------------------------------------------------------------
+
+EXACT_BACKEND = "exact"
+# Search-time defaults, tuned on benchmarks/search.py (10^6 x 512, clustered): recall@10 >= 0.95 at the
+# default; raise them for more recall, lower them for more speed.
+DEFAULT_NPROBE = 48  # IVF lists visited per query (of nlist; IVF4096: about 1.2% of the gallery scanned)
+DEFAULT_EF_SEARCH = 128  # HNSW candidate-list size (>= top_k)
+DEFAULT_TRAIN_SIZE = 64  # training sample: this many vectors per IVF list (faiss warns below 39), at least 2**16
+
+
+def _is_exact(backend: Optional[str]) -> bool:
+    return backend is None or backend == EXACT_BACKEND
+
+
+def new_ann_index(spec: str, dim: int):
+    """An empty FAISS index for the index-factory string `spec` with the inner-product metric.
+
+    Raises GalleryIndexError naming the string when FAISS cannot parse it (or it does not fit `dim`),
+    and ImportError (how to install it) without faiss.
+    """
+    faiss = import_faiss(spec)
+    if not isinstance(spec, str) or not spec.strip() or spec.strip() != spec:
+        raise GalleryIndexError(f"backend {spec!r} is not a FAISS index factory string (e.g. HNSW32, IVF4096,Flat)")
+    try:
+        return faiss.index_factory(int(dim), spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = re.sub(r"^Error in .*? at \S+: ", "", reason)
+        raise GalleryIndexError(
+            f"backend {spec!r} is not a FAISS index factory string for {dim}-dim embeddings ({reason}); "
+            f"use 'exact' or e.g. HNSW32, IVF4096,Flat, IVF4096,PQ64 (see the FAISS wiki 'The index factory')"
+        ) from None
+
+
+def ann_num_lists(index) -> Optional[int]:
+    """nlist of an IVF index (None for any other kind)."""
+    faiss = import_faiss()
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
         return None
+
+
+def ann_train_size(spec_index, count: int, train_size: Optional[int] = None) -> int:
+    """How many gallery vectors train the index: `train_size`, else DEFAULT_TRAIN_SIZE per IVF list (at least 2**16)."""
+    if train_size is None:
+        train_size = max(DEFAULT_TRAIN_SIZE * (ann_num_lists(spec_index) or 0), 1 << 16)
+    return int(min(count, train_size))
+
+
+def _check_ann_size(index, spec: str, count: int) -> None:
+    """Refuse an IVF index with more lists than gallery images (FAISS would fail or warn deep inside)."""
+    lists = ann_num_lists(index)
+    if lists is not None and count < lists:
+        raise GalleryIndexError(
+            f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an IVF index "
+            f"needs at least one image per list (39 or more for good lists); use fewer lists (e.g. "
+            f"IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'"
+        )
+
+
+def _write_ann(output: Path, embeddings: np.ndarray, spec: str, train_size: Optional[int]) -> dict:
+    """Build the FAISS index of `embeddings` and write it to `ann.faiss` (temporary file + rename);
+    returns the meta.json fields that describe it (its sha256 included)."""
+    faiss = import_faiss(spec)
+    index = build_ann_index(embeddings, spec, train_size=train_size)
+    temporary = output / (ANN_FILE + ".tmp")
+    faiss.write_index(index, str(temporary))
+    digest = _file_sha256(temporary)
+    os.replace(temporary, output / ANN_FILE)
+    needs_training = not new_ann_index(spec, embeddings.shape[1]).is_trained
+    return dict(ann_file=ANN_FILE, ann_sha256=digest, ann_bytes=(output / ANN_FILE).stat().st_size,
+                ann_train_size=ann_train_size(index, len(embeddings), train_size) if needs_training else 0,
+                ann_nlist=ann_num_lists(index))
+
+
+def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int] = None, seed: int = 0,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """A FAISS index `spec` (inner product) holding every row of `embeddings`, in row order (FAISS id = row).
+
+    Indexes that need training (IVF, PQ, ...) are trained on `ann_train_size` rows drawn without
+    replacement with `seed` (sorted, so a memory map is read in order); rows are added `chunk_size` at a
+    time, so memory is the index plus one chunk. Raises GalleryIndexError for a bad string or an IVF
+    index with more lists than gallery rows.
+    """
+    count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
+    index = new_ann_index(spec, dim)
+    _check_ann_size(index, spec, count)
+    if not index.is_trained:
+        size = ann_train_size(index, count, train_size)
+        rows = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False)) if size < count \
+            else np.arange(count)
+        sample = np.ascontiguousarray(np.asarray(embeddings[rows]), dtype=np.float32)
+        try:
+            index.train(sample)
+        except RuntimeError as error:
+            raise GalleryIndexError(f"training the FAISS index {spec!r} on {size} images failed: {error}") from None
+        del sample
+    for start in range(0, count, chunk_size):
+        index.add(np.ascontiguousarray(embeddings[start:start + chunk_size], dtype=np.float32))
+    return index
+
+
+def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> dict:
+    """Set the search-time knobs that `index` has (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE
+    and DEFAULT_EF_SEARCH); returns the ones set. A knob the index lacks is ignored."""
+    faiss = import_faiss()
+    parameters, settings = faiss.ParameterSpace(), {}
+    lists = ann_num_lists(index)
+    for name, value, default in (("nprobe", nprobe, DEFAULT_NPROBE), ("efSearch", ef_search, DEFAULT_EF_SEARCH)):
+        value = default if value is None else int(value)
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+        if name == "nprobe" and lists is not None:
+            value = min(value, lists)
+        try:
+            parameters.set_index_parameter(index, name, value)
+        except RuntimeError:  # "could not set parameter": this kind of index has no such knob
+            continue
+        settings[name] = value
+    return settings
+
+
+def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1."""
+    set_ann_parameters(index, nprobe, ef_search)
+    scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(top_k))
+    return scores, rows.astype(np.int64)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found_i ∩ truth_i| / |truth_i| (rows of gallery ids; -1 in `found` never counts)."""
+    found, truth = np.asarray(found), np.asarray(truth)
+    if found.shape[0] != truth.shape[0]:
+        raise ValueError(f"{found.shape[0]} result rows for {truth.shape[0]} ground-truth rows")
+    hits = [len(set(row[row >= 0].tolist()) & set(expected.tolist())) / len(expected)
+            for row, expected in zip(found, truth)]
+    return float(np.mean(hits))
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +713,7 @@ class GalleryIndex:
         self.meta = meta
         self.path = Path(path) if path is not None else None
         self._faiss_index = None
+        self._ann_index = None
 
     # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -581,6 +767,9 @@ class GalleryIndex:
         show_progress: bool = True,
         shard_batches: int = 16,
         max_batches: Optional[int] = None,
+        backend: str = EXACT_BACKEND,
+        train_size: Optional[int] = None,
+        distributed=None,
     ) -> "GalleryIndex":
         """Encode every image under `gallery_dir` and write the index folder `output`.
 
@@ -600,6 +789,16 @@ class GalleryIndex:
             max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
                 batches in this call; for time-boxed jobs and tests.
 
+            backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
+                index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
+                embeddings (trained on `train_size` of them where the index needs it, default
+                `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
+            distributed: an `accelerate` `PartialState` (or `Accelerator`) when several processes build
+                together (`accelerate launch`): each encodes a contiguous share of the batches into its
+                own shards, and the main process joins them. The result is the same, bit for bit, as a
+                one-process build with the same `batch_size` (same batches). Every process must call
+                `build` with the same arguments and see the same gallery. None: this process alone.
+
         Images are encoded on the model's device.
 
         Unreadable files are skipped with a warning and listed in `meta["skipped"]`.
@@ -615,6 +814,8 @@ class GalleryIndex:
         """
         if batch_size < 1 or shard_batches < 1:
             raise ValueError(f"batch_size and shard_batches must be positive, got {batch_size}, {shard_batches}")
+        state = distributed if distributed is not None else _SingleProcess()
+        main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
         gallery_dir, output = Path(gallery_dir), Path(output)
         extensions = tuple(extension.lower().lstrip(".") for extension in extensions)
         check_output_folder(output, gallery_dir)  # before anything is written or removed
@@ -624,34 +825,64 @@ class GalleryIndex:
                 f"no images found under {str(gallery_dir)!r} (looked recursively for "
                 f"{', '.join('.' + extension for extension in extensions)})"
             )
+        if not _is_exact(backend):  # a bad string or too small a gallery fails before the encoding
+            dim = getattr(getattr(model, "config", None), "projection_dim", None)
+            if isinstance(dim, int):
+                _check_ann_size(new_ann_index(backend, dim), backend, len(files))
         checksum = model_checksum(model)
-        output.mkdir(parents=True, exist_ok=True)
-        for name in (META_FILE, EMBEDDINGS_FILE, PATHS_FILE):  # an old finished index is now stale
-            (output / name).unlink(missing_ok=True)
         listing = "\n".join(files).encode("utf-8", "surrogateescape")  # file names need not be UTF-8
         fingerprint = dict(format=INDEX_FORMAT, format_version=INDEX_FORMAT_VERSION, model_checksum=checksum,
-                           listing_sha256=hashlib.sha256(listing).hexdigest(),
+                           listing_sha256=hashlib.sha256(listing).hexdigest(), batch_size=batch_size,
                            num_files=len(files), gallery_dir=str(gallery_dir.resolve()))
-        store = _ShardStore(output / PARTIAL_DIR, fingerprint, resume)
-        first = store.next_position
-        bar = tqdm(total=len(files), initial=first, desc="Indexing gallery", unit="img", disable=not show_progress)
+        state.wait_for_everyone()  # every process has checked the folder before the main one writes
+        if main:
+            output.mkdir(parents=True, exist_ok=True)
+            for name in (META_FILE, EMBEDDINGS_FILE, PATHS_FILE, ANN_FILE):  # an old finished index is now stale
+                (output / name).unlink(missing_ok=True)
+            _ShardStore.prepare(output / PARTIAL_DIR, fingerprint, resume)
+        state.wait_for_everyone()
+        if _read_json(output / PARTIAL_DIR / PROGRESS_FILE) != fingerprint:
+            raise GalleryIndexError(f"process {rank} of {world} sees another gallery listing, model or batch size "
+                                    f"than the main process; every process must see the same folder and model")
+        store = _ShardStore(output / PARTIAL_DIR)
+        # This process's share: a contiguous run of whole batches, so that the batches (and the embeddings,
+        # bit for bit) are those of a one-process build.
+        num_batches = -(-len(files) // batch_size)
+        todo = [batch * batch_size for batch in range(rank * num_batches // world, (rank + 1) * num_batches // world)
+                if not store.covers(batch * batch_size, min(len(files), (batch + 1) * batch_size))]
+        share = (rank * num_batches // world, (rank + 1) * num_batches // world)
+        share_files = min(len(files), share[1] * batch_size) - min(len(files), share[0] * batch_size)
+        bar = tqdm(total=share_files, initial=share_files - sum(min(batch_size, len(files) - start) for start in todo),
+                   desc="Indexing gallery" + (f" (process {rank} of {world})" if world > 1 else ""), unit="img",
+                   disable=not show_progress or not main)
+        failure, done = None, 0
         try:
-            for start in range(first, len(files), batch_size):
-                if max_batches is not None and start - first >= max_batches * batch_size:
+            for done, start in enumerate(todo):
+                if max_batches is not None and done >= max_batches:
                     raise BuildInterrupted(
                         f"stopped after {max_batches} batches ({start} of {len(files)} files done); "
                         f"build again with the same model and folder to resume"
                     )
                 names = files[start:start + batch_size]
-                store.stage(start + len(names), *_embed_files(model, processor, gallery_dir, names))
+                store.stage(start, start + len(names), *_embed_files(model, processor, gallery_dir, names))
                 if store.staged_batches == shard_batches:
                     store.flush()
                 bar.update(len(names))
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after the other processes are told
+            failure = error
         finally:
             store.flush()  # keep what was embedded, whether finished, interrupted or failed
             bar.close()
-
-        index = cls._assemble(store, output, dict(
+        if world > 1 and not isinstance(failure, KeyboardInterrupt):
+            state.wait_for_everyone()  # all shards are written (or their process failed)
+        if failure is not None:
+            raise failure
+        store.reload()
+        shards = store.tiling(len(files))
+        if shards is None:  # only with several processes: another one stopped or failed
+            raise BuildInterrupted(f"another process stopped before its share of the {len(files)} files was "
+                                   f"encoded; build again with the same model and folder to resume")
+        meta = dict(
             format=INDEX_FORMAT,
             format_version=INDEX_FORMAT_VERSION,
             model_id=model_identifier(model, model_id),
@@ -662,8 +893,21 @@ class GalleryIndex:
             gallery_dir=str(gallery_dir.resolve()),
             extensions=list(extensions),
             num_files=len(files),
-        ))
-        if index.skipped:
+        )
+        error = None
+        if main:
+            try:
+                index = cls._assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size)
+            except BaseException as caught:  # noqa: BLE001 - the other processes must not wait forever
+                error = caught
+        state.wait_for_everyone()
+        if error is not None:
+            raise error
+        if not main:
+            if not (output / META_FILE).exists():
+                raise GalleryIndexError(f"the main process could not finish the index in {display_path(output)}")
+            index = cls.load(output, verify=False)
+        if index.skipped and main:
             listed = "; ".join(f"{display_path(item['path'])} ({display_path(item['error'])})"
                                for item in index.skipped[:5])
             more = f" and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""
@@ -675,25 +919,35 @@ class GalleryIndex:
         return index
 
     @classmethod
-    def _assemble(cls, store: _ShardStore, output: Path, meta: dict) -> "GalleryIndex":
-        """Join the shards into `embeddings.npy` (streamed, one shard in memory), write paths/meta, clean up."""
-        paths = [path for shard in store.shards for path in shard["paths"]]
-        skipped = [item for shard in store.shards for item in shard["skipped"]]
+    def _assemble(cls, folder: Path, shards: list[dict], output: Path, meta: dict, backend: str = EXACT_BACKEND,
+                  train_size: Optional[int] = None) -> "GalleryIndex":
+        """Join the shards into `embeddings.npy` (streamed, one shard in memory), build the approximate
+        index if any, write paths/meta (meta last), clean up."""
+        paths = [path for shard in shards for path in shard["paths"]]
+        skipped = [item for shard in shards for item in shard["skipped"]]
         if not paths:
             reasons = "; ".join(f"{item['path']}: {item['error']}" for item in skipped[:3])
             raise GalleryIndexError(
                 f"none of the {meta['num_files']} image files under {meta['gallery_dir']!r} could be read ({reasons})"
             )
-        embedding_dim = store.embedding_dim()
+        embedding_dim = _embedding_dim(folder, shards)
+        ann = None
+        if not _is_exact(backend):  # before anything is written: a bad string, faiss missing, too few images
+            ann = new_ann_index(backend, embedding_dim)
+            _check_ann_size(ann, backend, len(paths))
         temporary = output / (EMBEDDINGS_FILE + ".tmp.npy")
-        digest = _write_embeddings(temporary, store, (len(paths), embedding_dim))
+        digest = _write_embeddings(temporary, folder, shards, (len(paths), embedding_dim))
         os.replace(temporary, output / EMBEDDINGS_FILE)
+        embeddings = np.load(output / EMBEDDINGS_FILE, mmap_mode="r")
+        meta = dict(meta, backend=EXACT_BACKEND if ann is None else backend)
+        if ann is not None:
+            meta.update(_write_ann(output, embeddings, backend, train_size))
         _write_json(output / PATHS_FILE, paths)
         meta = dict(meta, embedding_dim=embedding_dim, count=len(paths), embeddings_sha256=digest,
                     skipped=skipped, num_skipped=len(skipped))
         _write_json(output / META_FILE, meta)
-        _remove_partial(store.folder)
-        return cls(np.load(output / EMBEDDINGS_FILE, mmap_mode="r"), paths, meta, output)
+        _remove_partial(folder)
+        return cls(embeddings, paths, meta, output)
 
     @classmethod
     @torch.no_grad()
@@ -782,6 +1036,15 @@ class GalleryIndex:
                 if not np.isfinite(block).all():
                     row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                     raise damaged(f"{EMBEDDINGS_FILE} row {row} ({display_path(paths[row])}) is not finite")
+        backend = meta.get("backend", EXACT_BACKEND)
+        if not isinstance(backend, str) or not backend:
+            raise damaged(f"{META_FILE} has no valid backend")
+        if not _is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
+            ann_path = path / ANN_FILE
+            if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
+                raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
+            if verify and _file_sha256(ann_path) != meta.get("ann_sha256"):
+                raise damaged(f"{ANN_FILE} does not match the checksum recorded at build time")
         return cls(embeddings, paths, meta, path)
 
     # ---- searching --------------------------------------------------------------------------------
@@ -799,10 +1062,12 @@ class GalleryIndex:
         queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]],
         top_k: int = 10,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        backend: str = "exact",
+        backend: Optional[str] = None,
         model=None,
         processor=None,
         device: Optional[Union[str, torch.device]] = None,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
     ) -> SearchResult:
         """Rank the gallery for each query by cosine similarity.
 
@@ -811,35 +1076,76 @@ class GalleryIndex:
                 (str / list of str), which need `model` and `processor` (see `search_text`).
             top_k: results per query (clamped to the gallery size).
             chunk_size: gallery rows scored at once (exact backend); results do not depend on it.
-            backend: "exact" (chunked matrix multiply + top-k, ties by lower gallery index) or "faiss"
+            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact"
+                when none); "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss"
                 (`faiss.IndexFlatIP`, also exact; needs faiss installed, keeps its own copy of the
-                embeddings, and orders equal scores its own way).
+                embeddings, and orders equal scores its own way); or the index's own FAISS factory string
+                (an approximate search in `ann.faiss`: rows it could not fill get index -1, score -inf
+                and path None).
             device: where the exact backend multiplies (default CPU).
+            nprobe: IVF lists visited per query (default DEFAULT_NPROBE): more is slower and closer to exact.
+            ef_search: HNSW candidate list size (default DEFAULT_EF_SEARCH, raised to top_k): likewise.
         """
         if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
                                         and all(isinstance(query, str) for query in queries)):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
             return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
-                                    backend=backend, device=device)
+                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
         if queries.ndim == 1:
             queries = queries[None]
         if queries.ndim != 2 or queries.shape[1] != self.embedding_dim:
             raise ValueError(f"queries must be [num_queries, {self.embedding_dim}], got {tuple(queries.shape)}")
         queries = F.normalize(queries.float(), dim=-1)
+        recorded = self.backend
+        backend = recorded if backend is None else backend
         if backend == "exact":
             scores, indices = exact_top_k(queries.cpu() if device is None else queries, self.embeddings,
                                           top_k, chunk_size, device)
             scores, indices = scores.cpu(), indices.cpu()
         elif backend == "faiss":
             scores, indices = self._faiss_search(queries.cpu(), top_k)
+        elif backend == recorded:
+            if top_k < 1:
+                raise ValueError(f"top_k must be at least 1, got {top_k}")
+            scores, indices = ann_search(self.ann_index(), queries.cpu().numpy(), min(top_k, len(self)), nprobe,
+                                         max(ef_search or DEFAULT_EF_SEARCH, top_k))
+            scores[indices < 0] = -np.inf
+            scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
         else:
-            raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+            built = f" or this index's own backend {recorded!r}" if not _is_exact(recorded) else \
+                " (an approximate backend is chosen when the index is built: decd-search index --backend SPEC)"
+            raise ValueError(f"backend must be 'exact', 'faiss'{built}, got {backend!r}")
         paths = None
         if self.paths is not None:
-            paths = [[self.paths[index] for index in row] for row in indices.tolist()]
+            paths = [[self.paths[index] if index >= 0 else None for index in row] for row in indices.tolist()]
         return SearchResult(scores=scores, indices=indices, paths=paths)
+
+    @property
+    def backend(self) -> str:
+        """The search backend recorded at build time: "exact" or a FAISS index-factory string."""
+        return self.meta.get("backend") or EXACT_BACKEND
+
+    def ann_index(self):
+        """The FAISS index of an approximate backend (`ann.faiss`), read on first use."""
+        if _is_exact(self.backend):
+            raise ValueError("this index was built with the exact backend; it has no approximate index")
+        if self._ann_index is None:
+            faiss = import_faiss(self.backend)
+            if self.path is None:
+                raise ValueError("an in-memory index has no approximate index file")
+            try:
+                index = faiss.read_index(str(self.path / ANN_FILE))
+            except RuntimeError as error:
+                raise GalleryIndexError(f"index {display_path(self.path)!r} is damaged: {ANN_FILE} cannot be read "
+                                        f"({str(error).strip().splitlines()[-1]}); rebuild it") from None
+            if index.ntotal != len(self) or index.d != self.embedding_dim:
+                raise GalleryIndexError(f"index {display_path(self.path)!r} is damaged: {ANN_FILE} holds "
+                                        f"{index.ntotal} x {index.d}, expected {len(self)} x {self.embedding_dim}; "
+                                        f"rebuild it")
+            self._ann_index = index
+        return self._ann_index
 
     def _faiss_search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         faiss = import_faiss()
@@ -873,20 +1179,28 @@ class GalleryIndex:
         return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
 
 
-def import_faiss():
+def import_faiss(backend: str = "faiss"):
     """The `faiss` module, or an ImportError that says how to get it."""
     try:
         import faiss
     except ImportError as error:
         raise ImportError(
-            "backend='faiss' needs the optional FAISS package: `pip install faiss-cpu` (or faiss-gpu); "
-            "backend='exact' needs nothing extra and gives the same ranking"
+            f"backend={backend!r} needs the optional FAISS package: `pip install faiss-cpu` (or faiss-gpu); "
+            "backend='exact' needs nothing extra and gives the exact ranking"
         ) from error
     return faiss
 
 
 __all__ = [
+    "ANN_FILE",
+    "DEFAULT_EF_SEARCH",
+    "DEFAULT_NPROBE",
     "IMAGE_EXTENSIONS",
+    "ann_search",
+    "build_ann_index",
+    "new_ann_index",
+    "recall_at_k",
+    "set_ann_parameters",
     "BuildInterrupted",
     "GalleryIndex",
     "GalleryIndexError",
