@@ -770,7 +770,7 @@ class GalleryIndex:
         backend: str = EXACT_BACKEND,
         train_size: Optional[int] = None,
         distributed=None,
-    ) -> "GalleryIndex":
+    ) -> Optional["GalleryIndex"]:
         """Encode every image under `gallery_dir` and write the index folder `output`.
 
         Args:
@@ -804,7 +804,8 @@ class GalleryIndex:
         Unreadable files are skipped with a warning and listed in `meta["skipped"]`.
 
         Returns:
-            The finished `GalleryIndex` (embeddings in memory).
+            The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
+            only: the others return None once their share is saved, without waiting for the join.
 
         Raises:
             IndexNotFoundError: `gallery_dir` does not exist.
@@ -894,20 +895,12 @@ class GalleryIndex:
             extensions=list(extensions),
             num_files=len(files),
         )
-        error = None
-        if main:
-            try:
-                index = cls._assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size)
-            except BaseException as caught:  # noqa: BLE001 - the other processes must not wait forever
-                error = caught
-        state.wait_for_everyone()
-        if error is not None:
-            raise error
         if not main:
-            if not (output / META_FILE).exists():
-                raise GalleryIndexError(f"the main process could not finish the index in {display_path(output)}")
-            index = cls.load(output, verify=False)
-        if index.skipped and main:
+            # Done here: the main process joins the shards (and trains an approximate index, which can take
+            # longer than a collective's timeout at 10^8 images), so the others do not wait for it.
+            return None
+        index = cls._assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size)
+        if index.skipped:
             listed = "; ".join(f"{display_path(item['path'])} ({display_path(item['error'])})"
                                for item in index.skipped[:5])
             more = f" and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""

@@ -140,9 +140,9 @@ def test_each_rank_encodes_a_contiguous_share_and_the_main_one_assembles_in_list
         GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(0, 3), **options)
     with pytest.raises(BuildInterrupted, match="another process"):
         GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(1, 3), **options)
-    # Rank 2 completes the shards; a non-main process never assembles (here the main one has not run again).
-    with pytest.raises(GalleryIndexError, match="the main process could not finish"):
-        GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(2, 3), **options)
+    # Rank 2 completes the shards; a non-main process never joins them: it returns None.
+    assert GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(2, 3), **options) is None
+    assert not (output / "meta.json").exists()
     starts = sorted(json.loads(path.read_text())["start"] for path in (output / "partial").glob("shard_*.json"))
     assert starts == list(range(0, starts[-1] + 1, 3))
     with pytest.warns(UserWarning, match="bad.png"):
@@ -254,3 +254,23 @@ def test_cli_index_refuses_a_bad_backend_before_encoding(gallery_and_model, tmp_
     assert not (tmp_path / "bad" / "partial").exists()
     assert main(_index_command(gallery, model, tmp_path / "bad2", "--backend", "Nonsense")) == 1
     assert "'Nonsense' is not a FAISS index factory string" in capsys.readouterr().err
+
+
+def test_search_benchmark_measures_recall_against_its_exact_rows(tmp_path):
+    pytest.importorskip("faiss")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import search as benchmark
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    common = dict(gallery_size=3000, dim=32, num_queries=8, top_k=10, repeats=1, chunk_size=1000, data="uniform",
+                  clusters=30, recall_queries=40, truth_file=str(tmp_path / "truth.npy"))
+    exact = benchmark.run_case("exact", **common)
+    truth = np.load(tmp_path / "truth.npy")
+    assert exact["recall_at_k"] == 1.0 and truth.shape == (40, 10)
+    assert exact["index_bytes"] == 3000 * 32 * 4
+    rows = benchmark.run_case("IVF16,Flat", **common, nprobes=(1, 16), train_size=1000)
+    assert [row["setting"] for row in rows] == [dict(nprobe=1), dict(nprobe=16)]
+    assert rows[1]["recall_at_k"] == 1.0  # every list visited: exact (up to float ties)
+    assert rows[0]["recall_at_k"] < 1.0
+    assert all(row["index_bytes"] > 3000 * 32 * 4 for row in rows)  # vectors + ids + centroids
