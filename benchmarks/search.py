@@ -23,10 +23,25 @@ What it measures
     that BLAS runs well below its square-matrix peak), which separates "thin GEMM" from "our overhead". Each subprocess also checks that its
     top-k indices equal the unchunked reference (same seed, same gallery): column "same top-k".
 
+Approximate backends (FAISS index-factory strings, what `decd-search index --backend SPEC` builds)
+    `--backends exact HNSW32 IVF4096,Flat IVF4096,PQ64` adds one case per string: the index is built
+    with `decd.search.build_ann_index` (the code `GalleryIndex.build` runs: trained on a sample where
+    it needs training, inner product), then searched at each `--nprobe` (IVF) / `--ef_search` (HNSW)
+    value. recall@10 = mean |ANN top-10 ∩ exact top-10| / 10 over `--recall_queries` queries, against
+    `exact_top_k` on the same gallery (`decd.search.recall_at_k`). Reported per row: build seconds,
+    queries/s (batches of Q), recall@10, peak RSS (the process holds the generated gallery too, G x D
+    x 4 bytes) and the FAISS index's serialised size, from which bytes/vector and the memory per 10^8
+    crops are computed (index size / G x 10^8; the exact backend: D x 4 bytes per crop).
+    `--data clustered` (default) draws the gallery and the queries from a mixture of `--clusters`
+    Gaussians around random unit centres (then L2-normalised), so that neighbours are meaningful; with
+    uniformly random unit vectors (`--data uniform`) every ANN index degrades to a near-full scan.
+
 How to run (from the repo root)
     .venv/bin/python benchmarks/search.py                          # 10^5 and 10^6; ~1-2 min on 2 CPU cores
     .venv/bin/python benchmarks/search.py --sizes 100000 --repeats 3
     .venv/bin/python benchmarks/search.py --threads 1 --output-json search.json
+    nice -n 10 .venv/bin/python benchmarks/search.py --sizes 1000000 --repeats 3 \
+        --backends exact HNSW32 IVF4096,Flat IVF4096,PQ64 --output-json benchmarks/results/search_ann_cpu.json
 
     `pip install faiss-cpu` adds the faiss rows (optional; skipped with a note otherwise).
 """
@@ -87,38 +102,60 @@ def search_gemm_gflops(chunk_size: int, dim: int, num_queries: int, repeats: int
     return 2 * chunk_size * dim * num_queries / statistics.median(times) / 1e9
 
 
-def _random_rows(rows: int, dim: int, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+def _random_rows(rows: int, dim: int, generator: torch.Generator, out: torch.Tensor | None = None,
+                 centres: torch.Tensor | None = None, spread: float = 0.5) -> torch.Tensor:
+    """L2-normalised rows: uniform on the sphere, or (with `centres`) a random centre + Gaussian noise of
+    norm about `spread`."""
     block = torch.randn(rows, dim, generator=generator) if out is None else out.normal_(generator=generator)
+    if centres is not None:
+        pick = torch.randint(0, centres.shape[0], (block.shape[0],), generator=generator)
+        block.mul_(spread / dim ** 0.5).add_(centres[pick])
     return block.div_(block.norm(dim=1, keepdim=True))
 
 
-def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k: int, repeats: int,
-             chunk_size: int) -> dict:
-    """One (backend, gallery size) measurement in this process."""
-    from decd.search import exact_top_k
+def _centres(data: str, clusters: int, dim: int) -> torch.Tensor | None:
+    if data == "uniform":
+        return None
+    return _random_rows(clusters, dim, torch.Generator().manual_seed(7))
 
+
+def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k: int, repeats: int,
+             chunk_size: int, data: str = "uniform", clusters: int = 10000, recall_queries: int = 0,
+             truth_file: str | None = None, nprobes: tuple = (), ef_searches: tuple = (),
+             train_size: int | None = None) -> dict | list:
+    """One (backend, gallery size) measurement in this process (a list of rows for an ANN backend)."""
+    import numpy as np
+
+    from decd.search import ann_search, build_ann_index, exact_top_k, recall_at_k
+
+    centres = _centres(data, clusters, dim)
     generator = torch.Generator().manual_seed(1234)
-    queries = _random_rows(num_queries, dim, torch.Generator().manual_seed(99))
+    query_generator = torch.Generator().manual_seed(99)
+    queries = _random_rows(num_queries, dim, query_generator, centres=centres)
+    many = _random_rows(recall_queries, dim, query_generator, centres=centres) if recall_queries else None
     build = 100_000  # rows generated at a time
     if backend == "faiss":
         import faiss
 
         index = faiss.IndexFlatIP(dim)
         for start in range(0, gallery_size, build):
-            index.add(_random_rows(min(build, gallery_size - start), dim, generator).numpy())
+            index.add(_random_rows(min(build, gallery_size - start), dim, generator, centres=centres).numpy())
 
         def search():
             return torch.from_numpy(index.search(queries.numpy(), top_k)[1])
     else:
         gallery = torch.empty(gallery_size, dim)
         for start in range(0, gallery_size, build):
-            _random_rows(0, dim, generator, out=gallery[start:start + build])
+            _random_rows(0, dim, generator, out=gallery[start:start + build], centres=centres)
         if backend == "exact":
             def search():
                 return exact_top_k(queries, gallery, top_k, chunk_size)[1]
-        else:
+        elif backend == "unchunked":
             def search():
                 return torch.topk(queries @ gallery.T, top_k, dim=1).indices
+        else:  # a FAISS index-factory string
+            return _run_ann_case(backend, gallery.numpy(), queries.numpy(), many, top_k, repeats, truth_file,
+                                 nprobes, ef_searches, train_size)
 
     indices = search()  # warm-up
     times = []
@@ -128,8 +165,46 @@ def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k:
         times.append(time.perf_counter() - start)
     # Order-free fingerprint of the top-k sets (faiss and torch.topk may order exact ties differently).
     fingerprint = hashlib.sha256(torch.sort(indices.long(), dim=1).values.numpy().tobytes()).hexdigest()[:16]
-    return dict(backend=backend, gallery_size=gallery_size, median_s=statistics.median(times), min_s=min(times),
-                peak_rss_mb=peak_rss_mb(), topk_fingerprint=fingerprint)
+    row = dict(backend=backend, gallery_size=gallery_size, median_s=statistics.median(times), min_s=min(times),
+               peak_rss_mb=peak_rss_mb(), topk_fingerprint=fingerprint, index_bytes=gallery_size * dim * 4)
+    if many is not None and backend == "exact":  # the ground truth of the ANN rows
+        truth = exact_top_k(many, gallery, top_k, chunk_size)[1].numpy()
+        if truth_file:
+            np.save(truth_file, truth)
+        row["recall_at_k"] = 1.0
+    return row
+
+
+def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, nprobes, ef_searches, train_size):
+    import numpy as np
+    import faiss
+
+    from decd.search import ann_num_lists, ann_search, build_ann_index, recall_at_k
+
+    start = time.perf_counter()
+    index = build_ann_index(gallery, spec, train_size=train_size)
+    build_s = time.perf_counter() - start
+    index_bytes = int(faiss.serialize_index(index).size)
+    truth = np.load(truth_file) if truth_file and os.path.exists(truth_file) else None
+    settings = [dict(nprobe=value) for value in nprobes] if ann_num_lists(index) is not None else []
+    if "HNSW" in spec:
+        settings = [dict(ef_search=value) for value in ef_searches] if not settings else \
+            [dict(setting, ef_search=value) for setting in settings for value in ef_searches]
+    rows = []
+    for setting in settings or [{}]:
+        ann_search(index, queries, top_k, **setting)  # warm-up
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            ann_search(index, queries, top_k, **setting)
+            times.append(time.perf_counter() - begin)
+        recall = None
+        if truth is not None and many is not None:
+            recall = recall_at_k(ann_search(index, many.numpy(), top_k, **setting)[1], truth)
+        rows.append(dict(backend=spec, setting=setting, gallery_size=gallery.shape[0], build_s=build_s,
+                         median_s=statistics.median(times), min_s=min(times), recall_at_k=recall,
+                         index_bytes=index_bytes, peak_rss_mb=peak_rss_mb()))
+    return rows
 
 
 def main() -> None:
@@ -142,9 +217,18 @@ def main() -> None:
     parser.add_argument("--chunk_size", type=int, default=None, help="default: decd.search.DEFAULT_CHUNK_SIZE")
     parser.add_argument("--matmul_size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all cores)")
-    parser.add_argument("--backends", nargs="+", default=["exact", "unchunked", "faiss"])
+    parser.add_argument("--backends", nargs="+", default=["exact", "unchunked", "faiss"],
+                        help="exact, unchunked, faiss (IndexFlatIP) and/or FAISS index-factory strings (HNSW32, ...)")
+    parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
+    parser.add_argument("--clusters", type=int, default=10_000, help="mixture components of --data clustered")
+    parser.add_argument("--recall_queries", type=int, default=1000, help="queries that measure recall@k")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 48, 64, 128], help="IVF settings tried")
+    parser.add_argument("--ef_search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW settings tried")
+    parser.add_argument("--train_size", type=int, default=None,
+                        help="training sample of IVF/PQ indexes (default: decd.search.ann_train_size)")
     parser.add_argument("--output-json", default=None)
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # "backend,gallery_size" (subprocess)
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # "backend|gallery_size" (subprocess)
+    parser.add_argument("--truth_file", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
@@ -153,67 +237,108 @@ def main() -> None:
     chunk_size = arguments.chunk_size or DEFAULT_CHUNK_SIZE
 
     if arguments.case:
-        backend, size = arguments.case.split(",")
+        backend, size = arguments.case.split("|")
         result = run_case(backend, int(size), arguments.dim, arguments.queries, arguments.top_k, arguments.repeats,
-                          chunk_size)
+                          chunk_size, arguments.data, arguments.clusters, arguments.recall_queries,
+                          arguments.truth_file, tuple(arguments.nprobe), tuple(arguments.ef_search),
+                          arguments.train_size)
         print(json.dumps(result))
         return
 
     backends = list(arguments.backends)
-    if "faiss" in backends:
+    special = ("exact", "unchunked", "faiss")
+    if any(name not in ("exact", "unchunked") for name in backends):
         try:
             import faiss  # noqa: F401
         except ImportError:
-            print("faiss not installed (pip install faiss-cpu): skipping the faiss rows")
-            backends.remove("faiss")
+            print("faiss not installed (pip install faiss-cpu): skipping the faiss and ANN rows")
+            backends = [name for name in backends if name in ("exact", "unchunked")]
     gflops = matmul_gflops(arguments.matmul_size, repeats=3)
     shape_gflops = search_gemm_gflops(chunk_size, arguments.dim, arguments.queries, repeats=5)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; float32 matmul {arguments.matmul_size}^3: {gflops:.1f} GFLOP/s "
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    print(f"{machine}; float32 matmul {arguments.matmul_size}^3: {gflops:.1f} GFLOP/s "
           f"(the bound); at the search's shape [{chunk_size}, {arguments.dim}] @ [{arguments.dim}, "
           f"{arguments.queries}]: {shape_gflops:.1f} GFLOP/s")
     print(f"Q={arguments.queries} queries per batch, D={arguments.dim}, top-{arguments.top_k}, "
-          f"chunk_size={chunk_size}, median of {arguments.repeats}")
+          f"chunk_size={chunk_size}, median of {arguments.repeats}, data={arguments.data}"
+          + (f" ({arguments.clusters} clusters)" if arguments.data == "clustered" else "")
+          + f", recall over {arguments.recall_queries} queries")
 
     rows = []
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     if arguments.threads:
         environment["OMP_NUM_THREADS"] = str(arguments.threads)
-    for size in arguments.sizes:
-        reference = None
-        for backend in ["unchunked"] + [name for name in backends if name != "unchunked"]:
-            command = [sys.executable, __file__, "--case", f"{backend},{size}", "--dim", str(arguments.dim),
-                       "--queries", str(arguments.queries), "--top_k", str(arguments.top_k),
-                       "--repeats", str(arguments.repeats), "--chunk_size", str(chunk_size)]
-            if arguments.threads:
-                command += ["--threads", str(arguments.threads)]
-            completed = subprocess.run(command, capture_output=True, text=True, env=environment)
-            if completed.returncode != 0:
-                print(f"{backend} at {size}: failed\n{completed.stderr[-2000:]}")
-                continue
-            result = json.loads(completed.stdout.strip().splitlines()[-1])
-            if backend == "unchunked":
-                reference = result["topk_fingerprint"]
-            bound = 2 * arguments.queries * size * arguments.dim / (gflops * 1e9)
-            result.update(queries_per_s=arguments.queries / result["median_s"], bound_s=bound,
-                          fraction_of_bound=bound / result["median_s"],
-                          same_topk=result["topk_fingerprint"] == reference)
-            if backend in backends:
-                rows.append(result)
+    import tempfile
 
-    header = (f"{'gallery':>9}  {'backend':<9}  {'ms/batch':>9}  {'queries/s':>10}  {'bound ms':>8}  "
-              f"{'% of bound':>10}  {'peak RSS MiB':>12}  {'same top-k':>10}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in arguments.sizes:
+            reference = exact_qps = None
+            truth_file = os.path.join(scratch, f"truth_{size}.npy")
+            ordered = ["unchunked"] if "unchunked" in backends or "exact" in backends else []
+            needs_truth = any(name not in special for name in backends)
+            if "exact" in backends or needs_truth:
+                ordered.append("exact")
+            ordered += [name for name in backends if name not in ordered]
+            for backend in ordered:
+                command = [sys.executable, __file__, "--case", f"{backend}|{size}", "--dim", str(arguments.dim),
+                           "--queries", str(arguments.queries), "--top_k", str(arguments.top_k),
+                           "--repeats", str(arguments.repeats), "--chunk_size", str(chunk_size),
+                           "--data", arguments.data, "--clusters", str(arguments.clusters),
+                           "--recall_queries", str(arguments.recall_queries if needs_truth else 0),
+                           "--truth_file", truth_file, "--nprobe", *map(str, arguments.nprobe),
+                           "--ef_search", *map(str, arguments.ef_search)]
+                if arguments.train_size:
+                    command += ["--train_size", str(arguments.train_size)]
+                if arguments.threads:
+                    command += ["--threads", str(arguments.threads)]
+                completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+                if completed.returncode != 0:
+                    print(f"{backend} at {size}: failed\n{completed.stderr[-2000:]}")
+                    continue
+                result = json.loads(completed.stdout.strip().splitlines()[-1])
+                for row in result if isinstance(result, list) else [result]:
+                    row["queries_per_s"] = arguments.queries / row["median_s"]
+                    if row["backend"] in special:
+                        if row["backend"] == "unchunked":
+                            reference = row["topk_fingerprint"]
+                        bound = 2 * arguments.queries * size * arguments.dim / (gflops * 1e9)
+                        row.update(bound_s=bound, fraction_of_bound=bound / row["median_s"],
+                                   same_topk=row["topk_fingerprint"] == reference)
+                        if row["backend"] == "exact":
+                            exact_qps = row["queries_per_s"]
+                    row["bytes_per_vector"] = row["index_bytes"] / size
+                    row["gb_per_1e8"] = row["bytes_per_vector"] * 1e8 / 1e9
+                    row["speedup_vs_exact"] = row["queries_per_s"] / exact_qps if exact_qps else None
+                    if row["backend"] in backends:
+                        rows.append(row)
+                    print(_format_row(row), flush=True)
+
     print()
-    print(header)
-    print("-" * len(header))
+    print(HEADER)
+    print("-" * len(HEADER))
     for row in rows:
-        print(f"{row['gallery_size']:>9,}  {row['backend']:<9}  {row['median_s'] * 1e3:>9.1f}  "
-              f"{row['queries_per_s']:>10.1f}  {row['bound_s'] * 1e3:>8.1f}  {100 * row['fraction_of_bound']:>9.0f}%  "
-              f"{row['peak_rss_mb']:>12.0f}  {'yes' if row['same_topk'] else 'NO':>10}")
+        print(_format_row(row))
     if arguments.output_json:
-        Path(arguments.output_json).write_text(
-            json.dumps(dict(matmul_gflops=gflops, search_shape_gflops=shape_gflops, rows=rows), indent=1)
-        )
+        Path(arguments.output_json).write_text(json.dumps(dict(
+            machine=machine, matmul_gflops=gflops, search_shape_gflops=shape_gflops,
+            settings={key: value for key, value in vars(arguments).items() if key not in ("case", "truth_file")},
+            rows=rows), indent=1))
+
+
+HEADER = (f"{'gallery':>9}  {'backend':<13}  {'setting':<13}  {'build s':>7}  {'ms/batch':>9}  {'queries/s':>10}  "
+          f"{'x exact':>7}  {'recall@k':>8}  {'peak RSS MiB':>12}  {'B/vector':>8}  {'GB/1e8':>7}")
+
+
+def _format_row(row: dict) -> str:
+    setting = ",".join(f"{key}={value}" for key, value in (row.get("setting") or {}).items()) or "-"
+    if row["backend"] in ("exact", "unchunked", "faiss"):
+        setting = "same top-k" if row.get("same_topk") else "DIFFERENT"
+    recall = row.get("recall_at_k")
+    return (f"{row['gallery_size']:>9,}  {row['backend']:<13}  {setting:<13}  {row.get('build_s', 0):>7.1f}  "
+            f"{row['median_s'] * 1e3:>9.1f}  {row['queries_per_s']:>10.1f}  "
+            f"{row['speedup_vs_exact'] or float('nan'):>7.1f}  {recall if recall is not None else float('nan'):>8.3f}  "
+            f"{row['peak_rss_mb']:>12.0f}  {row['bytes_per_vector']:>8.0f}  {row['gb_per_1e8']:>7.1f}")
 
 
 if __name__ == "__main__":
