@@ -29,8 +29,8 @@ Approximate backends (FAISS index-factory strings, what `decd-search index --bac
     it needs training, inner product), then searched at each `--nprobe` (IVF) / `--ef_search` (HNSW)
     value. recall@10 = mean |ANN top-10 ∩ exact top-10| / 10 over `--recall_queries` queries, against
     `exact_top_k` on the same gallery (`decd.search.recall_at_k`). Reported per row: build seconds,
-    queries/s (batches of Q), recall@10, peak RSS (the process holds the generated gallery too, G x D
-    x 4 bytes) and the FAISS index's serialised size, from which bytes/vector and the memory per 10^8
+    queries/s (batches of Q), recall@10, peak RSS after the build (the process holds the generated
+    gallery too, G x D x 4 bytes, and the training sample) and the FAISS index's size on disk, from which bytes/vector and the memory per 10^8
     crops are computed (index size / G x 10^8; the exact backend: D x 4 bytes per crop).
     `--data clustered` (default) draws the gallery and the queries from a mixture of `--clusters`
     Gaussians around random unit centres (then L2-normalised), so that neighbours are meaningful; with
@@ -184,7 +184,13 @@ def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, npro
     start = time.perf_counter()
     index = build_ann_index(gallery, spec, train_size=train_size)
     build_s = time.perf_counter() - start
-    index_bytes = int(faiss.serialize_index(index).size)
+    peak_after_build = peak_rss_mb()
+    # The index's size on disk (what `decd-search index` writes as ann.faiss), written to a file rather than
+    # serialised in memory, which would add two copies of the index to the peak.
+    scratch = (truth_file or "ann") + f".{os.getpid()}.faiss"
+    faiss.write_index(index, scratch)
+    index_bytes = os.path.getsize(scratch)
+    os.remove(scratch)
     truth = np.load(truth_file) if truth_file and os.path.exists(truth_file) else None
     settings = [dict(nprobe=value) for value in nprobes] if ann_num_lists(index) is not None else []
     if "HNSW" in spec:
@@ -203,7 +209,7 @@ def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, npro
             recall = recall_at_k(ann_search(index, many.numpy(), top_k, **setting)[1], truth)
         rows.append(dict(backend=spec, setting=setting, gallery_size=gallery.shape[0], build_s=build_s,
                          median_s=statistics.median(times), min_s=min(times), recall_at_k=recall,
-                         index_bytes=index_bytes, peak_rss_mb=peak_rss_mb()))
+                         index_bytes=index_bytes, peak_rss_mb=peak_after_build))
     return rows
 
 

@@ -130,7 +130,8 @@ def _run_index(arguments) -> int:
 
 
 def _print_table(description: str, paths: Sequence[str], scores: Sequence[float]) -> None:
-    paths = [display_path(path) for path in paths]  # names that are not UTF-8 are shown escaped
+    # names that are not UTF-8 are shown escaped; None: a place an approximate backend could not fill
+    paths = [display_path(path) if path is not None else "-" for path in paths]
     print(f'Query: "{description}"')
     width = max([len("path")] + [len(path) for path in paths])
     print(f"{'rank':>4}  {'score':>7}  path")
