@@ -274,3 +274,13 @@ def test_search_benchmark_measures_recall_against_its_exact_rows(tmp_path):
     assert rows[1]["recall_at_k"] == 1.0  # every list visited: exact (up to float ties)
     assert rows[0]["recall_at_k"] < 1.0
     assert all(row["index_bytes"] > 3000 * 32 * 4 for row in rows)  # vectors + ids + centroids
+
+
+def test_cli_index_with_an_ann_backend_but_no_faiss_says_how_to_install(gallery_and_model, tmp_path, capsys,
+                                                                        monkeypatch):
+    _, gallery, model = gallery_and_model
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    assert main(_index_command(gallery, model, tmp_path / "index", "--backend", "HNSW32")) == 1
+    error = capsys.readouterr().err
+    assert "backend='HNSW32' needs the optional FAISS package: `pip install faiss-cpu`" in error
+    assert not (tmp_path / "index").exists()
