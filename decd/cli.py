@@ -5,7 +5,7 @@
     accelerate launch [--cpu] --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
-                      [--backend exact|faiss] [--nprobe 48] [--ef_search 128]
+                      [--backend exact|faiss] [--nprobe 32] [--ef_search 256]
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
 interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
@@ -64,9 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="default: the backend INDEX was built with; exact: chunked matrix multiply; "
                             "faiss: faiss.IndexFlatIP (also exact)")
     query.add_argument("--nprobe", type=int, default=None,
-                       help="IVF backends: lists visited per query (default 48; more: slower, closer to exact)")
+                       help="IVF backends: lists visited per query (default 32; more: slower, closer to exact)")
     query.add_argument("--ef_search", type=int, default=None,
-                       help="HNSW backends: candidate list size (default 128; more: slower, closer to exact)")
+                       help="HNSW backends: candidate list size (default 256; more: slower, closer to exact)")
     query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     query.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the full read that checks the embeddings' checksum and values (faster for a "
