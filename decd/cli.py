@@ -155,7 +155,7 @@ def _run_query(arguments) -> int:
                 descriptions, shown, ranked, None, arguments.grid, top_k=arguments.top_k,
                 title=f"Top {result.indices.shape[1]} of {len(index)} images", scores=result.scores.tolist(),
             )
-        except FileNotFoundError as error:
+        except ValueError as error:  # load_image names the missing or unreadable file
             raise _UserError(f"could not draw the grid: {error} (was the gallery moved since indexing?)") from error
         print(f"\nWrote {grid}")
     return 0

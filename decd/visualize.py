@@ -12,7 +12,6 @@ Grid text uses PIL's default font (`ImageFont.load_default()`), so nothing needs
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from processing_decd import load_image
 
 __all__ = [
     "CORRECT_COLOR",
@@ -190,17 +191,9 @@ def grid_layout(num_rows: int, num_columns: int, tile_size: tuple[int, int] = (1
 
 
 def _load_tile(image: Any, tile_size: tuple[int, int]) -> Image.Image:
-    """A gallery image (PIL image or path) letterboxed into a (height, width) tile, aspect kept."""
-    if isinstance(image, Image.Image):
-        picture = image.convert("RGB")
-    elif isinstance(image, Mapping) and ("path" in image or "bytes" in image):  # a raw datasets Image value
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-        with Image.open(source) as opened:
-            picture = opened.convert("RGB")
-    else:
-        with Image.open(Path(image)) as opened:
-            picture = opened.convert("RGB")
+    """A gallery image (anything `load_image` opens) letterboxed into a (height, width) tile, aspect kept."""
     height, width = tile_size
+    picture = load_image(image, size=(2 * height, 2 * width))  # the pixels every entry point sees
     return ImageOps.pad(picture, (width, height), method=Image.Resampling.BICUBIC, color=TILE_PAD_COLOR)
 
 
