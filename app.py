@@ -297,11 +297,11 @@ APP_CSS = """
   grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important;
   grid-template-rows: none !important;
 }
+#decd-results .grid-wrap { max-height: none !important; height: auto !important; overflow: visible !important; }
 #decd-results .caption-label {
-  white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important; opacity: .9;
-  position: static !important; border: none !important; border-radius: 0 !important;
+  white-space: normal !important; overflow-wrap: anywhere; max-width: none !important; opacity: .92 !important;
+  left: 0 !important; right: 0 !important; bottom: 0 !important; border-radius: 0 !important; line-height: 1.25;
 }
-#decd-results .thumbnail-item { flex-direction: column; }
 #decd-status { min-height: 1.5em; }
 """
 
