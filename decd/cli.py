@@ -163,11 +163,11 @@ def _run_query(arguments) -> int:
             raise _UserError(str(error)) from error
         queries += [f"photo {display_path(image)}" for image in images]
         rows += [(result, row) for row in range(len(images))]
+    print(f"{SCORE_EXPLANATION}\n")
     for number, (query, (result, row)) in enumerate(zip(queries, rows)):
         if number:
             print()
         _print_table(query, result.paths[row], result.scores[row].tolist(), len(index))
-    print(f"\n{SCORE_EXPLANATION}")
     if arguments.grid:
         from .visualize import retrieval_grid
 

@@ -151,13 +151,14 @@ class TextBasedPersonSearchPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict) -> dict:
         if "image" in model_inputs:  # opened by the processor's load_image, encoded like the gallery
-            return {"query_embeds": embed_images(self.model, self.processor, [model_inputs["image"]], batch_size=1,
+            return {"image_embeds": embed_images(self.model, self.processor, [model_inputs["image"]], batch_size=1,
                                                  show_progress=False)}
-        return {"query_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
+        return {"text_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
 
     def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str = "exact",
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
-        result = self.gallery_index.search(model_outputs["query_embeds"], top_k=top_k, backend=backend,
+        query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
+        result = self.gallery_index.search(query, top_k=top_k, backend=backend,
                                            chunk_size=chunk_size)
         matches = []
         for position, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
