@@ -209,3 +209,26 @@ def test_train_script_runs_from_the_pretrained_clip_folder(tiny_clip, person_set
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model_type"] == "decd" and saved["temperature"] == pytest.approx(0.02)
     assert saved["image_size"] == [128, 64]
+
+
+def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
+    spec = importlib.util.spec_from_file_location("decd_two_stage_benchmark", REPO / "benchmarks" / "two_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.VARIANTS["sdm"] == ["--sew_margin", "0"] and module.VARIANTS["no-mcm"] == ["--mcm_weight", "0"]
+    assert module.VARIANTS["uniform"] == ["--caption_quality", "uniform"]
+    recipe = " ".join(module.RECIPE)
+    assert "--temperature 0.02" in recipe and "--new_module_lr_multiplier 5" in recipe
+    assert "--lr_scheduler_type cosine" in recipe and "--image_size 128 64" in recipe
+
+    def run(variant, seed, r1):
+        return {"variant": variant, "seed": seed, "metrics": dict.fromkeys(module.METRICS, r1), "cpu_seconds": 10.0,
+                "wall_seconds": 6.0}
+
+    runs = [run("full", 1, 50.0), run("sdm", 1, 47.0), run("full", 2, 60.0), run("sdm", 2, 61.0)]
+    differences = module.differences(runs)
+    assert differences["sdm"]["per_seed"] == {1: dict.fromkeys(module.METRICS, -3.0),
+                                              2: dict.fromkeys(module.METRICS, 1.0)}
+    assert differences["sdm"]["R1"]["mean"] == pytest.approx(-1.0)
+    summary = module.summary(runs)
+    assert summary["full"]["R1"]["mean"] == pytest.approx(55.0) and summary["full"]["cpu_seconds_total"] == 20.0
