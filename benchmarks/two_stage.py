@@ -32,7 +32,6 @@ import argparse
 import json
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import time
