@@ -126,7 +126,7 @@ def test_captioned_corpus_is_disjoint_from_every_person_search_identity(tmp_path
 def test_from_clip_on_the_pretrained_folder_resizes_to_the_crop_grid(tiny_clip):
     clip = CLIPModel.from_pretrained(tiny_clip, use_safetensors=True)
     model = DecdModel.from_clip(str(tiny_clip), image_size=(128, 64), num_identities=4)
-    assert model.config.vision_config.image_size == 64 or tuple(model.config.image_size) == (128, 64)
+    assert tuple(model.config.image_size) == (128, 64)
     positions = model.vision_model.embeddings.position_embedding.weight
     assert positions.shape[0] == (128 // 16) * (64 // 16) + 1  # 8 x 4 crop grid + CLS (pretrained: 4 x 4 + 1)
     assert clip.vision_model.embeddings.position_embedding.weight.shape[0] == 17
@@ -155,6 +155,10 @@ def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002
     )
     assert model.config.decoder_layers == 1 and model.config.decoder_hidden_size == 64
     assert tuple(processor.image_size) == (128, 64) == tuple(model.config.image_size)
+    # The DECD processor normalises like the pretrained CLIP's own processor (same mean and std).
+    clip_processor = CLIPProcessor.from_pretrained(tiny_clip)
+    assert list(processor.image_processor.image_mean) == list(clip_processor.image_processor.image_mean)
+    assert list(processor.image_processor.image_std) == list(clip_processor.image_processor.image_std)
     assert model.config.temperature == pytest.approx(0.02) and model.config.id_weight == 0
     assert model.config.sew_margin > 0 and model.config.caption_quality == "density" and model.config.mcm_weight > 0
     args = DecdTrainingArguments(
