@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup train test bench ablation clean
+.PHONY: setup browser train test bench ablation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,17 @@ bench: setup
 ablation: setup
 	$(BIN)/python benchmarks/ablation.py
 
+# tests/test_app_browser.py drives headless Chromium: install Debian's package when it is missing (CI
+# runs as root on a clean Debian machine). If it cannot be installed, that test fails; it never skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      || echo "warning: could not install chromium; tests/test_app_browser.py will fail" >&2; \
+	    else echo "warning: chromium is missing (apt-get install -y chromium); tests/test_app_browser.py will fail" >&2; fi; }
+
 # pytest exits 5 when it collected nothing: treat that as a failure, not a pass.
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

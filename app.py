@@ -1,4 +1,4 @@
-"""DECD person-search demo: type a description, see the best-matching people of a gallery of crops.
+"""DECD person-search demo: describe a person (or drop a photo of them), see the best-matching crops of a gallery.
 
 A Gradio Blocks app, ready for a Hugging Face Space (Spaces run ``python app.py``). Gradio is an
 optional extra of the ``decd`` package (Gradio 6): ``pip install "decd[app]"`` or
@@ -13,12 +13,22 @@ option              environment        meaning
                                        by ``modeling_decd.load_model`` like every entry point
 ``--gallery``       ``DECD_GALLERY``   a folder of images (searched recursively, encoded at
                                        startup), or an index folder written by
-                                       ``decd.search.GalleryIndex.build`` / ``decd-search index``
+                                       ``decd.search.GalleryIndex.build`` / ``decd-search index``;
+                                       default: the synthetic benchmark's test split (generated
+                                       once, offline, cached), with examples from its captions
 ``--images-root``   ``DECD_IMAGES``    where an index's images are, if not where it was built
 ``--host``          ``GRADIO_SERVER_NAME``  default 127.0.0.1 (Spaces set 0.0.0.0 themselves)
 ``--port``          ``GRADIO_SERVER_PORT``  default 7860
 ``--device``        ``DECD_DEVICE``    cpu / cuda (default: cuda if available)
 ==================  =================  ==========================================================
+
+A Space published by ``decd.hub.publish_space`` (``scripts/push_space.py``) carries ``space_config.json``
+next to this file with the model id (and gallery folder), used when neither is set.
+
+In the page: Enter in the description box searches; a photo (upload / drop / paste a crop) ranks the
+gallery by image similarity; Top-k re-runs the last search; examples run when clicked; problems are
+written in the status line above the results (which stay). Captions read "#rank · score · top p% of N ·
+file", explained under the results (``decd.search.SCORE_EXPLANATION``).
 
 Examples::
 
@@ -35,8 +45,10 @@ In code (tests do this)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -48,8 +60,9 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from decd.search import GalleryIndex, GalleryIndexError, list_images  # noqa: E402  (after the sys.path set-up)
-from modeling_decd import ModelLoadError, embed_texts  # noqa: E402
+from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, describe_match,  # noqa: E402
+                         list_images)  # (after the sys.path set-up)
+from modeling_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
 from modeling_decd import load_model as spine_load_model  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
@@ -63,6 +76,12 @@ EXAMPLE_DESCRIPTIONS = (
     "A man in a dark jacket and black trousers, carrying a backpack.",
     "A young person wearing a red top, a short skirt and carrying a handbag.",
 )
+
+
+EMPTY_QUERY_MESSAGE = "Describe the person you are looking for (clothes, colours, bags, hair, ...), then press Enter."
+# Written next to app.py by `decd.hub.publish_space` (a Space has no command line): defaults for
+# --model / --gallery, below the command line and the environment.
+SPACE_CONFIG_FILE = "space_config.json"
 
 
 class AppConfigError(Exception):
@@ -194,25 +213,73 @@ def _index_images_root(index: GalleryIndex, index_folder: Path, images_root: Opt
 # --------------------------------------------------------------------------------------------
 
 
-def caption(rank: int, score: float, path: PathLike) -> str:
-    return f"{rank} · {score:.3f} · {Path(path).name}"
+def caption(rank: int, score: float, path: PathLike, gallery_size: int) -> str:
+    """ "#rank · cosine · top p% of N · file name": `decd.search.describe_match`'s label and the file name."""
+    return f"{describe_match(rank, score, gallery_size)['label']} · {Path(path).name}"
+
+
+def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int) -> list[tuple[str, str]]:
+    top_k = max(1, min(int(top_k), len(gallery)))
+    result = gallery.index.search(query_embedding, top_k=top_k)
+    scores, indices = result.scores[0].tolist(), result.indices[0].tolist()
+    return [(str(gallery.paths[index]), caption(rank, score, gallery.paths[index], len(gallery)))
+            for rank, (score, index) in enumerate(zip(scores, indices), start=1)]
 
 
 def search_gallery(model, processor, gallery: Gallery, description: str, top_k: int = DEFAULT_TOP_K
                    ) -> list[tuple[str, str]]:
     """The `top_k` best gallery images for `description`, best first: [(image path, caption), ...].
 
-    Raises ValueError for an empty description.
+    Raises ValueError for an empty description. (The gallery was checked against the model when loaded.)
     """
     description = (description or "").strip()
     if not description:
-        raise ValueError("Describe the person you are looking for (clothes, colours, bags, hair, ...).")
-    top_k = max(1, min(int(top_k), len(gallery)))
-    query = embed_texts(model, processor, [description])
-    result = gallery.index.search(query, top_k=top_k)
-    scores, indices = result.scores[0].tolist(), result.indices[0].tolist()
-    return [(str(gallery.paths[index]), caption(rank, score, gallery.paths[index]))
-            for rank, (score, index) in enumerate(zip(scores, indices), start=1)]
+        raise ValueError(EMPTY_QUERY_MESSAGE)
+    return _ranked(gallery, embed_texts(model, processor, [description]), top_k)
+
+
+def search_gallery_by_image(model, processor, gallery: Gallery, image, top_k: int = DEFAULT_TOP_K
+                            ) -> list[tuple[str, str]]:
+    """The `top_k` gallery images most similar to a photo of the person (image-image cosine), best first.
+
+    `image` is anything `load_image` opens (the uploaded file's path, a PIL image, ...): opened by the
+    processor and encoded by `embed_images`, exactly like the gallery. Raises ValueError when it is
+    missing or unreadable (the message names the problem).
+    """
+    if image is None or (isinstance(image, str) and not image.strip()):
+        raise ValueError("Upload or drop a photo (a crop) of the person to search by photo.")
+    return _ranked(gallery, embed_images(model, processor, [image], batch_size=1, show_progress=False), top_k)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+def gallery_examples(gallery_path: Optional[PathLike], count: int = 4) -> list[str]:
+    """Example descriptions that match the gallery: for a split of the synthetic benchmark
+    (`ROOT/imgs/val` or `ROOT/imgs/test`, e.g. the default gallery), captions of that split's queries
+    (`decd.data.load_person_search`), one per identity, spread over the split; else generic examples."""
+    if gallery_path is not None:
+        folder = Path(gallery_path).expanduser()
+        root = folder.parent.parent
+        if folder.name in ("val", "test") and folder.parent.name == "imgs" and (root / "reid_raw.json").is_file():
+            try:
+                from decd.data import load_person_search
+
+                queries = load_person_search("synthetic", data_dir=root, split=folder.name,
+                                             verify_images=False)["queries"]
+                first, seen = [], set()
+                for caption_text, person in zip(queries["caption"], queries["person_id"]):
+                    if person not in seen:
+                        seen.add(person)
+                        first.append(caption_text)
+                if first:
+                    step = max(1, len(first) // count)
+                    return first[::step][:count]
+            except Exception as error:  # examples are a nicety: never stop the app for them
+                print(f"warning: no examples from {root}: {error}", file=sys.stderr)
+    return list(EXAMPLE_DESCRIPTIONS)
 
 
 def _import_gradio():
@@ -224,10 +291,41 @@ def _import_gradio():
     return gradio
 
 
+# Results reflow from 2 columns on a phone to 6+ on a desktop; captions wrap instead of being cut off.
+APP_CSS = """
+#decd-results .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important;
+  grid-template-rows: none !important;
+}
+#decd-results .grid-wrap { max-height: none !important; height: auto !important; overflow: visible !important; }
+#decd-results .caption-label {
+  white-space: normal !important; overflow-wrap: anywhere; max-width: none !important; opacity: .92 !important;
+  left: 0 !important; right: 0 !important; bottom: 0 !important; border-radius: 0 !important; line-height: 1.25;
+}
+#decd-status { min-height: 1.5em; }
+"""
+
+
+def _escape(text: str) -> str:
+    """User text shown inside a Markdown status line, without Markdown/HTML taking effect."""
+    return "".join("\\" + char if char in "\\`*_{}[]<>()#+-.!|~" else char for char in text)
+
+
 def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based person search",
-               examples: Sequence[str] = EXAMPLE_DESCRIPTIONS):
-    """The Gradio Blocks app. Its search button calls `search(description, top_k)`, API name "search"."""
+               examples: Optional[Sequence[str]] = None):
+    """The Gradio Blocks app.
+
+    UI: a one-line description box (Enter or the Search button searches), a photo box (upload or drop a
+    crop: searches by image similarity), a Top-k slider (re-runs the last search), examples that run
+    when clicked, a status line that says what happened or what went wrong (the previous results stay),
+    and a results grid that reflows to the screen width.
+
+    API (gradio_client): "/search" (description, top_k) -> gallery and "/search_image" (image, top_k) ->
+    gallery; they raise `gr.Error` with the message for an empty query. `examples` default to generic
+    descriptions (see `gallery_examples` for ones that match a synthetic gallery).
+    """
     gr = _import_gradio()
+    examples = list(EXAMPLE_DESCRIPTIONS) if examples is None else list(examples)
     max_k = max(1, min(MAX_TOP_K, len(gallery)))
     # Serve the gallery images in place: no copy into Gradio's cache per search, and images outside the
     # working and temp folders are allowed (Gradio refuses those otherwise). Everything under these
@@ -235,35 +333,109 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     if gallery.image_roots:
         gr.set_static_paths([str(root) for root in gallery.image_roots])
 
+    def _top_k(top_k) -> int:
+        return DEFAULT_TOP_K if top_k is None else int(top_k)
+
     def search(description: str, top_k: float) -> list[tuple[str, str]]:
-        """Rank the gallery for a description: [(image, "rank · score · file name"), ...], best first."""
+        """Rank the gallery for a description: [(image, "#rank · score · top p% of N · file name"), ...]."""
         try:
-            return search_gallery(model, processor, gallery, description,
-                                  DEFAULT_TOP_K if top_k is None else int(top_k))
-        except ValueError as error:  # a message for the user (toast / API error), no traceback in the log
+            return search_gallery(model, processor, gallery, description, _top_k(top_k))
+        except ValueError as error:  # a message for the API caller, no traceback in the log
             raise gr.Error(str(error), print_exception=False) from None
+
+    def search_image(image, top_k: float) -> list[tuple[str, str]]:
+        """Rank the gallery by similarity to a photo of the person (re-identification)."""
+        try:
+            return search_gallery_by_image(model, processor, gallery, image, _top_k(top_k))
+        except ValueError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    def _status(found: list, what: str, started: float) -> str:
+        return (f"**{len(found)}** best of {len(gallery)} images for {what} "
+                f"({time.perf_counter() - started:.2f} s). Best first; see *Reading the results* below.")
+
+    def ui_text(description: str, top_k: float):
+        """(results, status, mode) for the UI: an error keeps the results and explains itself."""
+        started = time.perf_counter()
+        try:
+            found = search_gallery(model, processor, gallery, description, _top_k(top_k))
+        except ValueError as error:
+            return gr.skip(), f"⚠️ {error}", gr.skip()
+        return found, _status(found, f"“{_escape(description.strip())}”", started), "text"
+
+    def ui_image(image, top_k: float):
+        if image is None:  # the photo was cleared: keep everything as it is
+            return gr.skip(), gr.skip(), gr.skip()
+        started = time.perf_counter()
+        try:
+            found = search_gallery_by_image(model, processor, gallery, image, _top_k(top_k))
+        except ValueError as error:
+            return gr.skip(), f"⚠️ {_escape(str(error))}", gr.skip()
+        return found, _status(found, "the photo (image similarity)", started), "image"
+
+    def ui_rerun(mode: str, description: str, image, top_k: float):
+        """Top-k changed: run the last kind of search again, if there is one."""
+        if mode == "image" and image is not None:
+            return ui_image(image, top_k)
+        if (description or "").strip():
+            return ui_text(description, top_k)
+        return gr.skip(), gr.skip(), gr.skip()
 
     info = f"{len(gallery)} images ({gallery.source})"
     model_name = getattr(model, "name_or_path", "") or type(model).__name__
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nType a description of a pedestrian; the gallery is ranked by cosine "
-                    f"similarity of DECD's text and image embeddings.\n\n"
+        gr.Markdown(f"# {title}\nDescribe a pedestrian and press **Enter**, or drop a photo of the person: the "
+                    f"gallery is ranked by cosine similarity of DECD's text and image embeddings.\n\n"
                     f"Model: `{model_name}` · gallery: {info}")
         for note in gallery.notes:
             gr.Markdown(f"⚠️ {note}")
-        with gr.Row():
-            description = gr.Textbox(label="Description", placeholder="Describe the person…", lines=2, scale=4)
-            with gr.Column(scale=1, min_width=160):
-                top_k = gr.Slider(1, max_k, value=min(DEFAULT_TOP_K, max_k), step=1, label="Top-k")
-                button = gr.Button("Search", variant="primary")
-        results = gr.Gallery(label="Best matches (rank · score · file name)", columns=5, object_fit="contain",
-                             height="auto", preview=False)
+        mode = gr.State("text")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300):
+                description = gr.Textbox(label="Description (press Enter to search)", lines=1, max_lines=1,
+                                         placeholder="e.g. a woman in a red coat carrying a black bag",
+                                         elem_id="decd-description")
+                with gr.Row():
+                    top_k = gr.Slider(1, max_k, value=min(DEFAULT_TOP_K, max_k), step=1, label="Top-k",
+                                      min_width=180, elem_id="decd-top-k")
+                    button = gr.Button("Search", variant="primary", min_width=120, elem_id="decd-search")
+            with gr.Column(scale=2, min_width=240):
+                photo = gr.Image(label="…or search by photo (upload or drop a crop of the person)",
+                                 type="filepath", sources=["upload", "clipboard"], height=200,
+                                 elem_id="decd-photo")
+        status = gr.Markdown("Type a description and press Enter, or drop a photo.", elem_id="decd-status")
+        results = gr.Gallery(label="Best matches", columns=5, object_fit="contain", height="auto",
+                             preview=False, elem_id="decd-results")
+        gr.Markdown(f"**Reading the results.** Each caption is *#rank · score · top p% of N · file*. "
+                    f"{SCORE_EXPLANATION}")
+        ui_outputs = [results, status, mode]
         if examples:
-            gr.Examples(examples=[[text] for text in examples], inputs=[description])
-        button.click(search, inputs=[description, top_k], outputs=results, api_name="search")
-        # Enter in the text box searches too; only the button's event is part of the API.
-        description.submit(search, inputs=[description, top_k], outputs=results, api_visibility="private")
-    demo.search_fn = search  # for tests and notebooks: the click handler itself
+            shown = gr.Examples(examples=[[text] for text in examples], inputs=[description],
+                                label="Examples (click one to search)", api_visibility="private")
+            shown.load_input_event.then(ui_text, [description, top_k], ui_outputs, api_visibility="private")
+        button.click(ui_text, [description, top_k], ui_outputs, api_visibility="private")
+        description.submit(ui_text, [description, top_k], ui_outputs, api_visibility="private")  # Enter
+        photo.upload(ui_image, [photo, top_k], ui_outputs, api_visibility="private")
+        top_k.release(ui_rerun, [mode, description, photo, top_k], ui_outputs, api_visibility="private")
+        # The API: the same searches, raising errors instead of writing a status line. Bound to buttons that
+        # are never shown so that they keep the gallery as their output.
+        api_text = gr.Button(visible=False)
+        api_text.click(search, [description, top_k], results, api_name="search")
+        api_image = gr.Button(visible=False)
+        api_image.click(search_image, [photo, top_k], results, api_name="search_image")
+    # Gradio 6 takes css at launch(): every launch of this demo gets the app's layout rules.
+    plain_launch = demo.launch
+
+    def launch(*args, **kwargs):
+        kwargs.setdefault("css", APP_CSS)
+        return plain_launch(*args, **kwargs)
+
+    demo.launch = launch
+    demo.search_fn = search  # for tests and notebooks: the API's handlers and the UI's
+    demo.search_image_fn = search_image
+    demo.ui_search_fn = ui_text
+    demo.ui_search_image_fn = ui_image
+    demo.ui_rerun_fn = ui_rerun
     return demo
 
 
@@ -272,13 +444,42 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
 # --------------------------------------------------------------------------------------------
 
 
+def space_config(folder: PathLike = _HERE) -> dict:
+    """The defaults a Space was published with (`space_config.json` next to app.py: "model", "gallery"), or {}."""
+    path = Path(folder) / SPACE_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise AppConfigError(f"{path} is not valid JSON ({error})") from error
+    gallery = config.get("gallery")
+    if gallery and not Path(gallery).is_absolute():  # relative to the Space's folder
+        config["gallery"] = str(Path(folder) / gallery)
+    return config
+
+
+def default_gallery() -> Path:
+    """The gallery when none is configured: the synthetic benchmark's test split (400 crops of 100 people,
+    generated once on this machine, offline, and cached under $DECD_CACHE)."""
+    from decd.synthetic import generate_synthetic_person_search
+
+    return generate_synthetic_person_search(progress=False) / "imgs" / "test"
+
+
 def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     environ = os.environ
+    try:
+        published = space_config()
+    except AppConfigError as error:
+        print(f"warning: {error}", file=sys.stderr)
+        published = {}
     parser = argparse.ArgumentParser(description="DECD text-based person search demo (Gradio).")
-    parser.add_argument("--model", default=environ.get("DECD_MODEL"),
-                        help="DECD model folder or Hub id (env DECD_MODEL)")
-    parser.add_argument("--gallery", default=environ.get("DECD_GALLERY"),
-                        help="folder of person crops, or an index folder (env DECD_GALLERY)")
+    parser.add_argument("--model", default=environ.get("DECD_MODEL") or published.get("model"),
+                        help=f"DECD model folder or Hub id (env DECD_MODEL; else {SPACE_CONFIG_FILE})")
+    parser.add_argument("--gallery", default=environ.get("DECD_GALLERY") or published.get("gallery"),
+                        help="folder of person crops, or an index folder (env DECD_GALLERY; default: the "
+                             "synthetic benchmark's test split)")
     parser.add_argument("--images-root", default=environ.get("DECD_IMAGES"),
                         help="folder holding an index's images if they moved since the build (env DECD_IMAGES)")
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
@@ -290,23 +491,34 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def prepare(arguments: argparse.Namespace):
+    """(model, processor, gallery, examples) for `arguments`; AppConfigError / ImportError say what is wrong."""
+    _import_gradio()
+    if not arguments.model:
+        raise AppConfigError("no model given: set DECD_MODEL (or --model) to a DECD model folder or Hub id")
+    if arguments.gallery:
+        gallery_path = check_gallery_path(arguments.gallery)  # fail fast, before loading the model
+    else:
+        print("No gallery given (DECD_GALLERY / --gallery): searching the synthetic benchmark's test split.",
+              file=sys.stderr)
+        gallery_path = default_gallery()
+    model, processor = load_model(arguments.model, arguments.device)
+    gallery = load_gallery(model, processor, gallery_path, batch_size=arguments.batch_size,
+                           images_root=arguments.images_root)
+    return model, processor, gallery, gallery_examples(gallery_path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments = _parse_args(argv)
     try:
-        _import_gradio()
-        if not arguments.model:
-            raise AppConfigError("no model given: set DECD_MODEL (or --model) to a DECD model folder or Hub id")
-        gallery_path = check_gallery_path(arguments.gallery)  # fail fast, before loading the model
-        model, processor = load_model(arguments.model, arguments.device)
-        gallery = load_gallery(model, processor, gallery_path, batch_size=arguments.batch_size,
-                               images_root=arguments.images_root)
+        model, processor, gallery, examples = prepare(arguments)
     except (AppConfigError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for note in gallery.notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"Gallery: {len(gallery)} images ({gallery.source})", file=sys.stderr)
-    demo = build_demo(model, processor, gallery)
+    demo = build_demo(model, processor, gallery, examples=examples)
     demo.launch(server_name=arguments.host, server_port=arguments.port)
     return 0
 

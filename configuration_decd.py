@@ -192,6 +192,9 @@ class DecdConfig(PreTrainedConfig):
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
+        if model_type is None:
+            raise ValueError(f"{pretrained_model_name_or_path} has no model_type in its config: it is not a saved "
+                             f"DECD model (model_type {cls.model_type!r}).")
         if model_type != cls.model_type:
             hint = " To start from CLIP weights use DecdModel.from_clip(...)." if model_type == "clip" else ""
             raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -767,6 +768,9 @@ def load_model(
         ModelLoadError naming the model: missing folder or config, another model type, no safetensors.
     """
     name = str(name_or_path)
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ModelLoadError(f"could not load the model {name!r}: the folder has no config.json; pass a folder "
+                             "written by save_pretrained, examples/train.py or decd-convert")
     try:
         model = DecdModel.from_pretrained(name, dtype=dtype, **overrides)
     except (OSError, ValueError) as error:

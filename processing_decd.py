@@ -64,6 +64,8 @@ STOP_WORDS = frozenset(
 )
 
 _WORD_PATTERN = re.compile(r"[a-z]+")
+
+
 def compute_caption_quality(texts: str | Sequence[str], reference_words: int = 12) -> torch.FloatTensor:
     """Caption quality ("information density") q = min(1, n / reference_words).
 

@@ -6,12 +6,15 @@
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
                       [--backend exact|faiss] [--nprobe 32] [--ef_search 256]
+    decd-search query INDEX --image query_crop.png [...]     (search by photo: re-identification)
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
 interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
 (same index, bit for bit, as one process). `--backend` also builds an approximate FAISS index
 (index-factory string) that `query` then uses. `query` prints the ranked images with their cosine
-similarity and optionally draws them (`--grid`). By default `query` loads the model recorded in the
+similarity (with the rank as a share of the gallery, `decd.search.describe_match`) and optionally
+draws them (`--grid`); `--image PATH` ranks the gallery by image-image similarity to a photo of the
+person instead of (or besides) a description. By default `query` loads the model recorded in the
 index. User errors (empty description, missing index, index built by another model, ...) print one
 line on stderr and exit with status 1; no traceback.
 """
@@ -24,7 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .search import GalleryIndex, GalleryIndexError, check_output_folder, display_path, import_faiss
+from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, check_output_folder, describe_match,
+                     display_path, import_faiss)
 
 EXIT_USER_ERROR = 1
 
@@ -56,7 +60,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="rank the indexed images for a description")
     query.add_argument("index", metavar="INDEX", help="index folder written by `decd-search index`")
-    query.add_argument("descriptions", metavar="DESCRIPTION", nargs="+", help="what the person looks like")
+    query.add_argument("descriptions", metavar="DESCRIPTION", nargs="*", help="what the person looks like")
+    query.add_argument("--image", dest="images", action="append", default=[], metavar="PATH",
+                       help="a photo (crop) of the person: rank the gallery by image similarity (repeatable)")
     query.add_argument("--model", default=None, help="model folder or Hub id (default: the one recorded in INDEX)")
     query.add_argument("--top_k", type=int, default=10, help="results per description (default: 10)")
     query.add_argument("--grid", default=None, metavar="PNG", help="also draw the top-k images into this PNG")
@@ -129,15 +135,16 @@ def _run_index(arguments) -> int:
     return 0
 
 
-def _print_table(description: str, paths: Sequence[str], scores: Sequence[float]) -> None:
+def _print_table(query: str, paths: Sequence[str], scores: Sequence[float], gallery_size: int) -> None:
     # names that are not UTF-8 are shown escaped; None: a place an approximate backend could not fill
     paths = [display_path(path) if path is not None else "-" for path in paths]
-    print(f'Query: "{description}"')
+    print(f"Query: {query}")
     width = max([len("path")] + [len(path) for path in paths])
-    print(f"{'rank':>4}  {'score':>7}  path")
-    print(f"{'-' * 4}  {'-' * 7}  {'-' * width}")
+    print(f"{'rank':>4}  {'score':>7}  {'top %':>7}  path")
+    print(f"{'-' * 4}  {'-' * 7}  {'-' * 7}  {'-' * width}")
     for rank, (path, score) in enumerate(zip(paths, scores), start=1):
-        print(f"{rank:>4}  {score:>7.4f}  {path}")
+        match = describe_match(rank, score, gallery_size)
+        print(f"{rank:>4}  {score:>7.4f}  {match['top_percent']:>6.3g}%  {path}")
 
 
 def _decode_argument(text: str) -> str:
@@ -157,6 +164,12 @@ def _decode_argument(text: str) -> str:
 
 def _run_query(arguments) -> int:
     descriptions = [_decode_argument(description).strip() for description in arguments.descriptions]
+    images = [_decode_argument(image) for image in arguments.images]
+    if not descriptions and not images:
+        raise _UserError("give a description (what the person looks like) or --image PATH (a photo of the person)")
+    for image in images:
+        if not Path(image).is_file():
+            raise _UserError(f"query image {display_path(image)!r} does not exist")
     if not all(descriptions):
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
     if arguments.top_k < 1:
@@ -180,27 +193,44 @@ def _run_query(arguments) -> int:
     if not model_name or model_name.startswith("<in-memory"):
         raise _UserError(f"the index {display_path(arguments.index)!r} records no loadable model ({model_name}); pass --model")
     model, processor = _load_model(model_name, arguments.device)
-    result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=backend,
-                               model_id=model_name, nprobe=arguments.nprobe, ef_search=arguments.ef_search)
-    for row, description in enumerate(descriptions):
-        if row:
+    index.verify_model(model, model_name)  # the stale-model check, for text and image queries alike
+    queries, rows = [], []  # (label, SearchResult, row) per query, in the order given
+    ann_options = dict(nprobe=arguments.nprobe, ef_search=arguments.ef_search)
+    if descriptions:
+        result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=backend,
+                                   verify=False, **ann_options)
+        queries += [f'"{description}"' for description in descriptions]
+        rows += [(result, row) for row in range(len(descriptions))]
+    if images:
+        try:
+            result = index.search_image(model, processor, images, top_k=arguments.top_k, backend=backend,
+                                        verify=False, **ann_options)
+        except ValueError as error:  # load_image: unreadable / not an image, naming the file
+            raise _UserError(str(error)) from error
+        queries += [f"photo {display_path(image)}" for image in images]
+        rows += [(result, row) for row in range(len(images))]
+    print(f"{SCORE_EXPLANATION}\n")
+    for number, (query, (result, row)) in enumerate(zip(queries, rows)):
+        if number:
             print()
-        _print_table(description, result.paths[row], result.scores[row].tolist())
+        _print_table(query, result.paths[row], result.scores[row].tolist(), len(index))
     if arguments.grid:
         from .visualize import retrieval_grid
 
         # Only the shown images are passed (and opened), numbered in order of appearance.
-        shown = [index.image_path(gallery_index) for row in result.indices.tolist() for gallery_index in row]
+        ranked_rows = [result.indices[row].tolist() for result, row in rows]
+        shown = [index.image_path(gallery_index) for row in ranked_rows for gallery_index in row]
         ranked, position = [], 0
-        for row in result.indices.tolist():
+        for row in ranked_rows:
             ranked.append(list(range(position, position + len(row))))
             position += len(row)
         try:
             grid = retrieval_grid(
-                descriptions, shown, ranked, None, arguments.grid, top_k=arguments.top_k,
-                title=f"Top {result.indices.shape[1]} of {len(index)} images", scores=result.scores.tolist(),
+                [query.strip('"') for query in queries], shown, ranked, None, arguments.grid, top_k=arguments.top_k,
+                title=f"Top {len(ranked_rows[0])} of {len(index)} images",
+                scores=[result.scores[row].tolist() for result, row in rows],
             )
-        except FileNotFoundError as error:
+        except ValueError as error:  # load_image names the missing or unreadable file
             raise _UserError(f"could not draw the grid: {error} (was the gallery moved since indexing?)") from error
         print(f"\nWrote {grid}")
     return 0

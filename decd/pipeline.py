@@ -7,12 +7,21 @@ Importing this module registers the task with `transformers.pipelines.PIPELINE_R
 
     search = pipeline("text-based-person-search", model="path/to/decd-model", gallery="path/to/index")
     search("a woman in a red coat", top_k=5)
-    # [{"index": 17, "path": "cam2/0042.png", "score": 0.61}, ...] best first
+    # [{"index": 17, "path": "cam2/0042.png", "score": 0.61, "rank": 1, "top_percent": 0.25,
+    #   "label": "#1 · 0.610 · top 0.25% of 400"}, ...] best first
+    search(Image.open("query_crop.png"))       # search by photo: image-image similarity (re-identification)
+    search({"image": "query_crop.png"})        # the same from a path
 
 `gallery` is an index folder written by `GalleryIndex.build` / `decd-search index` (the model must be
 the one that built it, else `StaleIndexError`), a folder of images (encoded in memory when the
 pipeline is created; build an index for anything large), a list of image paths and/or PIL images, or
-a `GalleryIndex`. A list of descriptions gives a list of result lists.
+a `GalleryIndex`. A list of queries gives a list of result lists.
+
+A query is a description (str), a photo of the person (a PIL image, or `{"image": path / PIL / bytes}`:
+opened by the processor's `load_image` and encoded by `embed_images`, like the gallery), or
+`{"text": description}`. A str is always a description; pass a path as `{"image": path}`. Scores are
+cosine similarities, described by `decd.search.describe_match` / `SCORE_EXPLANATION` (the same wording
+as the app and `decd-search query`).
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ from typing import Any, Sequence
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from modeling_decd import embed_texts
+from modeling_decd import embed_images, embed_texts
 
-from .search import DEFAULT_CHUNK_SIZE, META_FILE, GalleryIndex
+from .search import DEFAULT_CHUNK_SIZE, META_FILE, GalleryIndex, describe_match
 
 TASK = "text-based-person-search"
 
@@ -47,9 +56,10 @@ class TextBasedPersonSearchPipeline(Pipeline):
         backend: "exact" (default) or "faiss" (see `GalleryIndex.search`).
         chunk_size: gallery rows scored at once by the exact backend.
 
-    Returns, per description: a list of `{"index": gallery row, "score": cosine similarity, "path": path}`
+    Returns, per query (a description, or a photo: PIL image or `{"image": ...}`): a list of
+    `{"index": gallery row, "score": cosine similarity, "rank", "top_percent", "label", "path": path}`
     dictionaries, best first (`path` only when the gallery has paths; relative to the gallery folder
-    for an index, as given for a list).
+    for an index, as given for a list; `rank`, `top_percent` and `label` from `describe_match`).
     """
 
     # DecdProcessor joins the tokenizer and image processor; the pipeline needs both (text queries,
@@ -118,25 +128,45 @@ class TextBasedPersonSearchPipeline(Pipeline):
             postprocess["chunk_size"] = int(chunk_size)
         return {}, {}, postprocess
 
-    def preprocess(self, description: str) -> dict:
-        if not isinstance(description, str):
-            raise ValueError(f"a description must be a string, got {type(description).__name__}")
-        if not description.strip():
+    def preprocess(self, query: Any) -> dict:
+        if isinstance(query, dict):
+            if set(query) == {"image"}:
+                return {"image": query["image"]}
+            if set(query) == {"text"}:
+                query = query["text"]
+            else:
+                raise ValueError(f'a query dict must be {{"image": ...}} or {{"text": ...}}, got keys {sorted(query)}')
+        elif not isinstance(query, str):
+            import PIL.Image
+
+            if isinstance(query, PIL.Image.Image):
+                return {"image": query}
+            raise ValueError(f"a query must be a description (str), a PIL image or {{\"image\": path}}, "
+                             f"got {type(query).__name__}")
+        if not isinstance(query, str):
+            raise ValueError(f"a description must be a string, got {type(query).__name__}")
+        if not query.strip():
             raise ValueError("the description is empty: say what the person looks like")
-        return {"description": description}
+        return {"description": query}
 
     def _forward(self, model_inputs: dict) -> dict:
+        if "image" in model_inputs:  # opened by the processor's load_image, encoded like the gallery
+            return {"image_embeds": embed_images(self.model, self.processor, [model_inputs["image"]], batch_size=1,
+                                                 show_progress=False)}
         return {"text_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
 
     def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str = "exact",
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
-        result = self.gallery_index.search(model_outputs["text_embeds"], top_k=top_k, backend=backend,
+        query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
+        result = self.gallery_index.search(query, top_k=top_k, backend=backend,
                                            chunk_size=chunk_size)
         matches = []
-        for rank, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
+        for position, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
             match = {"index": index, "score": score}
+            described = describe_match(position + 1, score, len(self.gallery_index))
+            match.update(rank=described["rank"], top_percent=described["top_percent"], label=described["label"])
             if result.paths is not None:
-                match["path"] = result.paths[0][rank]
+                match["path"] = result.paths[0][position]
             matches.append(match)
         return matches
 

@@ -677,6 +677,36 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# Reading a score (one wording for the app, `decd-search query` and the pipeline)
+# --------------------------------------------------------------------------------------------
+
+SCORE_EXPLANATION = (
+    "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
+    "Its scale depends on the query (one query's best match may score 0.3, another's 0.8), so compare "
+    "results of one query, not scores across queries. top p%: the image's rank among all the gallery's "
+    "images (top 1% of 400 = among the best 4)."
+)
+
+
+def top_percent(rank: int, gallery_size: int) -> float:
+    """The share of the gallery (in percent) ranked at or above `rank` (1-based): 1 of 400 -> 0.25."""
+    if gallery_size < 1 or rank < 1:
+        raise ValueError(f"rank and gallery_size must be at least 1, got rank={rank}, gallery_size={gallery_size}")
+    return 100.0 * rank / gallery_size
+
+
+def describe_match(rank: int, score: float, gallery_size: int) -> dict:
+    """A ranked result in readable form: `{"rank", "score", "top_percent", "label"}`.
+
+    `label` is what the app's captions, `decd-search query` and the pipeline show:
+    "#1 · 0.284 · top 0.25% of 400" (score = cosine similarity; see `SCORE_EXPLANATION`).
+    """
+    percent = top_percent(rank, gallery_size)
+    return dict(rank=int(rank), score=float(score), top_percent=percent,
+                label=f"#{int(rank)} · {float(score):.3f} · top {percent:.3g}% of {int(gallery_size)}")
+
+
 @dataclass
 class SearchResult:
     """Ranked gallery results for a batch of queries, best first.
@@ -1174,6 +1204,34 @@ class GalleryIndex:
         return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
 
 
+    @torch.no_grad()
+    def search_image(
+        self,
+        model,
+        processor,
+        images: Any,
+        top_k: int = 10,
+        verify: bool = True,
+        model_id: Optional[str] = None,
+        **search_kwargs,
+    ) -> SearchResult:
+        """Rank the gallery by image-image cosine similarity for query photo(s) of a person (re-identification).
+
+        `images` is one image or a list of them: anything `load_image` opens (path, bytes, PIL image,
+        array); each is opened by the processor and encoded by `embed_images`, exactly like the gallery.
+        `verify` checks that `model` built the index (`StaleIndexError` otherwise), as in `search_text`.
+        Unreadable images raise ValueError naming the image (from `load_image`).
+        """
+        if verify:
+            self.verify_model(model, model_id)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no query image given")
+        return self.search(embed_images(model, processor, list(images), batch_size=len(images), show_progress=False),
+                           top_k=top_k, **search_kwargs)
+
+
 def import_faiss(backend: str = "faiss"):
     """The `faiss` module, or an ImportError that says how to get it."""
     try:
@@ -1200,12 +1258,15 @@ __all__ = [
     "GalleryIndex",
     "GalleryIndexError",
     "IndexNotFoundError",
+    "SCORE_EXPLANATION",
     "SearchResult",
     "StaleIndexError",
+    "describe_match",
     "exact_top_k",
     "import_faiss",
     "check_output_folder",
     "display_path",
     "list_images",
     "model_checksum",
+    "top_percent",
 ]

@@ -682,6 +682,24 @@ def generate_synthetic_person_search(
     return root
 
 
+def person_search_identities(
+    num_train_ids: int = DEFAULT_NUM_TRAIN_IDS,
+    num_val_ids: int = DEFAULT_NUM_VAL_IDS,
+    num_test_ids: int = DEFAULT_NUM_TEST_IDS,
+    seed: int = 0,
+) -> list[tuple[PersonAttributes, str]]:
+    """The identities of `generate_synthetic_person_search` with these sizes and seed, in id order (id = index + 1),
+    each with its split: up to `TRAIN_IDS_DRAWN_FIRST` train, then val, then test, then the remaining train ones."""
+    first_train = min(num_train_ids, TRAIN_IDS_DRAWN_FIRST)
+    split_sizes = [("train", first_train), ("val", num_val_ids), ("test", num_test_ids),
+                   ("train", num_train_ids - first_train)]
+    # Val and test clothing is reserved: the training identities drawn after them never wear it.
+    evaluation = range(first_train, first_train + num_val_ids + num_test_ids)
+    identities = sample_identities(sum(size for _, size in split_sizes), seed, reserve_clothing=evaluation)
+    splits = [name for name, size in split_sizes for _ in range(size)]
+    return list(zip(identities, splits))
+
+
 def _replace_directory(source: Path, target: Path) -> None:
     """Move `source` to `target`, replacing an old `target` (renames only, so readers never see a half state)."""
     if target.exists():
@@ -699,13 +717,10 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     seed = parameters["seed"]
     image_size = tuple(parameters["image_size"])
     images_per_id = parameters["images_per_id"]
-    first_train = min(parameters["num_train_ids"], TRAIN_IDS_DRAWN_FIRST)
-    split_sizes = [("train", first_train), ("val", parameters["num_val_ids"]), ("test", parameters["num_test_ids"]),
-                   ("train", parameters["num_train_ids"] - first_train)]
-    # Val and test clothing is reserved: the training identities drawn after them never wear it.
-    evaluation = range(first_train, first_train + parameters["num_val_ids"] + parameters["num_test_ids"])
-    identities = sample_identities(sum(size for _, size in split_sizes), seed, reserve_clothing=evaluation)
-    splits = [name for name, size in split_sizes for _ in range(size)]
+    drawn = person_search_identities(parameters["num_train_ids"], parameters["num_val_ids"],
+                                     parameters["num_test_ids"], seed)
+    identities = [attributes for attributes, _ in drawn]
+    splits = [split for _, split in drawn]
 
     records = []
     bar = tqdm(total=len(identities) * images_per_id, desc="synthetic person search", unit="img",
@@ -740,4 +755,133 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
         "identities": {str(index + 1): asdict(attributes) for index, attributes in enumerate(identities)},
     }
     # meta.json last: its presence with matching parameters is what marks the set complete.
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+# --------------------------------------------------------------------------------------------
+# A captioned-image corpus for pretraining CLIP (not the person-search task)
+# --------------------------------------------------------------------------------------------
+
+# Bump whenever the corpus's rendering or captions change: a cache with another version is regenerated.
+CAPTIONED_VERSION = "1.0"
+DEFAULT_CAPTIONED_IMAGES = 8000
+DEFAULT_CAPTIONED_IMAGE_SIZE = (112, 112)  # square, like CLIP's inputs (patch 16: a 7 x 7 grid)
+
+
+def _captioned_parameters(num_images, image_size, seed, person_search) -> dict:
+    return {
+        "version": CAPTIONED_VERSION,
+        "num_images": int(num_images),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "seed": int(seed),
+        "reserved_person_search": {key: int(value) for key, value in sorted(person_search.items())},
+    }
+
+
+def reserved_person_search_clothing(
+    num_train_ids: int = DEFAULT_NUM_TRAIN_IDS,
+    num_val_ids: int = DEFAULT_NUM_VAL_IDS,
+    num_test_ids: int = DEFAULT_NUM_TEST_IDS,
+    seed: int = 0,
+) -> set[tuple]:
+    """The clothing (`PersonAttributes.clothing_key`) of every identity of that person-search set: train (the
+    first 500 and the further ones), val and test."""
+    return {attributes.clothing_key
+            for attributes, _ in person_search_identities(num_train_ids, num_val_ids, num_test_ids, seed)}
+
+
+def generate_synthetic_captioned_images(
+    root: Optional[os.PathLike | str] = None,
+    num_images: int = DEFAULT_CAPTIONED_IMAGES,
+    image_size: tuple[int, int] | int = DEFAULT_CAPTIONED_IMAGE_SIZE,
+    seed: int = 0,
+    person_search: Optional[dict] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write (or reuse) a corpus of captioned images for pretraining CLIP, and return its root folder.
+
+    It is NOT a person-search set: every image is rendered once, with ONE detailed caption, and there are no
+    identities. Each image draws a fresh attribute combination whose clothing (upper and lower colour and
+    type) is worn by NO identity of the person-search set `person_search` (keyword arguments of
+    `generate_synthetic_person_search`: num_train_ids, num_val_ids, num_test_ids, seed; default: the default
+    set), neither train (including the identities drawn after test) nor val nor test. So a CLIP pretrained
+    on it has never seen any person-search outfit. The pictures are square (`image_size` (height, width) or one
+    side), drawn by the same renderer.
+
+    Layout: `ROOT/captions.json` (a list of `{"file_path": "imgs/<n>.png", "caption": str}`), the PNGs under
+    `ROOT/imgs/`, `ROOT/meta.json` (parameters, written last). Cached like the person-search set: a second call
+    with the same parameters writes nothing; the folder is built next to ROOT and renamed into place.
+    Default ROOT: `$DECD_CACHE/captioned-v1-<hash of the parameters>`.
+    """
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    reserved_set = dict(num_train_ids=DEFAULT_NUM_TRAIN_IDS, num_val_ids=DEFAULT_NUM_VAL_IDS,
+                        num_test_ids=DEFAULT_NUM_TEST_IDS, seed=0)
+    unknown = set(person_search or {}) - set(reserved_set)
+    if unknown:
+        raise ValueError(f"person_search takes {sorted(reserved_set)}, got unknown {sorted(unknown)}")
+    reserved_set.update(person_search or {})
+    if num_images < 1 or min(image_size) < 1:
+        raise ValueError(f"num_images and image_size must be positive, got {num_images} and {image_size}")
+    parameters = _captioned_parameters(num_images, image_size, seed, reserved_set)
+    if root is None:
+        digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
+        root = default_cache_dir() / f"captioned-v1-{digest}"
+    root = Path(root).expanduser().absolute()
+    if not overwrite and _is_captioned_cache_hit(root, parameters):
+        logger.debug("synthetic captioned images: cache hit at %s", root)
+        return root
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        _write_captioned_images(staging, parameters, progress)
+        _replace_directory(staging, root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _is_captioned_cache_hit(root: Path, parameters: dict) -> bool:
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("parameters") == parameters and (root / "captions.json").is_file()
+
+
+def _write_captioned_images(folder: Path, parameters: dict, progress: bool) -> None:
+    seed = parameters["seed"]
+    image_size = tuple(parameters["image_size"])
+    reserved = reserved_person_search_clothing(**parameters["reserved_person_search"])
+    # Streams of their own ([seed, 3..5]): the person-search set uses [seed, 0..2].
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    (folder / "imgs").mkdir(parents=True)
+    records = []
+    free_clothing: set[tuple] = set()
+    bar = tqdm(total=parameters["num_images"], desc="synthetic captioned images", unit="img", disable=not progress)
+    attempts = 0
+    while len(records) < parameters["num_images"]:
+        attempts += 1
+        if attempts > 1000 * (len(records) + 1):
+            raise ValueError("no clothing is left that the reserved person-search set does not wear; "
+                             "reserve a smaller person-search set")
+        attributes = sample_attributes(rng)
+        if attributes.clothing_key in reserved:
+            continue
+        index = len(records)
+        render_rng = np.random.default_rng(np.random.SeedSequence([seed, 4, index]))
+        caption_rng = np.random.default_rng(np.random.SeedSequence([seed, 5, index]))
+        file_path = f"imgs/{index:06d}.png"
+        render_person(attributes, render_rng, image_size).save(folder / file_path, compress_level=6)
+        records.append({"file_path": file_path, "caption": describe_identity(attributes, caption_rng, detailed=True),
+                        "clothing": list(attributes.clothing_key)})
+        free_clothing.add(attributes.clothing_key)
+        bar.update()
+    bar.close()
+    (folder / "captions.json").write_text(json.dumps(records, ensure_ascii=False))
+    meta = {"parameters": parameters, "num_images": len(records), "num_clothing": len(free_clothing),
+            "num_reserved_clothing": len(reserved)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -1,4 +1,4 @@
-"""Pictures for inspecting a DECD model: retrieval grids (PIL) and training curves (matplotlib).
+"""Pictures for inspecting a DECD model, drawn with matplotlib: retrieval grids and training curves.
 
 - `retrieval_grid`: one row per text query, its caption on the left and the top-k retrieved gallery
   crops in rank order, each framed green (same identity as the query) or red (another identity).
@@ -7,20 +7,22 @@
 - `plot_training_curves`: training losses and evaluation metrics over steps, from a Hugging Face
   `Trainer.state.log_history` (also `trainer_state.json["log_history"]`).
 
-Grid text uses PIL's default font (`ImageFont.load_default()`), so nothing needs to be installed for it.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from matplotlib.patches import Patch
+from PIL import Image, ImageOps
+
+from processing_decd import load_image
 
 __all__ = [
     "CORRECT_COLOR",
@@ -41,7 +43,6 @@ PathLike = Union[str, os.PathLike]
 CORRECT_COLOR = (0, 170, 70)
 WRONG_COLOR = (215, 35, 35)
 NEUTRAL_COLOR = (120, 120, 120)  # frames when correctness is unknown (`correct=None`: an unlabeled gallery)
-BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (25, 25, 25)
 MUTED_TEXT = (110, 110, 110)
 TILE_PAD_COLOR = (232, 232, 232)
@@ -61,66 +62,6 @@ SERIES_COLORS = {
     "eval_mAP": (204, 121, 167),
     "eval_mINP": (213, 94, 0),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Text helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _font(size: int):
-    """PIL's default font at `size` px (FreeType build), or the fixed bitmap default otherwise."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError, AttributeError):
-        return ImageFont.load_default()
-
-
-def _text_width(font, text: str) -> float:
-    return font.getlength(text) if hasattr(font, "getlength") else font.getbbox(text)[2]
-
-
-def _line_height(font) -> int:
-    left, top, right, bottom = font.getbbox("Hgjy|")
-    return int(bottom) + 3
-
-
-def _wrap(text: str, font, width: float) -> list[str]:
-    """Greedy word wrap to `width` pixels; words longer than a line are split by characters."""
-    lines: list[str] = []
-    for paragraph in str(text).splitlines() or [""]:
-        current = ""
-        for word in paragraph.split():
-            candidate = word if not current else f"{current} {word}"
-            if _text_width(font, candidate) <= width:
-                current = candidate
-                continue
-            if current:
-                lines.append(current)
-            current = ""
-            while _text_width(font, word) > width and len(word) > 1:
-                cut = len(word) - 1
-                while cut > 1 and _text_width(font, word[:cut]) > width:
-                    cut -= 1
-                lines.append(word[:cut])
-                word = word[cut:]
-            current = word
-        lines.append(current)
-    return lines
-
-
-def _fit_lines(lines: list[str], max_lines: int, font, width: float) -> list[str]:
-    """At most `max_lines` lines; a truncated text ends with '...'."""
-    if len(lines) <= max_lines:
-        return lines
-    if max_lines <= 0:
-        return []
-    kept = lines[:max_lines]
-    last = kept[-1]
-    while last and _text_width(font, last + " ...") > width:
-        last = last[:-1]
-    kept[-1] = last.rstrip() + " ..."
-    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,41 +131,10 @@ def grid_layout(num_rows: int, num_columns: int, tile_size: tuple[int, int] = (1
 
 
 def _load_tile(image: Any, tile_size: tuple[int, int]) -> Image.Image:
-    """A gallery image (PIL image or path) letterboxed into a (height, width) tile, aspect kept."""
-    if isinstance(image, Image.Image):
-        picture = image.convert("RGB")
-    elif isinstance(image, Mapping) and ("path" in image or "bytes" in image):  # a raw datasets Image value
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
-        with Image.open(source) as opened:
-            picture = opened.convert("RGB")
-    else:
-        with Image.open(Path(image)) as opened:
-            picture = opened.convert("RGB")
+    """A gallery image (anything `load_image` opens) letterboxed into a (height, width) tile, aspect kept."""
     height, width = tile_size
+    picture = load_image(image, size=(2 * height, 2 * width))  # the pixels every entry point sees
     return ImageOps.pad(picture, (width, height), method=Image.Resampling.BICUBIC, color=TILE_PAD_COLOR)
-
-
-def _draw_header(
-    draw: ImageDraw.ImageDraw, width: int, layout: GridLayout, title: Optional[str], legend: bool = True
-) -> None:
-    title_font = _font(15)
-    legend_font = _font(12)
-    center = layout.margin + layout.header_height // 2 - 2
-    x = layout.margin
-    if title:
-        draw.text((x, center), title, fill=TEXT_COLOR, font=title_font, anchor="lm")
-    # Legend, right-aligned.
-    entries = [(CORRECT_COLOR, "same identity"), (WRONG_COLOR, "other identity")] if legend else []
-    swatch = 12
-    total = sum(swatch + 5 + _text_width(legend_font, label) + 14 for _, label in entries) - 14
-    x = width - layout.margin - total
-    for color, label in entries:
-        draw.rectangle((x, center - swatch // 2, x + swatch, center + swatch // 2), outline=color, width=3)
-        x += swatch + 5
-        draw.text((x, center), label, fill=TEXT_COLOR, font=legend_font, anchor="lm")
-        x += _text_width(legend_font, label) + 14
-    line_y = layout.margin + layout.header_height - 6
-    draw.line((layout.margin, line_y, width - layout.margin, line_y), fill=SEPARATOR_COLOR, width=1)
 
 
 def retrieval_grid(
@@ -258,8 +168,8 @@ def retrieval_grid(
         query_labels: optional short label per query (e.g. "query 12 - id 7") drawn above its caption.
 
     Returns:
-        The path of the written PNG. Its size is `grid_layout(rows, columns, tile_size)`'s
-        (width, height), and the frame of (row, column) is at `layout.frame_box(row, column)`.
+        The path of the written PNG (drawn with matplotlib). Its size is `grid_layout(rows, columns,
+        tile_size)`'s (width, height), and the frame of (row, column) is at `layout.frame_box(row, column)`.
     """
     num_rows = len(query_captions)
     if num_rows == 0:
@@ -284,58 +194,103 @@ def retrieval_grid(
     num_columns = max(1, min(top_k, max(len(ranks) for ranks in ranked_indices)))
     layout = grid_layout(num_rows, num_columns, tile_size)
 
-    canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    _draw_header(draw, layout.width, layout, title, legend=labeled)
+    figure, place = _pixel_figure(layout.width, layout.height)
+    header_y = layout.margin + layout.header_height // 2 - 2
+    if title:
+        place.text(layout.margin, header_y, title, fontsize=11, va="center")
+    if labeled:
+        handles = [Patch(facecolor="none", edgecolor=_rgb(color), linewidth=2, label=label)
+                   for color, label in ((CORRECT_COLOR, "same identity"), (WRONG_COLOR, "other identity"))]
+        figure.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8,
+                      bbox_to_anchor=(1 - layout.margin / layout.width, 1 - layout.margin / layout.height))
+    place.line(layout.margin + layout.header_height - 6, layout.margin, layout.width - layout.margin)
 
-    caption_font = _font(12)
-    label_font = _font(12)
-    rank_font = _font(11)
-    caption_line = _line_height(caption_font)
-    tile_cache: dict[int, Image.Image] = {}
-
+    characters = max(8, int((layout.caption_width - 8) / 6.2))  # an 8-point font averages ~6 px a character
+    tile_cache: dict[int, np.ndarray] = {}
     for row in range(num_rows):
-        left, top, right, bottom = layout.caption_box(row)
-        text_width = right - left
-        y = top + 2
-        if query_labels is not None and query_labels[row]:
-            label_lines = _fit_lines(_wrap(query_labels[row], label_font, text_width), 2, label_font, text_width)
-            for line in label_lines:
-                draw.text((left, y), line, fill=MUTED_TEXT, font=label_font)
-                y += _line_height(label_font)
-            y += 3
-        max_lines = max(0, (bottom - y) // caption_line)
-        lines = _fit_lines(_wrap(query_captions[row], caption_font, text_width), max_lines, caption_font, text_width)
-        for line in lines:
-            draw.text((left, y), line, fill=TEXT_COLOR, font=caption_font)
-            y += caption_line
+        left, top, _, bottom = layout.caption_box(row)
+        label_lines = textwrap.wrap(query_labels[row], characters)[:2] if query_labels is not None else []
+        room = max(0, (bottom - top - 15 * len(label_lines) - 6) // 15)
+        caption_lines = textwrap.wrap(query_captions[row], characters)
+        if len(caption_lines) > room:  # too long for the row: cut, and say so
+            caption_lines = caption_lines[:room]
+            if caption_lines:
+                caption_lines[-1] = caption_lines[-1][: characters - 4].rstrip() + " ..."
+        text = "\n".join(caption_lines)
+        if label_lines:
+            place.text(left, top + 2, "\n".join(label_lines), fontsize=8, color=_rgb(MUTED_TEXT), va="top")
+        place.text(left, top + 6 + 15 * len(label_lines), text, fontsize=8, va="top", linespacing=1.3)
 
-        ranks = list(ranked_indices[row])[:num_columns]
-        for column, gallery_index in enumerate(ranks):
+        for column, gallery_index in enumerate(list(ranked_indices[row])[:num_columns]):
             gallery_index = int(gallery_index)
             if gallery_index not in tile_cache:
-                tile_cache[gallery_index] = _load_tile(gallery_images[gallery_index], layout.tile_size)
-            if not labeled:
-                color = NEUTRAL_COLOR
-            else:
-                color = CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
-            frame_box = layout.frame_box(row, column)
-            draw.rectangle((frame_box[0], frame_box[1], frame_box[2] - 1, frame_box[3] - 1), fill=color)
-            tile_left, tile_top, _, _ = layout.tile_box(row, column)
-            canvas.paste(tile_cache[gallery_index], (tile_left, tile_top))
-            label = f"#{column + 1}"
-            if scores is not None:
-                label += f"  {float(scores[row][column]):.3f}"
-            center_x = (frame_box[0] + frame_box[2]) / 2
-            draw.text((center_x, frame_box[3] + 2), label, fill=TEXT_COLOR, font=rank_font, anchor="mt")
+                tile_cache[gallery_index] = np.asarray(_load_tile(gallery_images[gallery_index], layout.tile_size))
+            color = NEUTRAL_COLOR if not labeled else CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
+            frame_left, frame_top, frame_right, frame_bottom = layout.frame_box(row, column)
+            place.rectangle(layout.frame_box(row, column), color)
+            place.image(layout.tile_box(row, column), tile_cache[gallery_index])
+            label = f"#{column + 1}" + (f"  {float(scores[row][column]):.3f}" if scores is not None else "")
+            place.text((frame_left + frame_right) / 2, frame_bottom + 2, label, fontsize=7.5, ha="center", va="top")
         if row < num_rows - 1:
-            line_y = layout.row_top(row) + layout.row_height + layout.row_gap // 2
-            draw.line((layout.margin, line_y, layout.width - layout.margin, line_y), fill=SEPARATOR_COLOR, width=1)
+            place.line(layout.row_top(row) + layout.row_height + layout.row_gap // 2, layout.margin,
+                       layout.width - layout.margin)
 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(output_path, format="PNG")
+    figure.savefig(output_path, format="png", dpi=100, facecolor="white")
     return output_path
+
+
+def _rgb(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(channel / 255 for channel in color)
+
+
+class _PixelPlacer:
+    """Draws on a matplotlib figure in pixel coordinates from the top-left corner (as `GridLayout` measures)."""
+
+    def __init__(self, figure, width: int, height: int):
+        self.figure, self.width, self.height = figure, width, height
+
+    def _x(self, x):
+        return x / self.width
+
+    def _y(self, y):
+        return 1 - y / self.height
+
+    def text(self, x, y, text, **kwargs):
+        self.figure.text(self._x(x), self._y(y), text, color=kwargs.pop("color", _rgb(TEXT_COLOR)), **kwargs)
+
+    def line(self, y, left, right):
+        from matplotlib.lines import Line2D
+
+        self.figure.add_artist(Line2D([self._x(left), self._x(right)], [self._y(y)] * 2, linewidth=0.8,
+                                      color=_rgb(SEPARATOR_COLOR)))
+
+    def rectangle(self, box, color):
+        from matplotlib.patches import Rectangle
+
+        left, top, right, bottom = box
+        self.figure.add_artist(Rectangle((self._x(left), self._y(bottom)), (right - left) / self.width,
+                                         (bottom - top) / self.height, facecolor=_rgb(color), edgecolor="none",
+                                         antialiased=False, zorder=-1))
+
+    def image(self, box, pixels):
+        left, top, right, bottom = box
+        axes = self.figure.add_axes((self._x(left), self._y(bottom), (right - left) / self.width,
+                                     (bottom - top) / self.height))
+        axes.imshow(pixels, interpolation="nearest", aspect="auto")
+        axes.set_axis_off()
+
+
+def _pixel_figure(width: int, height: int):
+    """A matplotlib figure of exactly width x height pixels (at 100 dpi) and a placer in pixel coordinates."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # files only: no display needed
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    return figure, _PixelPlacer(figure, width, height)
 
 
 def _as_numpy(similarity: Any) -> np.ndarray:

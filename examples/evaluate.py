@@ -61,27 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """Fail early, with a readable message, on a folder that cannot hold a DECD model."""
-    if not model_dir.exists():
-        raise SystemExit(f"error: model folder {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise SystemExit(f"error: {model_dir} is not a folder; pass the folder written by save_pretrained")
-    from decd.hub import saved_model_type
-
-    try:
-        model_type = saved_model_type(model_dir)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    if model_type is None:
-        raise SystemExit(f"error: {model_dir} has no config.json; it is not a saved DECD model")
-    if model_type != "decd":
-        raise SystemExit(
-            f"error: {model_dir} holds a {model_type!r} model, not a DECD one (model_type 'decd')"
-            + (" ; convert CLIP weights with DecdModel.from_clip(...) first" if model_type == "clip" else "")
-        )
-
-
 def pick_queries(num_queries: int, count: int, seed: int) -> list[int]:
     """`count` distinct query indices, deterministic for a seed, in increasing order."""
     import numpy as np
@@ -107,10 +86,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_dir = Path(args.model_dir).expanduser().resolve()
-    check_model_dir(model_dir)  # before the heavy imports, so that a wrong path fails at once
+    if not model_dir.is_dir():  # before the heavy imports, so that a wrong path fails at once
+        raise SystemExit(f"error: model folder {model_dir} does not exist (pass the folder written by "
+                         "save_pretrained)")
+    from modeling_decd import ModelLoadError, load_model
+
+    try:  # the one loader: it refuses another model type or a folder without config.json, naming why
+        model, processor = load_model(model_dir, args.device)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
 
     from decd.data import PersonSearchDataError, load_person_search
-    from modeling_decd import ModelLoadError, load_model
     from decd.retrieval import evaluate_retrieval
     from decd.visualize import retrieval_grid_from_similarity
 
@@ -126,10 +112,6 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: cannot load {args.dataset_name!r} split {args.split!r}: {error}") from None
     gallery, queries = dataset["gallery"], dataset["queries"]
 
-    try:
-        model, processor = load_model(model_dir, args.device)
-    except ModelLoadError as error:
-        raise SystemExit(f"error: {error}") from None
     logger.info("evaluating %s on %s/%s: %d queries, %d gallery images (device %s)",
                 model_dir, args.dataset_name, args.split, len(queries), len(gallery), model.device)
 

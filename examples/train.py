@@ -54,6 +54,12 @@ class ModelArguments:
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default 0.02)."})
     mcm_weight: float | None = field(default=None, metadata={"help": "Weight of the MCM loss (0 disables MCM)."})
     id_weight: float | None = field(default=None, metadata={"help": "Weight of the identity loss (default 0)."})
+    # The detachable decoder's size (default: the preset's from scratch, 4 x 512 wide with 8 heads from a CLIP);
+    # e.g. a small pretrained CLIP takes the tiny preset's decoder: 2 layers, 128 wide, 4 heads, MLP 512.
+    decoder_layers: int | None = field(default=None, metadata={"help": "Decoder layers."})
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width."})
+    decoder_attention_heads: int | None = field(default=None, metadata={"help": "Decoder attention heads."})
+    decoder_intermediate_size: int | None = field(default=None, metadata={"help": "Decoder MLP width."})
     keep_decoder: bool = field(
         default=False,
         metadata={"help": "Save the final model with its decoder (a training checkpoint) instead of the detached "
@@ -110,7 +116,8 @@ class TrainingArguments(DecdTrainingArguments):
 def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel, DecdProcessor]:
     overrides = {
         name: getattr(model_args, name)
-        for name in ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight", "id_weight")
+        for name in ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight", "id_weight",
+                     "decoder_layers", "decoder_hidden_size", "decoder_attention_heads", "decoder_intermediate_size")
         if getattr(model_args, name) is not None
     }
     if model_args.image_size is not None:

@@ -119,8 +119,9 @@ def _parse(item):
     """(image file name, rank, score, caption file name) of one gallery item returned by the API."""
     image = item["image"]
     location = image.get("path") or image.get("url") if isinstance(image, dict) else image
-    rank, score, name = item["caption"].split(" · ")
-    return Path(str(location)).name, int(rank), float(score), name
+    rank, score, share, name = item["caption"].split(" · ")
+    assert share.startswith("top ") and share.endswith(" of 10")
+    return Path(str(location)).name, int(rank.removeprefix("#")), float(score), name
 
 
 def test_gallery_is_every_image(loaded, gallery_dir):
@@ -187,3 +188,98 @@ def test_missing_gallery_is_a_startup_message(model_dir, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(app.AppConfigError, match="no images"):
         app.load_gallery(None, None, empty)
+
+
+# ------------------------------------------------------------------------------------------------
+# Search by photo, the UI's handlers, examples, Space defaults
+# ------------------------------------------------------------------------------------------------
+
+
+def direct_image_ranking(model, processor, paths, query_path):
+    """(file names, scores) of the gallery by image-image cosine similarity to `query_path`, computed here."""
+    with torch.no_grad():
+        images = [Image.open(path).convert("RGB") for path in paths]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        keys = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        query_pixels = processor(images=[Image.open(query_path).convert("RGB")], return_tensors="pt")["pixel_values"]
+        query = F.normalize(model.get_image_features(pixel_values=query_pixels).pooler_output, dim=-1)
+    scores = (query @ keys.T)[0]
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [Path(paths[i]).name for i in order], [float(scores[i]) for i in order]
+
+
+def test_search_by_photo_through_api_ranks_by_image_similarity(server, loaded, outbound):
+    _, client = server
+    model, processor, gallery = loaded
+    query = gallery.paths[3]
+    results = client.predict(gradio_client.handle_file(str(query)), 4, api_name="/search_image")
+    parsed = [_parse(item) for item in results]
+    names, scores = direct_image_ranking(model, processor, gallery.paths, query)
+    assert [name for _, _, _, name in parsed] == names[:4]
+    assert parsed[0][3] == query.name  # a gallery image finds itself first (cosine 1)
+    assert [score for _, _, score, _ in parsed] == pytest.approx(scores[:4], abs=1e-3)
+    assert parsed[0][2] == pytest.approx(1.0, abs=1e-3)
+    assert outbound == []
+
+
+def test_ui_errors_are_a_status_line_and_keep_the_results(server, loaded, tmp_path):
+    demo, _ = server
+    found, status, mode = demo.ui_search_fn(DESCRIPTION, 3)
+    assert len(found) == 3 and mode == "text" and "**3** best of 10 images" in status
+    for empty in ("", "   ", None):
+        results, status, mode = demo.ui_search_fn(empty, 3)
+        assert results == gr.skip() and mode == gr.skip()  # the previous results stay
+        assert status.startswith("⚠️") and "Describe the person" in status and "Enter" in status
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    results, status, _ = demo.ui_search_image_fn(str(broken), 3)
+    assert results == gr.skip() and status.startswith("⚠️") and "broken" in status
+    assert demo.ui_search_image_fn(None, 3) == (gr.skip(), gr.skip(), gr.skip())  # photo cleared
+
+
+def test_top_k_change_reruns_the_last_search(server, loaded):
+    demo, _ = server
+    _, _, gallery = loaded
+    assert len(demo.ui_rerun_fn("text", DESCRIPTION, None, 4)[0]) == 4
+    by_photo = demo.ui_rerun_fn("image", DESCRIPTION, str(gallery.paths[0]), 2)
+    assert by_photo[2] == "image" and Path(by_photo[0][0][0]).name == gallery.paths[0].name
+    assert demo.ui_rerun_fn("text", "", None, 4) == (gr.skip(), gr.skip(), gr.skip())
+
+
+def test_page_config_enter_submits_and_layout_reflows(server):
+    demo, _ = server
+    config = demo.get_config_file()
+    by_id = {component.get("props", {}).get("elem_id"): component for component in config["components"]}
+    box = by_id["decd-description"]["props"]
+    assert box["lines"] == 1 and box["max_lines"] == 1  # Enter submits instead of adding a line
+    assert "auto-fill" in (demo.css or "")  # results reflow (css passed at launch)
+    targets = {(target[1]) for dependency in config["dependencies"] for target in dependency["targets"]}
+    assert {"submit", "click", "upload", "release"} <= targets
+
+
+def test_examples_match_the_synthetic_gallery(gallery_dir):
+    from decd.data import load_person_search
+
+    examples = app.gallery_examples(gallery_dir / "test", count=2)
+    captions = load_person_search("synthetic", data_dir=gallery_dir.parent, split="test",
+                                  verify_images=False)["queries"]["caption"]
+    assert len(examples) == 2 and set(examples) <= set(captions)
+    assert app.gallery_examples(gallery_dir) == list(app.EXAMPLE_DESCRIPTIONS)  # a plain folder: generic
+
+
+def test_space_defaults_model_from_config_and_synthetic_gallery(model_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / app.SPACE_CONFIG_FILE).write_text('{"model": "%s", "gallery": "crops"}' % model_dir)
+    config = app.space_config(tmp_path)
+    assert config == {"model": str(model_dir), "gallery": str(tmp_path / "crops")}
+    monkeypatch.delenv("DECD_MODEL", raising=False)
+    monkeypatch.delenv("DECD_GALLERY", raising=False)
+    small = tmp_path / "synthetic" / "imgs" / "test"
+    monkeypatch.setattr(app, "default_gallery", lambda: small)
+    generate_synthetic_person_search(tmp_path / "synthetic", num_train_ids=1, num_val_ids=1, num_test_ids=2,
+                                     images_per_id=2, progress=False)
+    arguments = app._parse_args(["--model", str(model_dir), "--device", "cpu"])
+    assert arguments.gallery is None
+    model, processor, gallery, examples = app.prepare(arguments)  # no gallery configured: no exit
+    assert len(gallery) == 4 and gallery.image_roots == [small.resolve()]
+    assert "synthetic benchmark's test split" in capsys.readouterr().err
+    assert examples and examples != list(app.EXAMPLE_DESCRIPTIONS)

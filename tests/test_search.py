@@ -296,7 +296,7 @@ def test_faiss_backend_without_faiss_says_how_to_install(monkeypatch, capsys, wo
 def _table_paths(output: str) -> list[str]:
     """The path column of the result table(s) printed by `decd-search query`."""
     rows = [line.split() for line in output.splitlines()]
-    return [row[2] for row in rows if len(row) == 3 and row[0].isdigit()]
+    return [row[3] for row in rows if len(row) == 4 and row[0].isdigit()]
 
 
 def test_cli_index_then_query_prints_ranking_and_writes_grid(workspace, tmp_path, capsys):

@@ -195,13 +195,14 @@ def _load_evaluate_module():
 
 def test_evaluate_script_rejects_bad_model_dirs(tmp_path):
     evaluate = _load_evaluate_module()
+    arguments = ["--dataset_name", "synthetic"]
     with pytest.raises(SystemExit, match="does not exist"):
-        evaluate.check_model_dir(tmp_path / "missing")
+        evaluate.main([str(tmp_path / "missing"), *arguments])
     with pytest.raises(SystemExit, match="no config.json"):
-        evaluate.check_model_dir(tmp_path)
+        evaluate.main([str(tmp_path), *arguments])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
-    with pytest.raises(SystemExit, match="not a DECD"):
-        evaluate.check_model_dir(tmp_path)
+    with pytest.raises(SystemExit, match="not a DECD one"):
+        evaluate.main([str(tmp_path), *arguments])
     assert evaluate.pick_queries(10, 4, seed=3) == evaluate.pick_queries(10, 4, seed=3)
     assert len(set(evaluate.pick_queries(10, 40, seed=0))) == 10
 
