@@ -32,6 +32,8 @@ Approximate backends (FAISS index-factory strings, what `decd-search index --bac
     queries/s (batches of Q), recall@10, peak RSS after the build (the process holds the generated
     gallery too, G x D x 4 bytes, and the training sample) and the FAISS index's size on disk, from which bytes/vector and the memory per 10^8
     crops are computed (index size / G x 10^8; the exact backend: D x 4 bytes per crop).
+    `--rerank N ...` adds rows where the best N candidates are re-scored exactly against the gallery
+    (`decd.search.rerank_exact`, what `decd-search query --rerank N` does with embeddings.npy).
     `--data clustered` (default) draws the gallery and the queries from a mixture of `--clusters`
     Gaussians around random unit centres (then L2-normalised), so that neighbours are meaningful; with
     uniformly random unit vectors (`--data uniform`) every ANN index degrades to a near-full scan.
@@ -122,7 +124,7 @@ def _centres(data: str, clusters: int, dim: int) -> torch.Tensor | None:
 def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k: int, repeats: int,
              chunk_size: int, data: str = "uniform", clusters: int = 10000, recall_queries: int = 0,
              truth_file: str | None = None, nprobes: tuple = (), ef_searches: tuple = (),
-             train_size: int | None = None) -> dict | list:
+             train_size: int | None = None, reranks: tuple = ()) -> dict | list:
     """One (backend, gallery size) measurement in this process (a list of rows for an ANN backend)."""
     import numpy as np
 
@@ -155,7 +157,7 @@ def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k:
                 return torch.topk(queries @ gallery.T, top_k, dim=1).indices
         else:  # a FAISS index-factory string
             return _run_ann_case(backend, gallery.numpy(), queries.numpy(), many, top_k, repeats, truth_file,
-                                 nprobes, ef_searches, train_size)
+                                 nprobes, ef_searches, train_size, reranks)
 
     indices = search()  # warm-up
     times = []
@@ -175,11 +177,12 @@ def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k:
     return row
 
 
-def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, nprobes, ef_searches, train_size):
+def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, nprobes, ef_searches, train_size,
+                  reranks=()):
     import numpy as np
     import faiss
 
-    from decd.search import ann_num_lists, ann_search, build_ann_index, recall_at_k
+    from decd.search import ann_num_lists, ann_search, build_ann_index, recall_at_k, rerank_exact
 
     start = time.perf_counter()
     index = build_ann_index(gallery, spec, train_size=train_size)
@@ -196,17 +199,26 @@ def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, npro
     if "HNSW" in spec:
         settings = [dict(ef_search=value) for value in ef_searches] if not settings else \
             [dict(setting, ef_search=value) for setting in settings for value in ef_searches]
+    settings = [dict(setting, rerank=value) if value else setting
+                for setting in settings or [{}] for value in (reranks or (0,))]
     rows = []
-    for setting in settings or [{}]:
-        ann_search(index, queries, top_k, **setting)  # warm-up
+
+    def search(batch, setting):
+        setting = dict(setting)
+        fetch = max(setting.pop("rerank", 0), top_k)
+        scores, found = ann_search(index, batch, fetch, **setting)
+        return rerank_exact(gallery, batch, found, top_k) if fetch > top_k else (scores, found)
+
+    for setting in settings:
+        search(queries, setting)  # warm-up
         times = []
         for _ in range(repeats):
             begin = time.perf_counter()
-            ann_search(index, queries, top_k, **setting)
+            search(queries, setting)
             times.append(time.perf_counter() - begin)
         recall = None
         if truth is not None and many is not None:
-            recall = recall_at_k(ann_search(index, many.numpy(), top_k, **setting)[1], truth)
+            recall = recall_at_k(search(many.numpy(), setting)[1], truth)
         rows.append(dict(backend=spec, setting=setting, gallery_size=gallery.shape[0], build_s=build_s,
                          median_s=statistics.median(times), min_s=min(times), recall_at_k=recall,
                          index_bytes=index_bytes, peak_rss_mb=peak_after_build))
@@ -230,6 +242,8 @@ def main() -> None:
     parser.add_argument("--recall_queries", type=int, default=1000, help="queries that measure recall@k")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 48, 64, 128], help="IVF settings tried")
     parser.add_argument("--ef_search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW settings tried")
+    parser.add_argument("--rerank", type=int, nargs="+", default=[0],
+                        help="ANN candidates re-scored exactly (decd.search.rerank_exact); 0: none")
     parser.add_argument("--train_size", type=int, default=None,
                         help="training sample of IVF/PQ indexes (default: decd.search.ann_train_size)")
     parser.add_argument("--output-json", default=None)
@@ -247,7 +261,7 @@ def main() -> None:
         result = run_case(backend, int(size), arguments.dim, arguments.queries, arguments.top_k, arguments.repeats,
                           chunk_size, arguments.data, arguments.clusters, arguments.recall_queries,
                           arguments.truth_file, tuple(arguments.nprobe), tuple(arguments.ef_search),
-                          arguments.train_size)
+                          arguments.train_size, tuple(arguments.rerank))
         print(json.dumps(result))
         return
 
@@ -293,7 +307,7 @@ def main() -> None:
                            "--data", arguments.data, "--clusters", str(arguments.clusters),
                            "--recall_queries", str(arguments.recall_queries if needs_truth else 0),
                            "--truth_file", truth_file, "--nprobe", *map(str, arguments.nprobe),
-                           "--ef_search", *map(str, arguments.ef_search)]
+                           "--ef_search", *map(str, arguments.ef_search), "--rerank", *map(str, arguments.rerank)]
                 if arguments.train_size:
                     command += ["--train_size", str(arguments.train_size)]
                 if arguments.threads:
@@ -332,7 +346,7 @@ def main() -> None:
             rows=rows), indent=1))
 
 
-HEADER = (f"{'gallery':>9}  {'backend':<13}  {'setting':<13}  {'build s':>7}  {'ms/batch':>9}  {'queries/s':>10}  "
+HEADER = (f"{'gallery':>9}  {'backend':<13}  {'setting':<22}  {'build s':>7}  {'ms/batch':>9}  {'queries/s':>10}  "
           f"{'x exact':>7}  {'recall@k':>8}  {'peak RSS MiB':>12}  {'B/vector':>8}  {'GB/1e8':>7}")
 
 
@@ -341,7 +355,7 @@ def _format_row(row: dict) -> str:
     if row["backend"] in ("exact", "unchunked", "faiss"):
         setting = "same top-k" if row.get("same_topk") else "DIFFERENT"
     recall = row.get("recall_at_k")
-    return (f"{row['gallery_size']:>9,}  {row['backend']:<13}  {setting:<13}  {row.get('build_s', 0):>7.1f}  "
+    return (f"{row['gallery_size']:>9,}  {row['backend']:<13}  {setting:<22}  {row.get('build_s', 0):>7.1f}  "
             f"{row['median_s'] * 1e3:>9.1f}  {row['queries_per_s']:>10.1f}  "
             f"{row['speedup_vs_exact'] or float('nan'):>7.1f}  {recall if recall is not None else float('nan'):>8.3f}  "
             f"{row['peak_rss_mb']:>12.0f}  {row['bytes_per_vector']:>8.0f}  {row['gb_per_1e8']:>7.1f}")

@@ -5,7 +5,7 @@
     accelerate launch [--cpu] --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
-                      [--backend exact|faiss] [--nprobe 32] [--ef_search 256]
+                      [--backend exact|faiss] [--nprobe 32] [--ef_search 256] [--rerank 100]
     decd-search query INDEX --image query_crop.png [...]     (search by photo: re-identification)
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
@@ -71,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             "faiss: faiss.IndexFlatIP (also exact)")
     query.add_argument("--nprobe", type=int, default=None,
                        help="IVF backends: lists visited per query (default 32; more: slower, closer to exact)")
+    query.add_argument("--rerank", type=int, default=None, metavar="N",
+                       help="approximate backends: re-score the best N candidates exactly from embeddings.npy "
+                            "(e.g. 100 for a PQ index)")
     query.add_argument("--ef_search", type=int, default=None,
                        help="HNSW backends: candidate list size (default 256; more: slower, closer to exact)")
     query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
@@ -195,7 +198,7 @@ def _run_query(arguments) -> int:
     model, processor = _load_model(model_name, arguments.device)
     index.verify_model(model, model_name)  # the stale-model check, for text and image queries alike
     queries, rows = [], []  # (label, SearchResult, row) per query, in the order given
-    ann_options = dict(nprobe=arguments.nprobe, ef_search=arguments.ef_search)
+    ann_options = dict(nprobe=arguments.nprobe, ef_search=arguments.ef_search, rerank=arguments.rerank)
     if descriptions:
         result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=backend,
                                    verify=False, **ann_options)

@@ -662,6 +662,26 @@ def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = N
     return scores, rows.astype(np.int64)
 
 
+def rerank_exact(embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray,
+                 top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score approximate candidates exactly: (scores, rows) [num_queries, top_k] of the best `top_k` of
+    each row of `candidates` (gallery rows, -1 = none) by the inner product with the stored embeddings.
+
+    Only the candidates' rows are read (once each, in row order: a memory-mapped `embeddings.npy` is read
+    from disk, so a compressed index such as IVF4096,PQ64 needs RAM for its codes only). Ties are ordered
+    by lower gallery row; places with no candidate keep row -1 and score -inf.
+    """
+    candidates = np.asarray(candidates, dtype=np.int64)
+    rows = np.unique(candidates[candidates >= 0])
+    vectors = np.asarray(embeddings[rows], dtype=np.float32) if rows.size else np.zeros((0, queries.shape[1]), np.float32)
+    exact = np.asarray(queries, dtype=np.float32) @ vectors.T  # [num_queries, unique candidates]
+    positions = np.searchsorted(rows, np.where(candidates >= 0, candidates, rows[0] if rows.size else 0))
+    scores = np.take_along_axis(exact, positions, axis=1) if rows.size else np.zeros(candidates.shape, np.float32)
+    scores = np.where(candidates >= 0, scores, -np.inf).astype(np.float32)
+    scores, order = _sorted_top_k(torch.from_numpy(scores), torch.from_numpy(candidates), min(top_k, candidates.shape[1]))
+    return scores.numpy(), order.numpy()
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found_i ∩ truth_i| / |truth_i| (rows of gallery ids; -1 in `found` never counts)."""
     found, truth = np.asarray(found), np.asarray(truth)
@@ -1093,6 +1113,7 @@ class GalleryIndex:
         device: Optional[Union[str, torch.device]] = None,
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
+        rerank: Optional[int] = None,
     ) -> SearchResult:
         """Rank the gallery for each query by cosine similarity.
 
@@ -1110,13 +1131,17 @@ class GalleryIndex:
             device: where the exact backend multiplies (default CPU).
             nprobe: IVF lists visited per query (default DEFAULT_NPROBE): more is slower and closer to exact.
             ef_search: HNSW candidate list size (default DEFAULT_EF_SEARCH, raised to top_k): likewise.
+            rerank: approximate backends: fetch this many candidates and re-score them exactly against
+                `embeddings` (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`.
+                Restores the ranking a compressed (PQ) index loses; None or 0: the index's own scores.
         """
         if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
                                         and all(isinstance(query, str) for query in queries)):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
             return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
-                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
+                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
+                                    rerank=rerank)
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
         if queries.ndim == 1:
             queries = queries[None]
@@ -1134,8 +1159,13 @@ class GalleryIndex:
         elif backend == recorded:
             if top_k < 1:
                 raise ValueError(f"top_k must be at least 1, got {top_k}")
-            scores, indices = ann_search(self.ann_index(), queries.cpu().numpy(), min(top_k, len(self)), nprobe,
-                                         max(ef_search or DEFAULT_EF_SEARCH, top_k))
+            top_k = min(top_k, len(self))
+            fetch = min(max(int(rerank or 0), top_k), len(self))
+            query_array = queries.cpu().numpy()
+            scores, indices = ann_search(self.ann_index(), query_array, fetch, nprobe,
+                                         max(ef_search or DEFAULT_EF_SEARCH, fetch))
+            if rerank:
+                scores, indices = rerank_exact(self.embeddings, query_array, indices, top_k)
             scores[indices < 0] = -np.inf
             scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
         else:
@@ -1253,6 +1283,7 @@ __all__ = [
     "build_ann_index",
     "new_ann_index",
     "recall_at_k",
+    "rerank_exact",
     "set_ann_parameters",
     "BuildInterrupted",
     "GalleryIndex",

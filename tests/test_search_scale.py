@@ -224,12 +224,17 @@ def test_cli_builds_a_recorded_backend_that_query_uses_and_load_verifies(gallery
     exact = index.search(queries, top_k=5, backend="exact")
     # A tiny gallery: HNSW with efSearch >= the gallery size is exact.
     np.testing.assert_array_equal(approximate.indices.numpy(), exact.indices.numpy())
+    reranked = index.search(queries, top_k=5, rerank=20)  # candidates re-scored from embeddings.npy
+    np.testing.assert_array_equal(reranked.indices.numpy(), exact.indices.numpy())
+    np.testing.assert_allclose(reranked.scores.numpy(), exact.scores.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match=r"'exact', 'faiss' or this index's own backend 'HNSW8'"):
         index.search(queries, backend="IVF4,Flat")
 
     assert main(["query", str(output), QUERY, "--top_k", "3", "--ef_search", "16"]) == 0
     hnsw_out = capsys.readouterr().out
     assert main(["query", str(output), QUERY, "--top_k", "3", "--backend", "exact"]) == 0
+    assert capsys.readouterr().out == hnsw_out
+    assert main(["query", str(output), QUERY, "--top_k", "3", "--rerank", "10"]) == 0
     assert capsys.readouterr().out == hnsw_out
     assert main(["query", str(output), QUERY, "--backend", "IVF4,Flat"]) == 1
     assert "--backend must be exact, faiss or HNSW8" in capsys.readouterr().err
@@ -284,3 +289,20 @@ def test_cli_index_with_an_ann_backend_but_no_faiss_says_how_to_install(gallery_
     error = capsys.readouterr().err
     assert "backend='HNSW32' needs the optional FAISS package: `pip install faiss-cpu`" in error
     assert not (tmp_path / "index").exists()
+
+
+def test_rerank_exact_rescores_candidates_like_exact_search():
+    from decd.search import rerank_exact
+
+    gallery = _clustered(500, 16, seed=3)
+    queries = _clustered(6, 16, seed=4)
+    scores, truth = exact_top_k(torch.from_numpy(queries), gallery, 5)
+    # Candidates: the true top-5 shuffled among wrong rows and holes (-1), as a lossy index returns them.
+    generator = np.random.default_rng(0)
+    candidates = np.concatenate([truth.numpy(), generator.integers(0, 500, (6, 20)), -np.ones((6, 3), np.int64)], 1)
+    candidates = np.stack([generator.permutation(row) for row in candidates])
+    found_scores, found = rerank_exact(gallery, queries, candidates, 5)
+    np.testing.assert_array_equal(found, truth.numpy())
+    np.testing.assert_allclose(found_scores, scores.numpy(), atol=1e-6)
+    only_holes = rerank_exact(gallery, queries[:1], -np.ones((1, 4), np.int64), 2)
+    assert only_holes[1].tolist() == [[-1, -1]] and np.isneginf(only_holes[0]).all()
