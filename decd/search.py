@@ -459,14 +459,15 @@ class _ShardStore:
             shards.append(record)
         self.shards = sorted(shards, key=lambda record: (record["start"], -record["end"]))
 
-    def covers(self, start: int, end: int) -> bool:
-        """Whether one complete shard holds the positions [start, end)."""
-        return any(shard["start"] <= start and end <= shard["end"] for shard in self.shards)
+    def covered_batches(self, batch_size: int) -> set[int]:
+        """Start positions of the batches that complete shards hold (shards are whole batches of the
+        fingerprint's batch size); one pass over the shards, so resuming 10^6 batches stays linear."""
+        return {start for shard in self.shards for start in range(shard["start"], shard["end"], batch_size)}
 
     def tiling(self, num_files: int) -> Optional[list[dict]]:
         """Shards that cover [0, num_files) once each, in listing order (None while a part is missing)."""
         chosen, position = [], 0
-        for shard in self.shards:
+        for shard in sorted(self.shards, key=lambda record: (record["start"], -record["end"])):
             if shard["start"] == position and shard["end"] > position:
                 chosen.append(shard)
                 position = shard["end"]
@@ -501,7 +502,7 @@ class _ShardStore:
         record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
                       skipped=self._staged_skipped, file=f"{stem}.npy")
         _write_json(self.folder / f"{stem}.json", record)
-        self.shards = sorted(self.shards + [record], key=lambda shard: (shard["start"], -shard["end"]))
+        self.shards.append(record)  # sorted when tiled
         self._clear_staged()
 
     def _clear_staged(self) -> None:
@@ -901,8 +902,9 @@ class GalleryIndex:
         # This process's share: a contiguous run of whole batches, so that the batches (and the embeddings,
         # bit for bit) are those of a one-process build.
         num_batches = -(-len(files) // batch_size)
+        covered = store.covered_batches(batch_size)
         todo = [batch * batch_size for batch in range(rank * num_batches // world, (rank + 1) * num_batches // world)
-                if not store.covers(batch * batch_size, min(len(files), (batch + 1) * batch_size))]
+                if batch * batch_size not in covered]
         share = (rank * num_batches // world, (rank + 1) * num_batches // world)
         share_files = min(len(files), share[1] * batch_size) - min(len(files), share[0] * batch_size)
         bar = tqdm(total=share_files, initial=share_files - sum(min(batch_size, len(files) - start) for start in todo),
