@@ -53,7 +53,8 @@ class TextBasedPersonSearchPipeline(Pipeline):
 
     Call arguments:
         top_k: results per description (default 10, clamped to the gallery size).
-        backend: "exact" (default) or "faiss" (see `GalleryIndex.search`).
+        backend: default the one the index was built with (exact, or its FAISS index); "exact" forces
+            the exact search (see `GalleryIndex.search`).
         chunk_size: gallery rows scored at once by the exact backend.
 
     Returns, per query (a description, or a photo: PIL image or `{"image": ...}`): a list of
@@ -155,7 +156,7 @@ class TextBasedPersonSearchPipeline(Pipeline):
                                                  show_progress=False)}
         return {"text_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
 
-    def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str = "exact",
+    def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
         query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
         result = self.gallery_index.search(query, top_k=top_k, backend=backend,
