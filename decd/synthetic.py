@@ -671,15 +671,7 @@ def generate_synthetic_person_search(
         logger.debug("synthetic person search: cache hit at %s", root)
         return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        _write_benchmark(staging, parameters, progress)
-        _replace_directory(staging, root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return _write_atomically(root, lambda folder: _write_benchmark(folder, parameters, progress))
 
 
 def person_search_identities(
@@ -698,6 +690,19 @@ def person_search_identities(
     identities = sample_identities(sum(size for _, size in split_sizes), seed, reserve_clothing=evaluation)
     splits = [name for name, size in split_sizes for _ in range(size)]
     return list(zip(identities, splits))
+
+
+def _write_atomically(root: Path, write) -> Path:
+    """`write(folder)` into a staging folder renamed to `root` at the end: an interruption leaves no half set."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        write(staging)
+        _replace_directory(staging, root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -833,15 +838,7 @@ def generate_synthetic_captioned_images(
         logger.debug("synthetic captioned images: cache hit at %s", root)
         return root
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        _write_captioned_images(staging, parameters, progress)
-        _replace_directory(staging, root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return _write_atomically(root, lambda folder: _write_captioned_images(folder, parameters, progress))
 
 
 def _is_captioned_cache_hit(root: Path, parameters: dict) -> bool:

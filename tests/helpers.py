@@ -64,3 +64,14 @@ except ImportError:
 else:
     raise SystemExit("the repository's modules are importable; the test would prove nothing")
 """
+
+
+def save_tiny_model(folder, seed: int = 0):
+    """A random tiny DECD model and its processor saved in `folder` (returned), as save_pretrained writes them."""
+    from modeling_decd import DecdModel
+    from processing_decd import DecdProcessor
+
+    torch.manual_seed(seed)
+    DecdModel(tiny_config()).save_pretrained(folder)
+    DecdProcessor(image_size=(128, 64)).save_pretrained(folder)
+    return folder

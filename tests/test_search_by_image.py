@@ -15,14 +15,11 @@ from decd.synthetic import generate_synthetic_person_search
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
-from .helpers import tiny_config
+from .helpers import save_tiny_model
 
 
 def _make_model(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    DecdModel(tiny_config()).save_pretrained(folder)
-    DecdProcessor(image_size=(128, 64)).save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, seed)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@ resumable across process counts) and approximate FAISS backends recorded in the 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
