@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from PIL import Image
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -56,7 +55,7 @@ from decd.synthetic import (  # noqa: E402
     default_cache_dir,
     generate_synthetic_captioned_images,
 )
-from processing_decd import CLIP_CONTEXT_LENGTH, _clip_vocabulary  # noqa: E402
+from processing_decd import CLIP_CONTEXT_LENGTH, _clip_vocabulary, load_image  # noqa: E402
 
 logger = logging.getLogger("decd.pretrain_clip")
 
@@ -153,10 +152,7 @@ class CaptionedImageCollator:
         self.processor = processor
 
     def __call__(self, rows: list[dict]) -> dict:
-        images = []
-        for row in rows:
-            with Image.open(row["image"]) as image:
-                images.append(image.convert("RGB"))
+        images = [load_image(row["image"]) for row in rows]  # the one way DECD opens an image
         batch = self.processor(text=[row["caption"] for row in rows], images=images, padding=True,
                                truncation=True, return_tensors="pt")
         return {**batch, "return_loss": True}
