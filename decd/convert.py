@@ -25,7 +25,6 @@ unused unless it is reported as dropped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import re
@@ -128,14 +127,6 @@ class ConversionReport:
 # --------------------------------------------------------------------------------------------------
 # Reading the file
 # --------------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 _REPICKLE = ("load it with the code that wrote it and save its weights alone: "
              "torch.save(model.state_dict(), 'weights.pt') (OpenAI's JIT files: "
              "clip.load(name, jit=False)[0].state_dict()), then convert that file.")
@@ -613,6 +604,8 @@ def convert_checkpoint(
 
     config = _decd_config(sizes, temperature)
     model = _build_model(config, state_out, path)
+
+    from .search import file_sha256
 
     report = ConversionReport(
         source=str(path), output_dir=str(output), format=detected, sha256=file_sha256(path),

@@ -415,7 +415,8 @@ def _write_embeddings(path: Path, folder: Path, shards: list[dict], shape: tuple
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """sha256 hex digest of a file, read `HASH_BLOCK` bytes at a time (index files, converted checkpoints)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(HASH_BLOCK):
@@ -600,7 +601,7 @@ def _write_ann(output: Path, embeddings: np.ndarray, spec: str, train_size: Opti
     index = build_ann_index(embeddings, spec, train_size=train_size)
     temporary = output / (ANN_FILE + ".tmp")
     faiss.write_index(index, str(temporary))
-    digest = _file_sha256(temporary)
+    digest = file_sha256(temporary)
     os.replace(temporary, output / ANN_FILE)
     needs_training = not new_ann_index(spec, embeddings.shape[1]).is_trained
     return dict(ann_file=ANN_FILE, ann_sha256=digest, ann_bytes=(output / ANN_FILE).stat().st_size,
@@ -1076,7 +1077,7 @@ class GalleryIndex:
             raise damaged(f"{EMBEDDINGS_FILE} holds {getattr(embeddings, 'dtype', '?')} "
                           f"{tuple(getattr(embeddings, 'shape', ()))}, expected float32 ({count}, {dim})")
         if verify:
-            if _file_sha256(path / EMBEDDINGS_FILE) != expected:
+            if file_sha256(path / EMBEDDINGS_FILE) != expected:
                 raise damaged(f"{EMBEDDINGS_FILE} does not match the checksum recorded at build time")
             for start in range(0, count, DEFAULT_CHUNK_SIZE):
                 block = np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])
@@ -1090,7 +1091,7 @@ class GalleryIndex:
             ann_path = path / ANN_FILE
             if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
                 raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
-            if verify and _file_sha256(ann_path) != meta.get("ann_sha256"):
+            if verify and file_sha256(ann_path) != meta.get("ann_sha256"):
                 raise damaged(f"{ANN_FILE} does not match the checksum recorded at build time")
         return cls(embeddings, paths, meta, path)
 
