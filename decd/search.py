@@ -534,10 +534,8 @@ class _SingleProcess:
 # --------------------------------------------------------------------------------------------
 
 EXACT_BACKEND = "exact"
-# Search-time defaults, measured with benchmarks/search.py (10^6 x 512, 10^4 Gaussian clusters; README
-# "Benchmarks"): IVF4096,Flat at nprobe 32 has recall@10 0.999 at 28x the exact throughput (nprobe 16:
-# 0.998, 52x); HNSW32 at efSearch 256 has 0.896 at 39x and saturates near 0.92 on that data. Raise them
-# for more recall, lower them for more speed.
+# Search-time defaults, chosen with benchmarks/search.py (recall@10 and speed per setting: README
+# "Benchmarks", benchmarks/results/search_ann_*_cpu.json). Raise them for more recall, lower them for more speed.
 DEFAULT_NPROBE = 32  # IVF lists visited per query (of nlist; IVF4096: about 0.8% of the gallery scanned)
 DEFAULT_EF_SEARCH = 256  # HNSW candidate-list size (raised to top_k)
 DEFAULT_TRAIN_SIZE = 64  # training sample: this many vectors per IVF list (faiss warns below 39), at least 2**16
@@ -1030,8 +1028,7 @@ class GalleryIndex:
             path: the index folder.
             mmap: memory-map the embeddings (no read up front) instead of reading them into memory.
             verify: also read the whole embeddings file once to check its sha256 against the one
-                recorded at build time and that every value is finite (measured 0.8 s per GB from the
-                page cache on 2 busy CPU cores; from a cold disk, the disk's read speed; a 10^6-image
+                recorded at build time and that every value is finite (one read of the file: a 10^6-image
                 index at dim 512 is 2 GB). `verify=False` keeps the cheap
                 checks only (JSON, shapes, dtype, counts): for an index verified before, when
                 opening must be instant.
@@ -1235,7 +1232,6 @@ class GalleryIndex:
         if verify:
             self.verify_model(model, model_id)
         return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
-
 
     @torch.no_grad()
     def search_image(

@@ -234,9 +234,9 @@ class DecdTrainer(Trainer):
     # ---- per-loss logging ------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(self._explain_non_finite(outputs))
         if model.training:
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(self._explain_non_finite(outputs))
             for name in ("loss_sew", "loss_mcm", "loss_id"):
                 value = outputs.get(name)
                 if value is not None:
