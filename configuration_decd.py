@@ -11,6 +11,7 @@ import math
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
 CAPTION_QUALITY_MODES = ("density", "uniform", "none")
+MCM_VOCABULARIES = ("full", "batch")
 
 # CLIP's BPE vocabulary has 49,408 tokens; DECD appends the MCM mask token as id 49408.
 CLIP_VOCAB_SIZE = 49408
@@ -57,6 +58,12 @@ class DecdConfig(PreTrainedConfig):
             `"uniform"`: every caption gets q = 1; `"none"`: no margin at all (ablation).
         sew_weight, mcm_weight, id_weight (`float`, defaults to 1.0, 1.0, 0.0):
             Weights of the three losses in the total.
+        mcm_vocabulary (`str`, defaults to `"full"`):
+            Which vocabulary rows the MCM head scores at a masked position. `"full"`: all of them (the paper's
+            cross-entropy over the whole vocabulary). `"batch"`: only the tokens that occur in the batch's
+            captions (every masked token is among them), a sampled softmax whose negatives are the batch's
+            other words; it skips the vocabulary-sized product, which dominates a step of a small model
+            (README, "Training from scratch"). The head's weights are the same in both modes.
         num_identities (`int`, defaults to 0):
             Number of training identities for the identity classifier (0: no classifier).
         use_decoder (`bool`, defaults to `True`):
@@ -89,6 +96,7 @@ class DecdConfig(PreTrainedConfig):
     sew_weight: float = 1.0
     mcm_weight: float = 1.0
     id_weight: float = 0.0
+    mcm_vocabulary: str = "full"
     num_identities: int = 0
     use_decoder: bool = True
     mask_token_id: int = 49408
@@ -147,6 +155,7 @@ class DecdConfig(PreTrainedConfig):
             "learnable_temperature": (lambda v: isinstance(v, bool), "true or false"),
             "use_decoder": (lambda v: isinstance(v, bool), "true or false"),
             "caption_quality": (lambda v: isinstance(v, str), f"one of {CAPTION_QUALITY_MODES}"),
+            "mcm_vocabulary": (lambda v: v in MCM_VOCABULARIES, f"one of {MCM_VOCABULARIES}"),
         }.items():
             if not check(getattr(self, name)):
                 fail(name, expected)

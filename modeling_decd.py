@@ -213,8 +213,12 @@ class DecdMaskedCaptionHead(nn.Module):
         self.layer_norm = nn.LayerNorm(width)
         self.decoder = nn.Linear(width, config.text_config.vocab_size)
 
-    def forward(self, hidden_states):
-        return self.decoder(self.layer_norm(self.activation(self.dense(hidden_states))))
+    def forward(self, hidden_states, candidates=None):
+        """Logits over the whole vocabulary, or over the `candidates` token ids only (in their order)."""
+        hidden_states = self.layer_norm(self.activation(self.dense(hidden_states)))
+        if candidates is None:
+            return self.decoder(hidden_states)
+        return F.linear(hidden_states, self.decoder.weight[candidates], self.decoder.bias[candidates])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -704,7 +708,12 @@ class DecdModel(DecdPreTrainedModel):
             labels = mcm_labels[:, : decoded.shape[1]]
             # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
             selected = labels != -100
-            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded[selected]), labels[selected])
+            targets, candidates = labels[selected], None
+            if config.mcm_vocabulary == "batch":  # score the batch's own words only (sorted, so targets map in)
+                words = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+                candidates = torch.unique(torch.cat([words.flatten(), targets]))
+                targets = torch.searchsorted(candidates, targets)
+            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded[selected], candidates), targets)
             total = total + config.mcm_weight * output.loss_mcm
         if self.identity_classifier is not None and config.id_weight > 0:
             output.loss_id = identity_loss(self.identity_classifier, image_features, text_features, person_ids)

@@ -135,22 +135,54 @@ def environment() -> dict:
             "transformers": transformers.__version__}
 
 
+def differences(runs: list[dict], reference: str) -> dict:
+    """Per-seed differences of each variant to `reference` (variant - reference, same seed) and their summary.
+
+    `runs` are dicts with `variant`, `seed` and `metrics` (as written to the JSON).
+    """
+    base = {run["seed"]: run["metrics"] for run in runs if run["variant"] == reference and run["metrics"]}
+    table = {}
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        if variant == reference:
+            continue
+        per_seed = {run["seed"]: {name: run["metrics"][name] - base[run["seed"]][name] for name in METRICS}
+                    for run in runs if run["variant"] == variant and run["metrics"] and run["seed"] in base}
+        if per_seed:
+            table[variant] = {"per_seed": per_seed,
+                              **{name: summarise([d[name] for d in per_seed.values()]) for name in METRICS}}
+    return table
+
+
+def as_dicts(runs: list[Run]) -> list[dict]:
+    return [{"variant": run.variant, "seed": run.seed, "arguments": run.arguments, "metrics": run.metrics,
+             "minutes": round(run.minutes, 2), "error": run.error}
+            for run in runs if run.metrics or run.error]
+
+
 def write_json(path: Path, runs: list[Run], extra: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    finished = [{"variant": run.variant, "seed": run.seed, "arguments": run.arguments, "metrics": run.metrics,
-                 "minutes": round(run.minutes, 2), "error": run.error}
-                for run in runs if run.metrics or run.error]
-    payload = dict(extra, environment=environment(), runs=finished, summary=report(runs))
+    finished = as_dicts(runs)
+    reference = runs[0].variant if runs else None
+    payload = dict(extra, environment=environment(), runs=finished, summary=report(runs), reference=reference,
+                   differences_to_reference=differences(finished, reference))
     path.write_text(json.dumps(payload, indent=2))
 
 
 def print_table(runs: list[Run]) -> None:
-    print("\n| variant | seeds | R@1 mean ± std | R@1 min-max | mAP mean ± std | minutes/run |")
-    print("|---|---|---|---|---|---|")
+    """Mean ± std per variant, and each seed's R@1 difference to the first variant (same seed)."""
+    reference = runs[0].variant if runs else ""
+    diffs = differences(as_dicts(runs), reference)
+    print(f"\n| variant | seeds | R@1 mean ± std | R@1 min-max | mAP mean ± std | R@1 - {reference} per seed "
+          "(mean) | minutes/run |")
+    print("|---|---|---|---|---|---|---|")
     for variant, row in report(runs).items():
         r1, ap = row["R1"], row["mAP"]
+        delta = ""
+        if variant in diffs:
+            per_seed = ", ".join(f"{seed}: {d['R1']:+.2f}" for seed, d in diffs[variant]["per_seed"].items())
+            delta = f"{per_seed} ({diffs[variant]['R1']['mean']:+.2f})"
         print(f"| {variant} | {row['R1']['n']} | {r1['mean']:.2f} ± {r1['std']:.2f} | {r1['min']:.2f}-{r1['max']:.2f} "
-              f"| {ap['mean']:.2f} ± {ap['std']:.2f} | {row['minutes']:.1f} |")
+              f"| {ap['mean']:.2f} ± {ap['std']:.2f} | {delta} | {row['minutes']:.1f} |")
     for run in runs:
         if run.error:
             print(f"FAILED: {run.variant} seed {run.seed}: {run.error}")

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sweep import METRICS, environment, run_all, summarise  # noqa: E402
+from sweep import METRICS, differences, environment, run_all, summarise  # noqa: E402
 
 VARIANTS = {
     "full": [],
@@ -108,21 +108,6 @@ def zero_shot(clip_folder: str, data_dir: str) -> dict:
     return results
 
 
-def differences(runs: list[dict]) -> dict:
-    """Per-seed differences of each variant to `full` (variant - full) and their summary."""
-    full = {run["seed"]: run["metrics"] for run in runs if run["variant"] == "full" and run["metrics"]}
-    table = {}
-    for variant in dict.fromkeys(run["variant"] for run in runs):
-        if variant == "full":
-            continue
-        per_seed = {run["seed"]: {name: run["metrics"][name] - full[run["seed"]][name] for name in METRICS}
-                    for run in runs if run["variant"] == variant and run["metrics"] and run["seed"] in full}
-        if per_seed:
-            table[variant] = {"per_seed": per_seed,
-                              **{name: summarise([d[name] for d in per_seed.values()]) for name in METRICS}}
-    return table
-
-
 def summary(runs: list[dict]) -> dict:
     out = {}
     for variant in dict.fromkeys(run["variant"] for run in runs):
@@ -165,7 +150,7 @@ def main(argv=None) -> int:
 
     def write() -> None:
         payload["summary"] = summary(payload["runs"])
-        payload["differences_to_full"] = differences(payload["runs"])
+        payload["differences_to_full"] = differences(payload["runs"], "full")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(payload, indent=2))
 

@@ -54,6 +54,45 @@ def test_decoder_untouched_without_mcm_inputs():
     assert model.get_parameter("text_projection.weight").grad is not None
 
 
+def test_mcm_vocabulary_batch_scores_only_the_batch_words():
+    """`mcm_vocabulary="batch"`: cross-entropy over the words of the batch's captions (worked out here with
+    Python sets from the full-vocabulary logits), gradient only on those rows; "full" scores every row."""
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config())
+    batch = random_batch(model.config)
+    captured = {}
+    model.mcm_head.register_forward_hook(lambda module, args, output: captured.update(hidden=args[0]))
+    losses, gradients = {}, {}
+    for mode in ("full", "batch"):
+        model.zero_grad()
+        model.config.mcm_vocabulary = mode
+        output = model(**batch)
+        output.loss_mcm.backward()
+        losses[mode], gradients[mode] = output.loss_mcm.detach(), model.mcm_head.decoder.weight.grad.clone()
+    attended = batch["input_ids"][batch["attention_mask"].bool()]
+    words = sorted(set(attended.tolist()))
+    labels = batch["mcm_labels"][batch["mcm_labels"] != -100]
+    assert set(labels.tolist()) <= set(words) and len(words) < model.config.text_config.vocab_size // 100
+    with torch.no_grad():
+        full_logits = model.mcm_head(captured["hidden"])  # the last pass ("batch") had the same hidden states
+    assert torch.allclose(losses["full"], F.cross_entropy(full_logits, labels), atol=1e-5)
+    expected = F.cross_entropy(full_logits[:, words], torch.tensor([words.index(t) for t in labels.tolist()]))
+    assert torch.allclose(losses["batch"], expected, atol=1e-5)
+    assert losses["batch"] < losses["full"]  # fewer rows to beat
+    touched = gradients["batch"].abs().sum(dim=1) > 0
+    assert touched.nonzero().flatten().tolist() == words
+    assert (gradients["full"].abs().sum(dim=1) > 0).all()
+
+
+def test_mcm_vocabulary_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="mcm_vocabulary"):
+        tiny_config(mcm_vocabulary="sampled")
+    model = DecdModel(tiny_config(mcm_vocabulary="batch"))
+    model.save_pretrained(tmp_path)
+    assert DecdModel.from_pretrained(tmp_path).config.mcm_vocabulary == "batch"
+    assert tiny_config().mcm_vocabulary == "full"  # the paper's objective unless asked
+
+
 def test_outputs_are_normalised_and_logits_scaled():
     torch.manual_seed(0)
     model = DecdModel(tiny_config()).eval()

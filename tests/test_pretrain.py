@@ -161,6 +161,7 @@ def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002
     assert list(processor.image_processor.image_std) == list(clip_processor.image_processor.image_std)
     assert model.config.temperature == pytest.approx(0.02) and model.config.id_weight == 0
     assert model.config.sew_margin > 0 and model.config.caption_quality == "density" and model.config.mcm_weight > 0
+    assert model.config.mcm_vocabulary == "full"  # from a CLIP: the paper's whole-vocabulary MCM
     args = DecdTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3,
         new_module_lr_multiplier=5.0, warmup_steps=1, lr_scheduler_type="cosine", max_steps=6, report_to="none",
@@ -230,9 +231,17 @@ def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
                 "wall_seconds": 6.0}
 
     runs = [run("full", 1, 50.0), run("sdm", 1, 47.0), run("full", 2, 60.0), run("sdm", 2, 61.0)]
-    differences = module.differences(runs)
+    differences = module.differences(runs, "full")
     assert differences["sdm"]["per_seed"] == {1: dict.fromkeys(module.METRICS, -3.0),
                                               2: dict.fromkeys(module.METRICS, 1.0)}
     assert differences["sdm"]["R1"]["mean"] == pytest.approx(-1.0)
     summary = module.summary(runs)
     assert summary["full"]["R1"]["mean"] == pytest.approx(55.0) and summary["full"]["cpu_seconds_total"] == 20.0
+
+
+def test_from_scratch_recipe_scores_the_batch_words_unless_told_otherwise():
+    train_script = _script("decd_train_script_recipe", "train.py")
+    model, _ = train_script.build_model(train_script.ModelArguments(), 4)
+    assert model.config.mcm_vocabulary == "batch" and model.config.temperature == pytest.approx(0.2)
+    model, _ = train_script.build_model(train_script.ModelArguments(mcm_vocabulary="full"), 4)
+    assert model.config.mcm_vocabulary == "full"
