@@ -55,7 +55,7 @@ CROP_SIZE = ("128", "64")
 RECIPE = [
     "--image_size", *CROP_SIZE, "--temperature", "0.02", "--id_weight", "0",
     "--learning_rate", "2e-4", "--new_module_lr_multiplier", "5", "--warmup_steps", "0.05",
-    "--lr_scheduler_type", "cosine", "--weight_decay", "4e-5",
+    "--lr_scheduler_type", "cosine", "--weight_decay", "4e-5", "--num_train_epochs", "10",
     "--decoder_layers", "2", "--decoder_hidden_size", "128", "--decoder_attention_heads", "4",
     "--decoder_intermediate_size", "512",
 ]
