@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Where one training step of the main job goes (a benchmark, not a test).
+
+Builds the model exactly as `examples/train.py` does with no arguments (`DecdConfig.tiny()` from random
+weights, temperature 0.2, identity loss), takes real batches of 64 pairs of the synthetic training
+split through the training collator, and times, per step: the collator (opening the images,
+processing, tokenising, masking), the forward pass, the backward pass and the optimiser step
+(`torch.optim.AdamW`, fused, as the Trainer's default `adamw_torch_fused`). Variants:
+
+    batch   the MCM head scores the batch's own words (`mcm_vocabulary="batch"`, the recipe's default)
+    full    the MCM head scores all 49,409 vocabulary rows (`mcm_vocabulary="full"`, the paper's)
+    no-mcm  no MCM (`mcm_weight=0`: the masked caption and the decoder never run)
+
+The variants alternate within each round (so a slow spell of a shared machine hits all of them) and
+the median over rounds is reported.
+
+    python benchmarks/train_step.py                       # 3 rounds x 4 steps per variant
+    python benchmarks/train_step.py --rounds 5 --output_json benchmarks/results/train_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {"batch": {"mcm_vocabulary": "batch"}, "full": {"mcm_vocabulary": "full"}, "no-mcm": {"mcm_weight": 0.0}}
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("decd_train_script_benchmark", REPO / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="Timed steps per variant and round (after one warm-up).")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args(argv)
+
+    from decd.data import load_person_search, num_identities, without_image_decoding
+    from decd.synthetic import generate_synthetic_person_search
+    from decd.training import DecdTrainingCollator
+
+    train_script = _train_script()
+    data_dir = generate_synthetic_person_search(progress=False)
+    train_set = load_person_search("synthetic", data_dir, split="train")
+    rows = without_image_decoding(train_set)  # as DecdTrainer hands them to the collator
+    identities = num_identities(train_set)
+    setups = {}
+    for name, overrides in VARIANTS.items():
+        torch.manual_seed(0)
+        model, processor = train_script.build_model(train_script.ModelArguments(**overrides), identities)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        collator = DecdTrainingCollator(processor, augment=False, mask_captions=model.config.mcm_weight > 0)
+        setups[name] = (model, optimizer, collator)
+
+    times = {name: {part: [] for part in ("collate", "forward", "backward", "optimizer")} for name in VARIANTS}
+    step = 0
+    for round_index in range(args.rounds):
+        for name, (model, optimizer, collator) in setups.items():
+            for repeat in range(args.steps + (1 if round_index == 0 else 0)):
+                start = (step * args.batch_size) % (len(rows) - args.batch_size)
+                step += 1
+                t0 = time.perf_counter()
+                batch = collator([rows[i] for i in range(start, start + args.batch_size)])
+                t1 = time.perf_counter()
+                loss = model(**batch).loss
+                t2 = time.perf_counter()
+                loss.backward()
+                t3 = time.perf_counter()
+                optimizer.step()
+                optimizer.zero_grad()
+                t4 = time.perf_counter()
+                if round_index == 0 and repeat == 0:
+                    continue  # warm-up
+                for part, seconds in zip(times[name], (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    times[name][part].append(seconds * 1000)
+        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    result = {}
+    print("\n| variant | collate ms | forward ms | backward ms | optimizer ms | step ms | x batch |")
+    print("|---|---|---|---|---|---|---|")
+    medians = {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in times.items()}
+    for name, parts in medians.items():
+        total = sum(parts.values())
+        result[name] = dict(parts, step=total)
+    for name, parts in result.items():
+        ratio = parts["step"] / result["batch"]["step"]
+        print(f"| {name} | {parts['collate']:.0f} | {parts['forward']:.0f} | {parts['backward']:.0f} | "
+              f"{parts['optimizer']:.0f} | {parts['step']:.0f} | {ratio:.2f} |")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({
+            "benchmark": "train_step", "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "median_ms": result}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
