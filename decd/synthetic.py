@@ -608,13 +608,18 @@ def _parameters(num_train_ids, num_val_ids, num_test_ids, images_per_id, image_s
     }
 
 
-def _is_cache_hit(root: Path, parameters: dict, data_file: str = "reid_raw.json") -> bool:
-    """Whether `root` holds a complete set generated with `parameters` (meta.json and its data file)."""
+def _cached(root: os.PathLike | str, parameters: dict, data_file: str, overwrite: bool, write) -> Path:
+    """The set in `root`: reused as it is when its meta.json records `parameters` and `data_file` exists (a cache
+    hit writes nothing) unless `overwrite`, else written by `write(folder)` (see `_write_atomically`)."""
+    root = Path(root).expanduser().absolute()
     try:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
-    return meta.get("parameters") == parameters and (root / data_file).is_file()
+        meta = None
+    if not overwrite and meta is not None and meta.get("parameters") == parameters and (root / data_file).is_file():
+        logger.debug("synthetic data: cache hit at %s", root)
+        return root
+    return _write_atomically(root, write)
 
 
 def generate_synthetic_person_search(
@@ -657,12 +662,8 @@ def generate_synthetic_person_search(
             digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
             name = f"{name}-{digest}"
         root = default_cache_dir() / name
-    root = Path(root).expanduser().absolute()
-    if not overwrite and _is_cache_hit(root, parameters):
-        logger.debug("synthetic person search: cache hit at %s", root)
-        return root
-
-    return _write_atomically(root, lambda folder: _write_benchmark(folder, parameters, progress))
+    return _cached(root, parameters, "reid_raw.json", overwrite,
+                   lambda folder: _write_benchmark(folder, parameters, progress))
 
 
 def person_search_identities(
@@ -820,12 +821,8 @@ def generate_synthetic_captioned_images(
     if root is None:
         digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
         root = default_cache_dir() / f"captioned-v1-{digest}"
-    root = Path(root).expanduser().absolute()
-    if not overwrite and _is_cache_hit(root, parameters, "captions.json"):
-        logger.debug("synthetic captioned images: cache hit at %s", root)
-        return root
-
-    return _write_atomically(root, lambda folder: _write_captioned_images(folder, parameters, progress))
+    return _cached(root, parameters, "captions.json", overwrite,
+                   lambda folder: _write_captioned_images(folder, parameters, progress))
 
 
 def _write_captioned_images(folder: Path, parameters: dict, progress: bool) -> None:
