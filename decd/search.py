@@ -311,12 +311,6 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
-
-
 def display_path(path: Union[str, os.PathLike]) -> str:
     """A path as text that can always be printed: bytes that are not UTF-8 (kept in `paths` as lone
     surrogates, Python's surrogateescape) are shown as backslash escapes, e.g. ``caf\\xe9.png``."""
@@ -477,9 +471,9 @@ class _ShardStore:
         return chosen if position == num_files else None
 
     def stage(self, start: int, end: int, embeddings: Optional[np.ndarray], paths: list[str],
-              skipped: list[dict]) -> None:
+              skipped: list[dict]) -> int:
         """Hold one embedded batch (listing positions [start, end)) for the next shard; a batch that does
-        not follow the staged ones starts a new shard."""
+        not follow the staged ones starts a new shard. Returns the number of batches now staged."""
         if self._staged_end is not None and start != self._staged_end:
             self.flush()
         if self._staged_start is None:
@@ -490,9 +484,6 @@ class _ShardStore:
         self._staged_skipped.extend(skipped)
         self._staged_end = end
         self._staged_batches += 1
-
-    @property
-    def staged_batches(self) -> int:
         return self._staged_batches
 
     def flush(self) -> None:
@@ -501,7 +492,8 @@ class _ShardStore:
             return
         stem = f"shard_{self._staged_start:012d}"
         array = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), np.float32)  # unreadable only
-        _save_npy(self.folder / f"{stem}.npy", array.astype(np.float32, copy=False))
+        np.save(self.folder / f"{stem}.npy.tmp.npy", array.astype(np.float32, copy=False))  # temporary + rename
+        os.replace(self.folder / f"{stem}.npy.tmp.npy", self.folder / f"{stem}.npy")
         record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
                       skipped=self._staged_skipped, file=f"{stem}.npy")
         _write_json(self.folder / f"{stem}.json", record)
@@ -891,8 +883,8 @@ class GalleryIndex:
                         f"build again with the same model and folder to resume"
                     )
                 names = files[start:start + batch_size]
-                store.stage(start, start + len(names), *_embed_files(model, processor, gallery_dir, names))
-                if store.staged_batches == shard_batches:
+                staged = store.stage(start, start + len(names), *_embed_files(model, processor, gallery_dir, names))
+                if staged == shard_batches:
                     store.flush()
                 bar.update(len(names))
         except BaseException as error:  # noqa: BLE001 - re-raised below, after the other processes are told
