@@ -1114,7 +1114,11 @@ class GalleryIndex:
                                           top_k, chunk_size, device)
             scores, indices = scores.cpu(), indices.cpu()
         elif backend == "faiss":
-            scores, indices = self._faiss_search(queries.cpu(), top_k)
+            import_faiss()  # without faiss: the ImportError names backend 'faiss'
+            if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
+                self._faiss_index = build_ann_index(self.embeddings, "Flat")
+            found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
+            scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
         elif backend == recorded:
             if top_k < 1:
                 raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -1160,13 +1164,6 @@ class GalleryIndex:
                                         f"rebuild it")
             self._ann_index = index
         return self._ann_index
-
-    def _faiss_search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import_faiss()  # without faiss: the ImportError names backend 'faiss'
-        if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
-            self._faiss_index = build_ann_index(self.embeddings, "Flat")
-        scores, indices = self._faiss_index.search(np.ascontiguousarray(queries.numpy()), min(top_k, len(self)))
-        return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
 
     @torch.no_grad()
     def search_text(

@@ -182,10 +182,9 @@ def retrieval_grid(
             f"query_captions, ranked_indices and correct must have one entry per query; got "
             f"{num_rows}, {len(ranked_indices)} and {len(correct)}"
         )
-    if scores is not None and len(scores) != num_rows:
-        raise ValueError(f"scores must have one entry per query ({num_rows}); got {len(scores)}")
-    if query_labels is not None and len(query_labels) != num_rows:
-        raise ValueError(f"query_labels must have one entry per query ({num_rows}); got {len(query_labels)}")
+    for name, values in (("scores", scores), ("query_labels", query_labels)):
+        if values is not None and len(values) != num_rows:
+            raise ValueError(f"{name} must have one entry per query ({num_rows}); got {len(values)}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     for row, (ranks, flags) in enumerate(zip(ranked_indices, correct)):
