@@ -440,9 +440,7 @@ class DecdModel(DecdPreTrainedModel):
             projection_dim=clip_config.projection_dim,
             mask_token_id=clip_vocab_size,
         )
-        settings.update(overrides)
-        config = DecdConfig(**settings)
-        model = cls(config)
+        model = cls(DecdConfig(**{**settings, **overrides}))
 
         state = clip.state_dict()
         state.pop("logit_scale", None)

@@ -289,12 +289,10 @@ def load_person_search(
 
     def problem(index: int, record: Any, reason: str, caption_index: Optional[int] = None) -> None:
         problems.append(f"{_describe(index, record, dataset_format.path_fields)}: {reason}")
-        image = None
-        person_id = None
-        if isinstance(record, dict):
-            image = next((record[f] for f in dataset_format.path_fields if f in record), None)
-            person_id = record.get("id")
-        report.skipped.append(SkippedRecord(index, person_id, None if image is None else str(image), reason, caption_index))
+        fields = record if isinstance(record, dict) else {}
+        image = next((fields[name] for name in dataset_format.path_fields if name in fields), None)
+        report.skipped.append(SkippedRecord(index, fields.get("id"), None if image is None else str(image), reason,
+                                            caption_index))
         if caption_index is None:
             bad_records.add(index)
 
