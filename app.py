@@ -151,10 +151,6 @@ def check_gallery_path(gallery: Optional[PathLike]) -> Path:
     return path
 
 
-def _is_index_folder(path: Path) -> bool:
-    return (path / "meta.json").is_file() and (path / "embeddings.npy").is_file()
-
-
 def load_gallery(
     model,
     processor,
@@ -171,7 +167,7 @@ def load_gallery(
     """
     path = check_gallery_path(gallery)
     try:
-        if _is_index_folder(path):
+        if (path / "meta.json").is_file() and (path / "embeddings.npy").is_file():  # an index folder
             index = GalleryIndex.load(path)
             if verify:
                 index.verify_model(model)

@@ -102,15 +102,6 @@ def _require_faiss(backend: str | None) -> None:
             raise _UserError(str(error)) from error
 
 
-def _process_state():
-    """accelerate's `PartialState` (one process unless started by `accelerate launch`), None without accelerate."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        return None
-    return PartialState()
-
-
 def _run_index(arguments) -> int:
     if arguments.batch_size < 1:
         raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
@@ -118,7 +109,12 @@ def _run_index(arguments) -> int:
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
     check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
     _require_faiss(arguments.backend)
-    state = _process_state()
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        state = None  # without accelerate: this process alone
+    else:
+        state = PartialState()  # one process unless started by `accelerate launch`
     device = arguments.device if arguments.device is not None or state is None or state.num_processes == 1 \
         else state.device  # under `accelerate launch`: this process's GPU (or the CPU with --cpu)
     model, processor = _load_model(arguments.model, device)

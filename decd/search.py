@@ -730,8 +730,7 @@ class GalleryIndex:
         self.paths = paths
         self.meta = meta
         self.path = Path(path) if path is not None else None
-        self._faiss_index = None
-        self._ann_index = None
+        self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
 
     # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
