@@ -151,10 +151,6 @@ def check_gallery_path(gallery: Optional[PathLike]) -> Path:
     return path
 
 
-def _is_index_folder(path: Path) -> bool:
-    return (path / "meta.json").is_file() and (path / "embeddings.npy").is_file()
-
-
 def load_gallery(
     model,
     processor,
@@ -171,7 +167,7 @@ def load_gallery(
     """
     path = check_gallery_path(gallery)
     try:
-        if _is_index_folder(path):
+        if (path / "meta.json").is_file() and (path / "embeddings.npy").is_file():  # an index folder
             index = GalleryIndex.load(path)
             if verify:
                 index.verify_model(model)
@@ -350,28 +346,24 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    def _status(found: list, what: str, started: float) -> str:
-        return (f"**{len(found)}** best of {len(gallery)} images for {what} "
-                f"({time.perf_counter() - started:.2f} s). Best first; see *Reading the results* below.")
-
-    def ui_text(description: str, top_k: float):
+    def _ui(search_fn, query, top_k: float, what: str, mode: str):
         """(results, status, mode) for the UI: an error keeps the results and explains itself."""
         started = time.perf_counter()
         try:
-            found = search_gallery(model, processor, gallery, description, _top_k(top_k))
-        except ValueError as error:
-            return gr.skip(), f"⚠️ {error}", gr.skip()
-        return found, _status(found, f"“{_escape(description.strip())}”", started), "text"
+            found = search_fn(model, processor, gallery, query, _top_k(top_k))
+        except ValueError as error:  # a photo's error names its file: escaped
+            return gr.skip(), f"⚠️ {_escape(str(error)) if mode == 'image' else error}", gr.skip()
+        seconds = time.perf_counter() - started
+        return found, (f"**{len(found)}** best of {len(gallery)} images for {what} ({seconds:.2f} s). Best first; "
+                       f"see *Reading the results* below."), mode
+
+    def ui_text(description: str, top_k: float):
+        return _ui(search_gallery, description, top_k, f"“{_escape((description or '').strip())}”", "text")
 
     def ui_image(image, top_k: float):
         if image is None:  # the photo was cleared: keep everything as it is
             return gr.skip(), gr.skip(), gr.skip()
-        started = time.perf_counter()
-        try:
-            found = search_gallery_by_image(model, processor, gallery, image, _top_k(top_k))
-        except ValueError as error:
-            return gr.skip(), f"⚠️ {_escape(str(error))}", gr.skip()
-        return found, _status(found, "the photo (image similarity)", started), "image"
+        return _ui(search_gallery_by_image, image, top_k, "the photo (image similarity)", "image")
 
     def ui_rerun(mode: str, description: str, image, top_k: float):
         """Top-k changed: run the last kind of search again, if there is one."""

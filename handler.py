@@ -131,11 +131,9 @@ class EndpointHandler:
         answers = []
         for scores, probs in zip(cosine.tolist(), probabilities.tolist()):
             ranked = sorted(range(len(scores)), key=lambda index: (-scores[index], index))[:top_k]
-            entries = []
-            for index in ranked:
-                entry = {"index": index, "score": scores[index], "probability": probs[index]}
-                if mode == "image-to-text":
-                    entry["text"] = texts[index]
-                entries.append(entry)
+            entries = [{"index": index, "score": scores[index], "probability": probs[index]} for index in ranked]
+            if mode == "image-to-text":  # caption candidates: say which caption
+                for entry in entries:
+                    entry["text"] = texts[entry["index"]]
             answers.append(entries)
         return answers[0] if len(answers) == 1 else answers

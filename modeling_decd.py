@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -443,9 +444,7 @@ class DecdModel(DecdPreTrainedModel):
             projection_dim=clip_config.projection_dim,
             mask_token_id=clip_vocab_size,
         )
-        settings.update(overrides)
-        config = DecdConfig(**settings)
-        model = cls(config)
+        model = cls(DecdConfig(**{**settings, **overrides}))
 
         state = clip.state_dict()
         state.pop("logit_scale", None)
@@ -835,21 +834,13 @@ def _embed(model, items, collate, features, batch_size, show_progress, accelerat
     return torch.cat(chunks)
 
 
-class _ImageBatch:
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, images):
-        return {"pixel_values": self.processor(images=list(images), return_tensors="pt")["pixel_values"]}
+def _image_batch(processor, images):  # module-level functions (with `partial`): picklable for DataLoader workers
+    return {"pixel_values": processor(images=list(images), return_tensors="pt")["pixel_values"]}
 
 
-class _CaptionBatch:
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, texts):
-        batch = self.processor(text=list(texts), return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def _caption_batch(processor, texts):
+    batch = processor(text=list(texts), return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def embed_images(model, processor, images, batch_size: int = 64, show_progress: bool | None = None,
@@ -861,7 +852,7 @@ def embed_images(model, processor, images, batch_size: int = 64, show_progress: 
     there are ten batches or more) shows a tqdm bar; `num_workers` decodes in DataLoader workers; with
     an `accelerate` `accelerator`, each process encodes its share and every process gets them all.
     """
-    return _embed(model, images, _ImageBatch(processor), model.get_image_features, batch_size, show_progress,
+    return _embed(model, images, partial(_image_batch, processor), model.get_image_features, batch_size, show_progress,
                   accelerator, num_workers, "Embedding images")
 
 
@@ -872,7 +863,7 @@ def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: b
     `texts` is a string or a sequence of strings; the rest as for `embed_images`.
     """
     texts = [texts] if isinstance(texts, str) else texts
-    return _embed(model, texts, _CaptionBatch(processor), model.get_text_features, batch_size, show_progress,
+    return _embed(model, texts, partial(_caption_batch, processor), model.get_text_features, batch_size, show_progress,
                   accelerator, num_workers, "Embedding captions")
 
 

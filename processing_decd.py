@@ -331,15 +331,9 @@ def _finish(image: PIL.Image.Image, size, max_pixels, name: str, from_file: bool
     return result.copy() if from_file and result is opened else result  # the caller closes the file
 
 
-def _names_itself(image) -> bool:
-    """Whether errors can name the image by its file (a path or a `datasets` value with a path)."""
-    return _describe_source(image)[1] is not None
-
-
 def _is_single_image(images) -> bool:
-    if isinstance(images, (PIL.Image.Image, str, Path, bytes, bytearray, memoryview, dict)):
-        return True
-    if hasattr(images, "__fspath__"):
+    if hasattr(images, "__fspath__") or isinstance(
+            images, (PIL.Image.Image, str, Path, bytes, bytearray, memoryview, dict)):
         return True
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return images.ndim <= 3
@@ -444,7 +438,8 @@ class DecdProcessor(ProcessorMixin):
             images = list(images)
             if not images:
                 raise ValueError("`images` is an empty list: pass at least one person crop.")
-            rgb_images = [self.load_image(image, name=None if _names_itself(image) else f"Image {index}")
+            # Errors name an image by its file when it has one (a path, a `datasets` value with a path).
+            rgb_images = [self.load_image(image, name=f"Image {index}" if _describe_source(image)[1] is None else None)
                           for index, image in enumerate(images)]
             height, width = self.image_size
             pixels = self.image_processor(
@@ -546,14 +541,6 @@ class DecdProcessor(ProcessorMixin):
         masked_input_ids[to_random] = random_tokens[to_random]
         mcm_labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         return {"masked_input_ids": masked_input_ids, "mcm_labels": mcm_labels}
-
-    def batch_decode(self, *args, **kwargs):
-        """Forwards to the tokenizer's ``batch_decode``."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        """Forwards to the tokenizer's ``decode``."""
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 __all__ = [

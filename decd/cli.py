@@ -93,13 +93,13 @@ def _load_model(name: str, device: Optional[str]):
         raise _UserError(str(error)) from error
 
 
-def _process_state():
-    """accelerate's `PartialState` (one process unless started by `accelerate launch`), None without accelerate."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        return None
-    return PartialState()
+def _require_faiss(backend: str | None) -> None:
+    """A one-line user error when `backend` needs faiss and it is not installed."""
+    if backend not in (None, "exact"):
+        try:
+            import_faiss(backend)
+        except ImportError as error:
+            raise _UserError(str(error)) from error
 
 
 def _run_index(arguments) -> int:
@@ -108,12 +108,13 @@ def _run_index(arguments) -> int:
     if not Path(arguments.gallery_dir).is_dir():
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
     check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
-    if arguments.backend != "exact":
-        try:
-            import_faiss(arguments.backend)
-        except ImportError as error:
-            raise _UserError(str(error)) from error
-    state = _process_state()
+    _require_faiss(arguments.backend)
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        state = None  # without accelerate: this process alone
+    else:
+        state = PartialState()  # one process unless started by `accelerate launch`
     device = arguments.device if arguments.device is not None or state is None or state.num_processes == 1 \
         else state.device  # under `accelerate launch`: this process's GPU (or the CPU with --cpu)
     model, processor = _load_model(arguments.model, device)
@@ -177,21 +178,13 @@ def _run_query(arguments) -> int:
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
     if arguments.top_k < 1:
         raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
-    if arguments.backend not in (None, "exact"):
-        try:
-            import_faiss(arguments.backend)
-        except ImportError as error:
-            raise _UserError(str(error)) from error
+    _require_faiss(arguments.backend)  # before the index is read
     index = GalleryIndex.load(arguments.index, verify=arguments.verify)
     backend = arguments.backend or index.backend
     if backend not in ("exact", "faiss", index.backend):
         raise _UserError(f"--backend must be exact, faiss or {index.backend} (the backend {display_path(arguments.index)!r} "
                          f"was built with), got {backend!r}")
-    if backend != "exact":
-        try:
-            import_faiss(backend)
-        except ImportError as error:
-            raise _UserError(str(error)) from error
+    _require_faiss(backend)
     model_name = arguments.model or index.model_id
     if not model_name or model_name.startswith("<in-memory"):
         raise _UserError(f"the index {display_path(arguments.index)!r} records no loadable model ({model_name}); pass --model")
@@ -220,17 +213,13 @@ def _run_query(arguments) -> int:
     if arguments.grid:
         from .visualize import retrieval_grid
 
-        # Only the shown images are passed (and opened), numbered in order of appearance.
-        ranked_rows = [result.indices[row].tolist() for result, row in rows]
-        shown = [index.image_path(gallery_index) for row in ranked_rows for gallery_index in row]
-        ranked, position = [], 0
-        for row in ranked_rows:
-            ranked.append(list(range(position, position + len(row))))
-            position += len(row)
+        # Only the shown images are passed (and opened): {gallery row: its path}.
+        ranked = [result.indices[row].tolist() for result, row in rows]
+        shown = {gallery_index: index.image_path(gallery_index) for row in ranked for gallery_index in row}
         try:
             grid = retrieval_grid(
                 [query.strip('"') for query in queries], shown, ranked, None, arguments.grid, top_k=arguments.top_k,
-                title=f"Top {len(ranked_rows[0])} of {len(index)} images",
+                title=f"Top {len(ranked[0])} of {len(index)} images",
                 scores=[result.scores[row].tolist() for result, row in rows],
             )
         except ValueError as error:  # load_image names the missing or unreadable file

@@ -60,7 +60,8 @@ _LAYER_PARTS = {
     "mlp.c_proj.weight": "mlp.fc2.weight",
     "mlp.c_proj.bias": "mlp.fc2.bias",
 }
-_VISION_TOP = {
+# Top-level (not per-layer) tensors of both towers, renamed as they are.
+_TOP_LEVEL = {
     "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
     "visual.class_embedding": "vision_model.embeddings.class_embedding",
     "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
@@ -68,12 +69,13 @@ _VISION_TOP = {
     "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
     "visual.ln_post.weight": "vision_model.post_layernorm.weight",
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
-}
-_TEXT_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",  # the mask row is added later
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
     "ln_final.weight": "text_model.final_layer_norm.weight",
     "ln_final.bias": "text_model.final_layer_norm.bias",
 }
+# The projections, [width, dim] applied as `x @ proj`: transposed into nn.Linear weights.
+_PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 _LAYER_KEY = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 
 
@@ -320,14 +322,11 @@ def infer_sizes(encoder: dict, image_size: Optional[Sequence[int]], vision_heads
         raise ConversionError(f"{path}: {error}.") from None
     if not vision_layers or not text_layers:
         raise ConversionError(f"{path} has no {'vision' if not vision_layers else 'text'} transformer layers.")
-    projection = need("visual.proj")
-    text_projection = need("text_projection")
-    if projection.dim() != 2 or projection.shape[0] != vision_width:
-        raise ConversionError(
-            f"{path}: visual.proj has shape {tuple(projection.shape)}; expected [{vision_width}, dim].")
-    if text_projection.dim() != 2 or text_projection.shape[0] != text_width:
-        raise ConversionError(
-            f"{path}: text_projection has shape {tuple(text_projection.shape)}; expected [{text_width}, dim].")
+    projection, text_projection = need("visual.proj"), need("text_projection")
+    for key, value, width_ in (("visual.proj", projection, vision_width),
+                               ("text_projection", text_projection, text_width)):
+        if value.dim() != 2 or value.shape[0] != width_:
+            raise ConversionError(f"{path}: {key} has shape {tuple(value.shape)}; expected [{width_}, dim].")
     if projection.shape[1] != text_projection.shape[1]:
         raise ConversionError(
             f"{path}: visual.proj projects to {projection.shape[1]} dimensions but text_projection to "
@@ -393,16 +392,10 @@ def map_openai_to_decd(encoder: dict, path="checkpoint") -> dict[str, torch.Tens
     """
     mapped, unused = {}, []
     for key, value in encoder.items():
-        if key in _VISION_TOP:
-            mapped[_VISION_TOP[key]] = value
-        elif key in _TEXT_TOP:
-            mapped[_TEXT_TOP[key]] = value
-        elif key == "token_embedding.weight":
-            mapped["text_model.embeddings.token_embedding.weight"] = value
-        elif key == "visual.proj":
-            mapped["visual_projection.weight"] = value.t()
-        elif key == "text_projection":
-            mapped["text_projection.weight"] = value.t()
+        if key in _TOP_LEVEL:
+            mapped[_TOP_LEVEL[key]] = value
+        elif key in _PROJECTIONS:
+            mapped[_PROJECTIONS[key]] = value.t()
         elif match := _LAYER_KEY.match(key):
             tower = "vision_model" if match.group(1) else "text_model"
             base = f"{tower}.encoder.layers.{match.group(2)}."

@@ -289,12 +289,10 @@ def load_person_search(
 
     def problem(index: int, record: Any, reason: str, caption_index: Optional[int] = None) -> None:
         problems.append(f"{_describe(index, record, dataset_format.path_fields)}: {reason}")
-        image = None
-        person_id = None
-        if isinstance(record, dict):
-            image = next((record[f] for f in dataset_format.path_fields if f in record), None)
-            person_id = record.get("id")
-        report.skipped.append(SkippedRecord(index, person_id, None if image is None else str(image), reason, caption_index))
+        fields = record if isinstance(record, dict) else {}
+        image = next((fields[name] for name in dataset_format.path_fields if name in fields), None)
+        report.skipped.append(SkippedRecord(index, fields.get("id"), None if image is None else str(image), reason,
+                                            caption_index))
         if caption_index is None:
             bad_records.add(index)
 
@@ -323,20 +321,16 @@ def load_person_search(
         images = [item for item in images if item[0] not in bad_records]
 
     if problems:
+        listed = "\n".join(f"  - {message}" for message in problems[:MAX_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
         if not skip_bad_records:
-            listed = "\n".join(f"  - {message}" for message in problems[:MAX_LISTED_PROBLEMS])
-            more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
             raise PersonSearchDataError(
                 f"{annotation_path}: {len(problems)} problem(s) in split {split!r} (images under {image_root}):\n"
                 f"{listed}{more}\nFix the records, or pass skip_bad_records=True to skip them (they are logged "
                 f"and listed in the LoadReport)."
             )
-        logger.warning(
-            "%s: skipped %d record(s) and %d caption(s) of split %r:\n%s%s",
-            annotation_path, report.num_skipped_records, report.num_skipped_captions, split,
-            "\n".join(f"  - {message}" for message in problems[:MAX_LISTED_PROBLEMS]),
-            f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else "",
-        )
+        logger.warning("%s: skipped %d record(s) and %d caption(s) of split %r:\n%s%s", annotation_path,
+                       report.num_skipped_records, report.num_skipped_captions, split, listed, more)
     if not images:
         raise PersonSearchDataError(
             f"{annotation_path}: split {split!r} has no usable records"
@@ -353,62 +347,54 @@ def load_person_search(
 
 def _check_record(index: int, record: dict, dataset_format: DatasetFormat, image_root: Path, problem):
     """(index, raw id, image path, good captions), or None after reporting why the record is unusable."""
-    ok = True
+    reasons: list[str] = []  # what makes the whole record unusable, reported in this order
     person_id = record.get("id")
     if "id" not in record:
-        problem(index, record, "missing field 'id'")
-        ok = False
+        reasons.append("missing field 'id'")
     elif isinstance(person_id, bool) or not isinstance(person_id, (int, str)) or (
         isinstance(person_id, str) and not _INTEGER_ID.fullmatch(person_id.strip())
     ):
-        problem(index, record, f"'id' must be an integer (or a string of ASCII digits such as \"0042\"), "
-                               f"got {_short(person_id)}")
-        ok = False
+        reasons.append(f"'id' must be an integer (or a string of ASCII digits such as \"0042\"), "
+                       f"got {_short(person_id)}")
     elif not _INT64_MIN <= int(person_id) <= _INT64_MAX:
-        problem(index, record, f"'id' {_short(person_id)} does not fit in 64 bits; renumber the identities")
-        ok = False
+        reasons.append(f"'id' {_short(person_id)} does not fit in 64 bits; renumber the identities")
     else:
         person_id = int(person_id)  # "0042" and 42 name the same identity
 
     path_field = next((name for name in dataset_format.path_fields if name in record), None)
     image_path = None
     if path_field is None:
-        problem(index, record, f"missing field {' or '.join(repr(f) for f in dataset_format.path_fields)}")
-        ok = False
+        reasons.append(f"missing field {' or '.join(repr(f) for f in dataset_format.path_fields)}")
     elif not isinstance(record[path_field], str) or not record[path_field].strip():
-        problem(index, record, f"{path_field!r} must be a non-empty string, got {record[path_field]!r}")
-        ok = False
+        reasons.append(f"{path_field!r} must be a non-empty string, got {record[path_field]!r}")
     else:
         image_path = _resolve_image(image_root, record[path_field])
         if image_path is None:
-            problem(index, record, f"image path {record[path_field]!r} is absolute or leaves the image folder "
-                                   f"{image_root}; paths must be relative to it")
-            ok = False
+            reasons.append(f"image path {record[path_field]!r} is absolute or leaves the image folder {image_root}; "
+                           f"paths must be relative to it")
         elif not image_path.is_file():
-            problem(index, record, f"image file not found: {image_path}")
-            ok = False
+            reasons.append(f"image file not found: {image_path}")
 
     captions = record.get("captions")
     good_captions: list[str] = []
     if "captions" not in record:
-        problem(index, record, "missing field 'captions'")
-        ok = False
+        reasons.append("missing field 'captions'")
     elif not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
-        problem(index, record, f"'captions' must be a list of strings, got {_short(captions)}")
-        ok = False
+        reasons.append(f"'captions' must be a list of strings, got {_short(captions)}")
     elif not captions:
-        problem(index, record, "'captions' is empty")
-        ok = False
-    elif ok:
+        reasons.append("'captions' is empty")
+    elif not reasons:
         good_captions = [caption for caption in captions if caption.strip()]
         if not good_captions:
-            problem(index, record, f"every caption is empty or whitespace: {_short(captions)}")
-            ok = False
-        else:  # only the empty captions are bad; the record keeps the others
-            for caption_index, caption in enumerate(captions):
-                if not caption.strip():
-                    problem(index, record, f"caption {caption_index} is empty or whitespace", caption_index=caption_index)
-    return (index, person_id, image_path, good_captions) if ok else None
+            reasons.append(f"every caption is empty or whitespace: {_short(captions)}")
+    for reason in reasons:
+        problem(index, record, reason)
+    if reasons:
+        return None
+    for caption_index, caption in enumerate(captions):  # only the empty captions are bad; the record keeps the others
+        if not caption.strip():
+            problem(index, record, f"caption {caption_index} is empty or whitespace", caption_index=caption_index)
+    return index, person_id, image_path, good_captions
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -90,9 +90,9 @@ def retrieval_metrics(
     if len(identities) > 0:
         has_match = identities[identity_slot] == query_ids
         relevant_counts = torch.where(has_match, identity_counts[identity_slot], 0)
+        relevant_starts = identity_starts[identity_slot]
     else:
-        relevant_counts = torch.zeros_like(query_ids)
-    relevant_starts = identity_starts[identity_slot] if len(identities) > 0 else torch.zeros_like(query_ids)
+        relevant_counts = relevant_starts = torch.zeros_like(query_ids)
 
     if chunk_size is None:
         max_relevant = int(relevant_counts.max()) if num_queries > 0 else 0
@@ -133,15 +133,11 @@ def retrieval_metrics(
             "its identity), so no retrieval metric is defined; check that query_ids and gallery_ids "
             "use the same identity numbering"
         )
-    results: dict[str, float | int] = {}
-    for k, hits in zip(ks, best_rank_hits.tolist()):
-        results[f"R{k}"] = 100.0 * hits / num_evaluated
-    results["mAP"] = 100.0 * float(ap_sum) / num_evaluated
-    results["mINP"] = 100.0 * float(inp_sum) / num_evaluated
-    results["num_queries"] = num_evaluated
-    results["num_queries_without_match"] = num_queries - num_evaluated
-    results["num_gallery"] = num_gallery
-    return results
+    results: dict[str, float | int] = {f"R{k}": 100.0 * hits / num_evaluated
+                                       for k, hits in zip(ks, best_rank_hits.tolist())}
+    return dict(results, mAP=100.0 * float(ap_sum) / num_evaluated, mINP=100.0 * float(inp_sum) / num_evaluated,
+                num_queries=num_evaluated, num_queries_without_match=num_queries - num_evaluated,
+                num_gallery=num_gallery)
 
 
 def _relevant_ranks(

@@ -120,14 +120,9 @@ class TextBasedPersonSearchPipeline(Pipeline):
     def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, **unused):
         if unused:
             raise TypeError(f"unexpected argument(s) for the {TASK!r} pipeline: {', '.join(sorted(unused))}")
-        postprocess = {}
-        if top_k is not None:
-            postprocess["top_k"] = int(top_k)
-        if backend is not None:
-            postprocess["backend"] = backend
-        if chunk_size is not None:
-            postprocess["chunk_size"] = int(chunk_size)
-        return {}, {}, postprocess
+        given = {"top_k": top_k, "backend": backend, "chunk_size": chunk_size}
+        return {}, {}, {name: value if name == "backend" else int(value) for name, value in given.items()
+                         if value is not None}
 
     def preprocess(self, query: Any) -> dict:
         if isinstance(query, dict):
@@ -163,9 +158,7 @@ class TextBasedPersonSearchPipeline(Pipeline):
                                            chunk_size=chunk_size)
         matches = []
         for position, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
-            match = {"index": index, "score": score}
-            described = describe_match(position + 1, score, len(self.gallery_index))
-            match.update(rank=described["rank"], top_percent=described["top_percent"], label=described["label"])
+            match = {"index": index, **describe_match(position + 1, score, len(self.gallery_index))}
             if result.paths is not None:
                 match["path"] = result.paths[0][position]
             matches.append(match)

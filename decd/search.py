@@ -162,6 +162,14 @@ def _short(checksum: Optional[str]) -> str:
     return (checksum or "unknown")[:12]
 
 
+def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
+    """The meta.json fields that say which model made the embeddings, and when."""
+    return dict(format_version=INDEX_FORMAT_VERSION, model_id=model_identifier(model, model_id),
+                model_checksum=checksum, model_class=type(model).__name__,
+                image_size=list(getattr(processor, "image_size", []) or []) or None,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
 # --------------------------------------------------------------------------------------------
 # Exact top-k
 # --------------------------------------------------------------------------------------------
@@ -248,8 +256,7 @@ def exact_top_k(
             best_scores, best_indices = _sorted_top_k(
                 torch.cat([best_scores, values], dim=1), torch.cat([best_indices, columns], dim=1), top_k
             )
-    best_scores, best_indices = _sorted_top_k(best_scores, best_indices, top_k)
-    return best_scores, best_indices
+    return _sorted_top_k(best_scores, best_indices, top_k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,12 +311,6 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
-
-
 def display_path(path: Union[str, os.PathLike]) -> str:
     """A path as text that can always be printed: bytes that are not UTF-8 (kept in `paths` as lone
     surrogates, Python's surrogateescape) are shown as backslash escapes, e.g. ``caf\\xe9.png``."""
@@ -354,17 +355,12 @@ def _remove_partial(folder: Path) -> None:
         pass  # something that is not ours appeared in it: leave it
 
 
-def _is_within(inner: Path, outer: Path) -> bool:
-    inner, outer = inner.resolve(), outer.resolve()
-    return inner == outer or outer in inner.parents
-
-
 def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
-    """Raise GalleryIndexError (nothing changed) for an output folder `build` must not write to. Refuse an output folder whose files `build` could destroy: one that holds the gallery, or a
-    non-empty folder that is neither a DECD index nor an unfinished DECD build."""
+    """Raise GalleryIndexError (nothing changed) for an output folder whose files `build` could destroy:
+    one that holds the gallery, or a non-empty folder that is neither a DECD index nor an unfinished DECD build."""
     output, gallery_dir = Path(output), Path(gallery_dir)
     fix = "choose a new or empty folder for --output"
-    if gallery_dir.is_dir() and _is_within(gallery_dir, output):
+    if gallery_dir.is_dir() and gallery_dir.resolve().is_relative_to(output.resolve()):
         raise GalleryIndexError(f"the gallery {display_path(gallery_dir)!r} is inside the output folder "
                                 f"{display_path(output)!r}: {fix} (outside the gallery, or a subfolder of it)")
     if not output.exists():
@@ -475,9 +471,9 @@ class _ShardStore:
         return chosen if position == num_files else None
 
     def stage(self, start: int, end: int, embeddings: Optional[np.ndarray], paths: list[str],
-              skipped: list[dict]) -> None:
+              skipped: list[dict]) -> int:
         """Hold one embedded batch (listing positions [start, end)) for the next shard; a batch that does
-        not follow the staged ones starts a new shard."""
+        not follow the staged ones starts a new shard. Returns the number of batches now staged."""
         if self._staged_end is not None and start != self._staged_end:
             self.flush()
         if self._staged_start is None:
@@ -488,9 +484,6 @@ class _ShardStore:
         self._staged_skipped.extend(skipped)
         self._staged_end = end
         self._staged_batches += 1
-
-    @property
-    def staged_batches(self) -> int:
         return self._staged_batches
 
     def flush(self) -> None:
@@ -499,7 +492,8 @@ class _ShardStore:
             return
         stem = f"shard_{self._staged_start:012d}"
         array = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), np.float32)  # unreadable only
-        _save_npy(self.folder / f"{stem}.npy", array.astype(np.float32, copy=False))
+        np.save(self.folder / f"{stem}.npy.tmp.npy", array.astype(np.float32, copy=False))  # temporary + rename
+        os.replace(self.folder / f"{stem}.npy.tmp.npy", self.folder / f"{stem}.npy")
         record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
                       skipped=self._staged_skipped, file=f"{stem}.npy")
         _write_json(self.folder / f"{stem}.json", record)
@@ -510,14 +504,6 @@ class _ShardStore:
         self._staged, self._staged_paths, self._staged_skipped = [], [], []
         self._staged_start = self._staged_end = None
         self._staged_batches = 0
-
-
-def _embedding_dim(folder: Path, shards: list[dict]) -> Optional[int]:
-    """Width of the saved embeddings (None if no shard holds a readable image)."""
-    for shard in shards:
-        if shard["paths"]:
-            return int(np.load(folder / shard["file"], mmap_mode="r").shape[1])
-    return None
 
 
 class _SingleProcess:
@@ -590,21 +576,6 @@ def _check_ann_size(index, spec: str, count: int) -> None:
             f"needs at least one image per list (39 or more for good lists); use fewer lists (e.g. "
             f"IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'"
         )
-
-
-def _write_ann(output: Path, embeddings: np.ndarray, spec: str, train_size: Optional[int]) -> dict:
-    """Build the FAISS index of `embeddings` and write it to `ann.faiss` (temporary file + rename);
-    returns the meta.json fields that describe it (its sha256 included)."""
-    faiss = import_faiss(spec)
-    index = build_ann_index(embeddings, spec, train_size=train_size)
-    temporary = output / (ANN_FILE + ".tmp")
-    faiss.write_index(index, str(temporary))
-    digest = file_sha256(temporary)
-    os.replace(temporary, output / ANN_FILE)
-    needs_training = not new_ann_index(spec, embeddings.shape[1]).is_trained
-    return dict(ann_file=ANN_FILE, ann_sha256=digest, ann_bytes=(output / ANN_FILE).stat().st_size,
-                ann_train_size=ann_train_size(index, len(embeddings), train_size) if needs_training else 0,
-                ann_nlist=ann_num_lists(index))
 
 
 def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int] = None, seed: int = 0,
@@ -693,11 +664,6 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The index
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # Reading a score (one wording for the app, `decd-search query` and the pipeline)
 # --------------------------------------------------------------------------------------------
 
@@ -764,8 +730,7 @@ class GalleryIndex:
         self.paths = paths
         self.meta = meta
         self.path = Path(path) if path is not None else None
-        self._faiss_index = None
-        self._ann_index = None
+        self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
 
     # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -902,9 +867,8 @@ class GalleryIndex:
         # bit for bit) are those of a one-process build.
         num_batches = -(-len(files) // batch_size)
         covered = store.covered_batches(batch_size)
-        todo = [batch * batch_size for batch in range(rank * num_batches // world, (rank + 1) * num_batches // world)
-                if batch * batch_size not in covered]
         share = (rank * num_batches // world, (rank + 1) * num_batches // world)
+        todo = [batch * batch_size for batch in range(*share) if batch * batch_size not in covered]
         share_files = min(len(files), share[1] * batch_size) - min(len(files), share[0] * batch_size)
         bar = tqdm(total=share_files, initial=share_files - sum(min(batch_size, len(files) - start) for start in todo),
                    desc="Indexing gallery" + (f" (process {rank} of {world})" if world > 1 else ""), unit="img",
@@ -918,8 +882,8 @@ class GalleryIndex:
                         f"build again with the same model and folder to resume"
                     )
                 names = files[start:start + batch_size]
-                store.stage(start, start + len(names), *_embed_files(model, processor, gallery_dir, names))
-                if store.staged_batches == shard_batches:
+                staged = store.stage(start, start + len(names), *_embed_files(model, processor, gallery_dir, names))
+                if staged == shard_batches:
                     store.flush()
                 bar.update(len(names))
         except BaseException as error:  # noqa: BLE001 - re-raised below, after the other processes are told
@@ -936,18 +900,8 @@ class GalleryIndex:
         if shards is None:  # only with several processes: another one stopped or failed
             raise BuildInterrupted(f"another process stopped before its share of the {len(files)} files was "
                                    f"encoded; build again with the same model and folder to resume")
-        meta = dict(
-            format=INDEX_FORMAT,
-            format_version=INDEX_FORMAT_VERSION,
-            model_id=model_identifier(model, model_id),
-            model_checksum=checksum,
-            model_class=type(model).__name__,
-            image_size=list(getattr(processor, "image_size", []) or []) or None,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            gallery_dir=str(gallery_dir.resolve()),
-            extensions=list(extensions),
-            num_files=len(files),
-        )
+        meta = dict(format=INDEX_FORMAT, **_model_meta(model, processor, model_id, checksum),
+                    gallery_dir=str(gallery_dir.resolve()), extensions=list(extensions), num_files=len(files))
         if not main:
             # Done here: the main process joins the shards (and trains an approximate index, which can take
             # longer than a collective's timeout at 10^8 images), so the others do not wait for it.
@@ -976,7 +930,9 @@ class GalleryIndex:
             raise GalleryIndexError(
                 f"none of the {meta['num_files']} image files under {meta['gallery_dir']!r} could be read ({reasons})"
             )
-        embedding_dim = _embedding_dim(folder, shards)
+        # The width of the saved embeddings, read off the first shard that holds a readable image.
+        embedding_dim = next(int(np.load(folder / shard["file"], mmap_mode="r").shape[1]) for shard in shards
+                             if shard["paths"])
         ann = None
         if not _is_exact(backend):  # before anything is written: a bad string, faiss missing, too few images
             ann = new_ann_index(backend, embedding_dim)
@@ -986,8 +942,14 @@ class GalleryIndex:
         os.replace(temporary, output / EMBEDDINGS_FILE)
         embeddings = np.load(output / EMBEDDINGS_FILE, mmap_mode="r")
         meta = dict(meta, backend=EXACT_BACKEND if ann is None else backend)
-        if ann is not None:
-            meta.update(_write_ann(output, embeddings, backend, train_size))
+        if ann is not None:  # the FAISS index of the embeddings, written to ann.faiss (temporary file + rename)
+            index = build_ann_index(embeddings, backend, train_size=train_size)
+            temporary = output / (ANN_FILE + ".tmp")
+            import_faiss(backend).write_index(index, str(temporary))
+            meta.update(ann_file=ANN_FILE, ann_sha256=file_sha256(temporary), ann_bytes=temporary.stat().st_size,
+                        ann_train_size=0 if ann.is_trained else ann_train_size(index, len(paths), train_size),
+                        ann_nlist=ann_num_lists(index))
+            os.replace(temporary, output / ANN_FILE)
         _write_json(output / PATHS_FILE, paths)
         meta = dict(meta, embedding_dim=embedding_dim, count=len(paths), embeddings_sha256=digest,
                     skipped=skipped, num_skipped=len(skipped))
@@ -1010,13 +972,9 @@ class GalleryIndex:
         embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
         has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
         paths = [str(item) for item in images] if has_paths else None
-        meta = dict(
-            format_version=INDEX_FORMAT_VERSION, model_id=model_identifier(model, model_id),
-            model_checksum=model_checksum(model), model_class=type(model).__name__,
-            embedding_dim=int(embeddings.shape[1]), image_size=list(getattr(processor, "image_size", []) or []) or None,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            gallery_dir=None, count=len(images), skipped=[], num_skipped=0,
-        )
+        meta = dict(_model_meta(model, processor, model_id, model_checksum(model)),
+                    embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images), skipped=[],
+                    num_skipped=0)
         return cls(embeddings, paths, meta)
 
     # ---- loading ----------------------------------------------------------------------------------
@@ -1155,7 +1113,11 @@ class GalleryIndex:
                                           top_k, chunk_size, device)
             scores, indices = scores.cpu(), indices.cpu()
         elif backend == "faiss":
-            scores, indices = self._faiss_search(queries.cpu(), top_k)
+            import_faiss()  # without faiss: the ImportError names backend 'faiss'
+            if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
+                self._faiss_index = build_ann_index(self.embeddings, "Flat")
+            found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
+            scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
         elif backend == recorded:
             if top_k < 1:
                 raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -1201,16 +1163,6 @@ class GalleryIndex:
                                         f"rebuild it")
             self._ann_index = index
         return self._ann_index
-
-    def _faiss_search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        faiss = import_faiss()
-        if self._faiss_index is None:
-            index = faiss.IndexFlatIP(self.embedding_dim)
-            for start in range(0, len(self), DEFAULT_CHUNK_SIZE):  # add in chunks: never a second full copy
-                index.add(np.ascontiguousarray(self.embeddings[start:start + DEFAULT_CHUNK_SIZE], dtype=np.float32))
-            self._faiss_index = index
-        scores, indices = self._faiss_index.search(np.ascontiguousarray(queries.numpy()), min(top_k, len(self)))
-        return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
 
     @torch.no_grad()
     def search_text(

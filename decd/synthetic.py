@@ -232,11 +232,8 @@ def _garment(color: Optional[str], garment: str, rng: np.random.Generator, artic
 
 
 def _subject(attributes: PersonAttributes, rng: np.random.Generator) -> str:
-    options = [f"a {attributes.gender}", "a person", "a pedestrian", f"a young {attributes.gender}"]
-    if attributes.gender == "man":
-        options.append("a guy")
-    else:
-        options.append("a lady")
+    options = [f"a {attributes.gender}", "a person", "a pedestrian", f"a young {attributes.gender}",
+               "a guy" if attributes.gender == "man" else "a lady"]
     return str(rng.choice(options, p=[0.45, 0.2, 0.15, 0.1, 0.1]))
 
 
@@ -261,9 +258,7 @@ def _details(attributes: PersonAttributes, rng: np.random.Generator) -> dict[str
 
 def _outfit(attributes: PersonAttributes, rng: np.random.Generator) -> tuple[str, Optional[str]]:
     upper = _garment(attributes.upper_color, attributes.upper_type, rng)
-    lower = None
-    if attributes.lower_type is not None:
-        lower = _garment(attributes.lower_color, attributes.lower_type, rng)
+    lower = _garment(attributes.lower_color, attributes.lower_type, rng) if attributes.lower_type is not None else None
     return upper, lower
 
 
@@ -283,9 +278,7 @@ def describe_identity(attributes: PersonAttributes, rng: np.random.Generator, de
 
     Captions describe the person's attributes only, never the background or the pose.
     """
-    if detailed:
-        return _detailed_caption(attributes, rng)
-    return _vague_caption(attributes, rng)
+    return _detailed_caption(attributes, rng) if detailed else _vague_caption(attributes, rng)
 
 
 def _detailed_caption(attributes: PersonAttributes, rng: np.random.Generator) -> str:
@@ -306,16 +299,13 @@ def _detailed_caption(attributes: PersonAttributes, rng: np.random.Generator) ->
         verb = {"hat": "wears", "bag": "carries", "shoes": "wears", "hair": "has"}[kind]
         return f"{verb} {details[kind]}"
 
-    def with_phrase(kind: str) -> str:
-        return details[kind]
-
     template = int(rng.integers(5))
     if template == 0:
         carrying = [k for k in extra if k == "bag"]
         wearing = [k for k in extra if k != "bag"]
         sentence = f"{subject} in {outfit}"
         if wearing:
-            sentence += " with " + _join([with_phrase(k) for k in wearing])
+            sentence += " with " + _join([details[k] for k in wearing])
         if carrying:
             sentence += f" carrying {details['bag']}"
         return sentence + "."
@@ -325,15 +315,15 @@ def _detailed_caption(attributes: PersonAttributes, rng: np.random.Generator) ->
         return sentence
     if template == 2:
         first, rest = extra[0], extra[1:]
-        sentence = f"This person has {with_phrase(first)} and is wearing {outfit}"
+        sentence = f"This person has {details[first]} and is wearing {outfit}"
         if rest:
             sentence += ". " + _capitalize(pronoun) + " also " + _join([has_phrase(k) for k in rest])
         return sentence + "."
     if template == 3:
-        sentence = _capitalize(subject) + f" wearing {outfit}, " + _join([with_phrase(k) for k in extra])
+        sentence = _capitalize(subject) + f" wearing {outfit}, " + _join([details[k] for k in extra])
         return sentence + "."
     # A list-like description, close to how some annotators write.
-    parts = [f"{subject}", f"{upper}"] + ([lower] if lower else []) + [with_phrase(k) for k in extra]
+    parts = [f"{subject}", f"{upper}"] + ([lower] if lower else []) + [details[k] for k in extra]
     return _capitalize(", ".join(parts)) + "."
 
 
@@ -618,12 +608,18 @@ def _parameters(num_train_ids, num_val_ids, num_test_ids, images_per_id, image_s
     }
 
 
-def _is_cache_hit(root: Path, parameters: dict) -> bool:
+def _cached(root: os.PathLike | str, parameters: dict, data_file: str, overwrite: bool, write) -> Path:
+    """The set in `root`: reused as it is when its meta.json records `parameters` and `data_file` exists (a cache
+    hit writes nothing) unless `overwrite`, else written by `write(folder)` (see `_write_atomically`)."""
+    root = Path(root).expanduser().absolute()
     try:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
-    return meta.get("parameters") == parameters and (root / "reid_raw.json").is_file()
+        meta = None
+    if not overwrite and meta is not None and meta.get("parameters") == parameters and (root / data_file).is_file():
+        logger.debug("synthetic data: cache hit at %s", root)
+        return root
+    return _write_atomically(root, write)
 
 
 def generate_synthetic_person_search(
@@ -666,12 +662,8 @@ def generate_synthetic_person_search(
             digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
             name = f"{name}-{digest}"
         root = default_cache_dir() / name
-    root = Path(root).expanduser().absolute()
-    if not overwrite and _is_cache_hit(root, parameters):
-        logger.debug("synthetic person search: cache hit at %s", root)
-        return root
-
-    return _write_atomically(root, lambda folder: _write_benchmark(folder, parameters, progress))
+    return _cached(root, parameters, "reid_raw.json", overwrite,
+                   lambda folder: _write_benchmark(folder, parameters, progress))
 
 
 def person_search_identities(
@@ -724,13 +716,9 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     images_per_id = parameters["images_per_id"]
     drawn = person_search_identities(parameters["num_train_ids"], parameters["num_val_ids"],
                                      parameters["num_test_ids"], seed)
-    identities = [attributes for attributes, _ in drawn]
-    splits = [split for _, split in drawn]
-
     records = []
-    bar = tqdm(total=len(identities) * images_per_id, desc="synthetic person search", unit="img",
-               disable=not progress)
-    for index, (attributes, split) in enumerate(zip(identities, splits)):
+    bar = tqdm(total=len(drawn) * images_per_id, desc="synthetic person search", unit="img", disable=not progress)
+    for index, (attributes, split) in enumerate(drawn):
         person_id = index + 1  # 1-based, like CUHK-PEDES
         (folder / "imgs" / split).mkdir(parents=True, exist_ok=True)
         for image_index in range(images_per_id):
@@ -757,7 +745,7 @@ def _write_benchmark(folder: Path, parameters: dict, progress: bool) -> None:
     meta = {
         "parameters": parameters,
         "num_images": len(records),
-        "identities": {str(index + 1): asdict(attributes) for index, attributes in enumerate(identities)},
+        "identities": {str(index + 1): asdict(attributes) for index, (attributes, _) in enumerate(drawn)},
     }
     # meta.json last: its presence with matching parameters is what marks the set complete.
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -833,20 +821,8 @@ def generate_synthetic_captioned_images(
     if root is None:
         digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:10]
         root = default_cache_dir() / f"captioned-v1-{digest}"
-    root = Path(root).expanduser().absolute()
-    if not overwrite and _is_captioned_cache_hit(root, parameters):
-        logger.debug("synthetic captioned images: cache hit at %s", root)
-        return root
-
-    return _write_atomically(root, lambda folder: _write_captioned_images(folder, parameters, progress))
-
-
-def _is_captioned_cache_hit(root: Path, parameters: dict) -> bool:
-    try:
-        meta = json.loads((root / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return meta.get("parameters") == parameters and (root / "captions.json").is_file()
+    return _cached(root, parameters, "captions.json", overwrite,
+                   lambda folder: _write_captioned_images(folder, parameters, progress))
 
 
 def _write_captioned_images(folder: Path, parameters: dict, progress: bool) -> None:

@@ -182,10 +182,9 @@ def retrieval_grid(
             f"query_captions, ranked_indices and correct must have one entry per query; got "
             f"{num_rows}, {len(ranked_indices)} and {len(correct)}"
         )
-    if scores is not None and len(scores) != num_rows:
-        raise ValueError(f"scores must have one entry per query ({num_rows}); got {len(scores)}")
-    if query_labels is not None and len(query_labels) != num_rows:
-        raise ValueError(f"query_labels must have one entry per query ({num_rows}); got {len(query_labels)}")
+    for name, values in (("scores", scores), ("query_labels", query_labels)):
+        if values is not None and len(values) != num_rows:
+            raise ValueError(f"{name} must have one entry per query ({num_rows}); got {len(values)}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     for row, (ranks, flags) in enumerate(zip(ranked_indices, correct)):
@@ -282,14 +281,15 @@ class _PixelPlacer:
         axes.set_axis_off()
 
 
-def _pixel_figure(width: int, height: int):
-    """A matplotlib figure of exactly width x height pixels (at 100 dpi) and a placer in pixel coordinates."""
+def _pixel_figure(width: int, height: int, **kwargs):
+    """A matplotlib figure of exactly width x height pixels (at 100 dpi; `kwargs` go to `Figure`) and a placer
+    in pixel coordinates."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # files only: no display needed
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white", **kwargs)
     return figure, _PixelPlacer(figure, width, height)
 
 
@@ -304,8 +304,7 @@ def _as_numpy(similarity: Any) -> np.ndarray:
 
 def rank_gallery(similarity_rows: Any) -> np.ndarray:
     """Gallery indices per row by descending score, equal scores by lower gallery index first (stable sort)."""
-    rows = _as_numpy(similarity_rows)
-    return np.argsort(-rows, axis=1, kind="stable")
+    return np.argsort(-_as_numpy(similarity_rows), axis=1, kind="stable")
 
 
 def retrieval_grid_from_similarity(
@@ -419,18 +418,13 @@ def plot_training_curves(
             f"nothing to plot: no log_history entry with a 'step' has any of {list(LOSS_KEYS + EVAL_KEYS)} "
             f"({len(log_history)} entries given)"
         )
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # files only: no display needed
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(panel_size[0] * 2 / 100, panel_size[1] / 100), dpi=100, layout="constrained")
+    figure, _ = _pixel_figure(panel_size[0] * 2, panel_size[1], layout="constrained")
     for axes, series, heading, unit in zip(figure.subplots(1, 2), (losses, metrics),
                                           ("Training losses", "Evaluation metrics"), ("loss", "percent")):
         for key, points in series.items():
             steps, values = zip(*points)
             axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key,
-                      color=tuple(channel / 255 for channel in SERIES_COLORS.get(key, NEUTRAL_COLOR)))
+                      color=_rgb(SERIES_COLORS.get(key, NEUTRAL_COLOR)))
         axes.set_title(heading)
         axes.set_xlabel("step")
         axes.set_ylabel(unit)
