@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
-# The main job: generate the synthetic benchmark, train the tiny DECD on it (~10 min on 2 CPU cores),
+# The main job: generate the synthetic benchmark, train the tiny DECD on it (~5 min on 2 CPU cores),
 # evaluate the best model on the unseen test identities, and draw a retrieval grid.
 OUTPUT ?= outputs/decd-tiny-synthetic
 train: setup

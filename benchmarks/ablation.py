@@ -8,11 +8,11 @@ Trains the tiny DECD with the same seeds, data and budget, changing one thing pe
     no-mcm    Sew + no MCM (the decoder never runs)
     uniform   Sew with the same margin for every caption (q = 1) + MCM
 
-and reports test R@1 / mAP (best checkpoint selected on val) for each, as mean ± std over seeds.
+and reports test R@1 / mAP (best checkpoint selected on val) for each, as mean ± std over seeds, with each
+seed's difference to the full model.
 
     python benchmarks/ablation.py                          # the default budget, seed 42
-    python benchmarks/ablation.py --num_train_epochs 8     # the README's numbers
-    python benchmarks/ablation.py --seeds 1 2 3 --parallel 2 --threads_per_run 1
+    python benchmarks/ablation.py --seeds 1 2 3 --parallel 2 --threads_per_run 1   # the README's four rows
 
 Extra arguments are passed to examples/train.py unchanged. Runs go through `benchmarks/sweep.py`
 (same options); results: a table on stdout and `<output_root>/ablation.json`.
