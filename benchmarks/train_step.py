@@ -96,12 +96,11 @@ def main(argv=None) -> int:
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     result = {}
+    for name, parts in times.items():
+        result[name] = {part: statistics.median(values) for part, values in parts.items()}
+        result[name]["step"] = sum(result[name].values())
     print("\n| variant | collate ms | forward ms | backward ms | optimizer ms | step ms | x batch |")
     print("|---|---|---|---|---|---|---|")
-    medians = {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in times.items()}
-    for name, parts in medians.items():
-        total = sum(parts.values())
-        result[name] = dict(parts, step=total)
     for name, parts in result.items():
         ratio = parts["step"] / result["batch"]["step"]
         print(f"| {name} | {parts['collate']:.0f} | {parts['forward']:.0f} | {parts['backward']:.0f} | "
