@@ -56,7 +56,7 @@ class ModelArguments:
     mcm_vocabulary: str | None = field(
         default=None,
         metadata={"help": "Vocabulary rows the MCM head scores: full (the paper's) or batch (the batch's own words; "
-                  "default from scratch, full from a CLIP)."},
+                  "default from scratch, full from a CLIP).", "choices": ["full", "batch"]},
     )
     id_weight: float | None = field(default=None, metadata={"help": "Weight of the identity loss (default 0)."})
     # The detachable decoder's size (default: the preset's from scratch, 4 x 512 wide with 8 heads from a CLIP);
