@@ -64,6 +64,11 @@ class DecdConfig(PreTrainedConfig):
             captions (every masked token is among them), a sampled softmax whose negatives are the batch's
             other words; it skips the vocabulary-sized product, which dominates a step of a small model
             (README, "Training from scratch"). The head's weights are the same in both modes.
+        mcm_fraction (`float`, defaults to 1.0):
+            Share of a training batch's pairs whose masked caption goes through MCM at each step: a random subset
+            of `round(mcm_fraction * batch)` pairs (at least one), drawn anew each step. 1.0 is the paper's (every
+            pair); a smaller share is an unbiased estimate of the same loss that skips that share of the second text
+            pass and of the decoder. Training only: in eval mode every pair is used.
         num_identities (`int`, defaults to 0):
             Number of training identities for the identity classifier (0: no classifier).
         use_decoder (`bool`, defaults to `True`):
@@ -97,6 +102,7 @@ class DecdConfig(PreTrainedConfig):
     mcm_weight: float = 1.0
     id_weight: float = 0.0
     mcm_vocabulary: str = "full"
+    mcm_fraction: float = 1.0
     num_identities: int = 0
     use_decoder: bool = True
     mask_token_id: int = 49408
@@ -156,6 +162,7 @@ class DecdConfig(PreTrainedConfig):
             "use_decoder": (lambda v: isinstance(v, bool), "true or false"),
             "caption_quality": (lambda v: isinstance(v, str), f"one of {CAPTION_QUALITY_MODES}"),
             "mcm_vocabulary": (lambda v: v in MCM_VOCABULARIES, f"one of {MCM_VOCABULARIES}"),
+            "mcm_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         }.items():
             if not check(getattr(self, name)):
                 fail(name, expected)

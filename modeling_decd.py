@@ -702,9 +702,14 @@ class DecdModel(DecdPreTrainedModel):
             if mcm_labels is None:
                 raise ValueError("masked_input_ids were given without mcm_labels (see DecdProcessor.mask_captions).")
             masked_ids, masked_attention = self._fit_context(masked_input_ids, attention_mask)
+            labels, mcm_images = mcm_labels[:, : masked_ids.shape[1]], image_states
+            if self.training and config.mcm_fraction < 1:  # MCM on a random subset of the pairs (DecdConfig)
+                rows = torch.randperm(masked_ids.shape[0], device=masked_ids.device)
+                rows = rows[: max(1, round(config.mcm_fraction * masked_ids.shape[0]))]
+                masked_ids, labels, mcm_images = masked_ids[rows], labels[rows], image_states[rows]
+                masked_attention = None if masked_attention is None else masked_attention[rows]
             masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
-            decoded = self.decoder(masked_states, image_states, masked_attention)
-            labels = mcm_labels[:, : decoded.shape[1]]
+            decoded = self.decoder(masked_states, mcm_images, masked_attention)
             # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
             selected = labels != -100
             targets, candidates = labels[selected], None

@@ -35,7 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {"batch": {"mcm_vocabulary": "batch"}, "full": {"mcm_vocabulary": "full"}, "no-mcm": {"mcm_weight": 0.0}}
+VARIANTS = {"batch": {"mcm_vocabulary": "batch"}, "full": {"mcm_vocabulary": "full"},
+            "batch-half": {"mcm_vocabulary": "batch", "mcm_fraction": 0.5},
+            "batch-quarter": {"mcm_vocabulary": "batch", "mcm_fraction": 0.25}, "no-mcm": {"mcm_weight": 0.0}}
 
 
 def _train_script():

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from configuration_decd import DecdConfig  # noqa: E402
+from configuration_decd import CAPTION_QUALITY_MODES, MCM_VOCABULARIES, DecdConfig  # noqa: E402
 from modeling_decd import DecdModel, load_model  # noqa: E402
 from processing_decd import DecdProcessor  # noqa: E402
 
@@ -50,13 +50,19 @@ class ModelArguments:
     learnable_temperature: bool | None = field(
         default=None, metadata={"help": "Train the temperature, starting from --temperature (default: fixed)."}
     )
-    caption_quality: str | None = field(default=None, metadata={"help": "density, uniform or none."})
+    caption_quality: str | None = field(
+        default=None,
+        metadata={"help": "Margin per caption: density, uniform or none.", "choices": list(CAPTION_QUALITY_MODES)},
+    )
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature (default 0.02)."})
     mcm_weight: float | None = field(default=None, metadata={"help": "Weight of the MCM loss (0 disables MCM)."})
     mcm_vocabulary: str | None = field(
         default=None,
         metadata={"help": "Vocabulary rows the MCM head scores: full (the paper's) or batch (the batch's own words; "
-                  "default from scratch, full from a CLIP).", "choices": ["full", "batch"]},
+                  "default from scratch, full from a CLIP).", "choices": list(MCM_VOCABULARIES)},
+    )
+    mcm_fraction: float | None = field(
+        default=None, metadata={"help": "Share of each batch's pairs that go through MCM, a random subset (default 1)."}
     )
     id_weight: float | None = field(default=None, metadata={"help": "Weight of the identity loss (default 0)."})
     # The detachable decoder's size (default: the preset's from scratch, 4 x 512 wide with 8 heads from a CLIP);
@@ -122,8 +128,8 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
     overrides = {
         name: getattr(model_args, name)
         for name in ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight",
-                     "mcm_vocabulary", "id_weight", "decoder_layers", "decoder_hidden_size", "decoder_attention_heads",
-                     "decoder_intermediate_size")
+                     "mcm_vocabulary", "mcm_fraction", "id_weight", "decoder_layers", "decoder_hidden_size",
+                     "decoder_attention_heads", "decoder_intermediate_size")
         if getattr(model_args, name) is not None
     }
     if model_args.image_size is not None:

@@ -84,6 +84,30 @@ def test_mcm_vocabulary_batch_scores_only_the_batch_words():
     assert (gradients["full"].abs().sum(dim=1) > 0).all()
 
 
+def test_mcm_fraction_trains_mcm_on_a_random_subset_of_the_pairs():
+    """`mcm_fraction=0.5`: in training, the MCM loss is the whole-batch MCM loss of the pairs that
+    `torch.randperm` draws (same seed), and only those pairs reach the decoder; in eval mode all of them do."""
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(mcm_fraction=0.5))
+    batch = random_batch(model.config, batch_size=8)
+    rows_seen = []
+    model.decoder.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
+    model.train()
+    torch.manual_seed(1)
+    sampled = model(**batch).loss_mcm
+    torch.manual_seed(1)
+    rows = torch.randperm(8)[:4]
+    model.config.mcm_fraction = 1.0
+    reference = model(**{name: value[rows] for name, value in batch.items()}).loss_mcm
+    assert torch.allclose(sampled, reference, atol=1e-6)
+    whole = model(**batch).loss_mcm
+    assert not torch.allclose(sampled, whole, atol=1e-4)  # the subset was not the whole batch
+    model.config.mcm_fraction = 0.5
+    model.eval()
+    assert torch.allclose(model(**batch).loss_mcm, whole, atol=1e-6)
+    assert rows_seen == [4, 4, 8, 8]
+
+
 def test_mcm_vocabulary_is_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match="mcm_vocabulary"):
         tiny_config(mcm_vocabulary="sampled")
@@ -91,6 +115,12 @@ def test_mcm_vocabulary_is_checked_and_saved(tmp_path):
     model.save_pretrained(tmp_path)
     assert DecdModel.from_pretrained(tmp_path).config.mcm_vocabulary == "batch"
     assert tiny_config().mcm_vocabulary == "full"  # the paper's objective unless asked
+    for bad in (0, 1.5, "half"):
+        with pytest.raises(ValueError, match="mcm_fraction"):
+            tiny_config(mcm_fraction=bad)
+    DecdModel(tiny_config(mcm_fraction=0.25)).save_pretrained(tmp_path)
+    assert DecdModel.from_pretrained(tmp_path).config.mcm_fraction == 0.25
+    assert tiny_config().mcm_fraction == 1.0  # every pair, as the paper
 
 
 def test_outputs_are_normalised_and_logits_scaled():
