@@ -245,5 +245,6 @@ def test_from_scratch_recipe_scores_the_batch_words_unless_told_otherwise():
     assert model.config.mcm_vocabulary == "batch" and model.config.temperature == pytest.approx(0.2)
     model, _ = train_script.build_model(train_script.ModelArguments(mcm_vocabulary="full"), 4)
     assert model.config.mcm_vocabulary == "full"
-    with pytest.raises(SystemExit):  # refused by the argument parser, before any data is loaded
-        train_script.main(["--mcm_vocabulary", "sampled"])
+    for flag, bad in (("--mcm_vocabulary", "sampled"), ("--caption_quality", "dense")):
+        with pytest.raises(SystemExit):  # refused by the argument parser, before any data is loaded
+            train_script.main([flag, bad])
