@@ -215,7 +215,8 @@ def _run_query(arguments) -> int:
 
         # Only the shown images are passed (and opened): {gallery row: its path}.
         ranked = [result.indices[row].tolist() for result, row in rows]
-        shown = {gallery_index: index.image_path(gallery_index) for row in ranked for gallery_index in row}
+        shown = {gallery_index: index.image_path(gallery_index) for row in ranked for gallery_index in row
+                 if gallery_index >= 0}  # -1: a place an approximate backend could not fill (drawn empty)
         try:
             grid = retrieval_grid(
                 [query.strip('"') for query in queries], shown, ranked, None, arguments.grid, top_k=arguments.top_k,

@@ -157,6 +157,7 @@ def retrieval_grid(
         gallery_images: the gallery, indexable by gallery index; items are PIL images or file paths
             (only the shown ones are opened).
         ranked_indices: per query, gallery indices in rank order (best first); the first `top_k` are shown.
+            A negative index is a place an approximate search could not fill: an empty grey frame, marked "-".
         correct: per query, per rank, whether that result has the query's identity: framed in
             `CORRECT_COLOR` (green) if so, `WRONG_COLOR` (red) otherwise. None when identities are
             unknown (an unlabeled gallery): every frame is `NEUTRAL_COLOR` (grey) and there is no legend.
@@ -222,10 +223,16 @@ def retrieval_grid(
 
         for column, gallery_index in enumerate(list(ranked_indices[row])[:num_columns]):
             gallery_index = int(gallery_index)
+            frame_left, frame_top, frame_right, frame_bottom = layout.frame_box(row, column)
+            if gallery_index < 0:  # a place an approximate search could not fill: an empty frame, no image
+                place.rectangle(layout.frame_box(row, column), NEUTRAL_COLOR)
+                place.rectangle(layout.tile_box(row, column), (255, 255, 255))
+                place.text((frame_left + frame_right) / 2, frame_bottom + 2, f"#{column + 1}  -", fontsize=7.5,
+                           ha="center", va="top")
+                continue
             if gallery_index not in tile_cache:
                 tile_cache[gallery_index] = np.asarray(_load_tile(gallery_images[gallery_index], layout.tile_size))
             color = NEUTRAL_COLOR if not labeled else CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
-            frame_left, frame_top, frame_right, frame_bottom = layout.frame_box(row, column)
             place.rectangle(layout.frame_box(row, column), color)
             place.image(layout.tile_box(row, column), tile_cache[gallery_index])
             label = f"#{column + 1}" + (f"  {float(scores[row][column]):.3f}" if scores is not None else "")

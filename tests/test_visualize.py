@@ -101,6 +101,17 @@ def test_grid_more_columns_and_rows_scale_the_image(tmp_path):
         assert image.size == (grid_layout(1, 2).width, grid_layout(1, 2).height)
 
 
+def test_grid_draws_an_unfilled_place_empty(tmp_path):
+    """-1 (an approximate search found nothing for that place) is an empty frame, never gallery[-1]."""
+    gallery = [Image.new("RGB", (30, 90), (20, 40, 200)), Image.new("RGB", (30, 90), (200, 40, 20))]
+    output = retrieval_grid(["q"], gallery, [[0, -1]], None, tmp_path / "grid.png", top_k=2, scores=[[0.5, -np.inf]])
+    image = Image.open(output).convert("RGB")
+    layout = grid_layout(1, 2)
+    centre = lambda box: ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)  # noqa: E731
+    assert image.getpixel(centre(layout.tile_box(0, 0))) == (20, 40, 200)
+    assert image.getpixel(centre(layout.tile_box(0, 1))) == (255, 255, 255)
+
+
 def test_grid_rejects_inconsistent_inputs(tmp_path):
     with pytest.raises(ValueError, match="one entry per query"):
         retrieval_grid(["a", "b"], _solid_gallery(tmp_path, 2), [[0, 1]], [[True, False]], tmp_path / "x.png")
