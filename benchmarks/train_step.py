@@ -7,9 +7,11 @@ split through the training collator, and times, per step: the collator (opening 
 processing, tokenising, masking), the forward pass, the backward pass and the optimiser step
 (`torch.optim.AdamW`, fused, as the Trainer's default `adamw_torch_fused`). Variants:
 
-    batch   the MCM head scores the batch's own words (`mcm_vocabulary="batch"`, the recipe's default)
-    full    the MCM head scores all 49,409 vocabulary rows (`mcm_vocabulary="full"`, the paper's)
-    no-mcm  no MCM (`mcm_weight=0`: the masked caption and the decoder never run)
+    batch          the MCM head scores the batch's own words (`mcm_vocabulary="batch"`), every pair
+    full           the MCM head scores all 49,409 vocabulary rows (`mcm_vocabulary="full"`, the paper's)
+    batch-half     batch, MCM on a random half of each batch's pairs (`mcm_fraction=0.5`)
+    batch-quarter  batch, MCM on a random quarter (`mcm_fraction=0.25`, the recipe's default)
+    no-mcm         no MCM (`mcm_weight=0`: the masked caption and the decoder never run)
 
 The variants alternate within each round (so a slow spell of a shared machine hits all of them) and
 the median over rounds is reported.

@@ -162,6 +162,7 @@ def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002
     assert model.config.temperature == pytest.approx(0.02) and model.config.id_weight == 0
     assert model.config.sew_margin > 0 and model.config.caption_quality == "density" and model.config.mcm_weight > 0
     assert model.config.mcm_vocabulary == "full"  # from a CLIP: the paper's whole-vocabulary MCM
+    assert model.config.mcm_fraction == 1.0  # and MCM on every pair
     args = DecdTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3,
         new_module_lr_multiplier=5.0, warmup_steps=1, lr_scheduler_type="cosine", max_steps=6, report_to="none",
@@ -239,12 +240,13 @@ def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
     assert summary["full"]["R1"]["mean"] == pytest.approx(55.0) and summary["full"]["cpu_seconds_total"] == 20.0
 
 
-def test_from_scratch_recipe_scores_the_batch_words_unless_told_otherwise():
+def test_from_scratch_recipe_is_batch_words_quarter_mcm_ten_epochs_unless_told_otherwise():
     train_script = _script("decd_train_script_recipe", "train.py")
     model, _ = train_script.build_model(train_script.ModelArguments(), 4)
     assert model.config.mcm_vocabulary == "batch" and model.config.temperature == pytest.approx(0.2)
-    model, _ = train_script.build_model(train_script.ModelArguments(mcm_vocabulary="full"), 4)
-    assert model.config.mcm_vocabulary == "full"
+    assert model.config.mcm_fraction == 0.25 and train_script.TrainingArguments().num_train_epochs == 10
+    model, _ = train_script.build_model(train_script.ModelArguments(mcm_vocabulary="full", mcm_fraction=1.0), 4)
+    assert model.config.mcm_vocabulary == "full" and model.config.mcm_fraction == 1.0
     for flag, bad in (("--mcm_vocabulary", "sampled"), ("--caption_quality", "dense")):
         with pytest.raises(SystemExit):  # refused by the argument parser, before any data is loaded
             train_script.main([flag, bad])
