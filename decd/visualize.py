@@ -223,19 +223,19 @@ def retrieval_grid(
 
         for column, gallery_index in enumerate(list(ranked_indices[row])[:num_columns]):
             gallery_index = int(gallery_index)
-            frame_left, frame_top, frame_right, frame_bottom = layout.frame_box(row, column)
+            frame = layout.frame_box(row, column)
             if gallery_index < 0:  # a place an approximate search could not fill: an empty frame, no image
-                place.rectangle(layout.frame_box(row, column), NEUTRAL_COLOR)
+                place.rectangle(frame, NEUTRAL_COLOR)
                 place.rectangle(layout.tile_box(row, column), (255, 255, 255))
-                place.text((frame_left + frame_right) / 2, frame_bottom + 2, f"#{column + 1}  -", fontsize=7.5,
-                           ha="center", va="top")
-                continue
-            if gallery_index not in tile_cache:
-                tile_cache[gallery_index] = np.asarray(_load_tile(gallery_images[gallery_index], layout.tile_size))
-            color = NEUTRAL_COLOR if not labeled else CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
-            place.rectangle(layout.frame_box(row, column), color)
-            place.image(layout.tile_box(row, column), tile_cache[gallery_index])
-            label = f"#{column + 1}" + (f"  {float(scores[row][column]):.3f}" if scores is not None else "")
+                label = f"#{column + 1}  -"
+            else:
+                if gallery_index not in tile_cache:
+                    tile_cache[gallery_index] = np.asarray(_load_tile(gallery_images[gallery_index], layout.tile_size))
+                color = NEUTRAL_COLOR if not labeled else CORRECT_COLOR if bool(correct[row][column]) else WRONG_COLOR
+                place.rectangle(frame, color)
+                place.image(layout.tile_box(row, column), tile_cache[gallery_index])
+                label = f"#{column + 1}" + (f"  {float(scores[row][column]):.3f}" if scores is not None else "")
+            frame_left, _, frame_right, frame_bottom = frame
             place.text((frame_left + frame_right) / 2, frame_bottom + 2, label, fontsize=7.5, ha="center", va="top")
         if row < num_rows - 1:
             place.line(layout.row_top(row) + layout.row_height + layout.row_gap // 2, layout.margin,
