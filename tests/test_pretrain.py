@@ -250,3 +250,6 @@ def test_from_scratch_recipe_is_batch_words_quarter_mcm_ten_epochs_unless_told_o
     for flag, bad in (("--mcm_vocabulary", "sampled"), ("--caption_quality", "dense")):
         with pytest.raises(SystemExit):  # refused by the argument parser, before any data is loaded
             train_script.main([flag, bad])
+    # Refused by DecdConfig's own check, before any data is loaded (the dataset folder does not exist).
+    with pytest.raises(SystemExit, match=r"mcm_fraction must be a number in \(0, 1\], got 0.0"):
+        train_script.main(["--mcm_fraction", "0", "--dataset_name", "custom", "--data_dir", "/nonexistent"])
