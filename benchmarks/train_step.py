@@ -2,10 +2,11 @@
 """Where one training step of the main job goes (a benchmark, not a test).
 
 Builds the model as `examples/train.py` does with no arguments (`DecdConfig.tiny()` from random
-weights, temperature 0.2, identity loss; each variant sets its MCM options explicitly), takes real batches of 64 pairs of the synthetic training
-split through the training collator, and times, per step: the collator (opening the images,
-processing, tokenising, masking), the forward pass, the backward pass and the optimiser step
-(`torch.optim.AdamW`, fused, as the Trainer's default `adamw_torch_fused`). Variants:
+weights, temperature 0.2, identity loss; each variant sets its MCM options explicitly), takes real
+batches of 64 pairs of the synthetic training split through the training collator, and times, per
+step: the collator (opening the images, processing, tokenising, masking), the forward pass, the
+backward pass and the optimiser step (`torch.optim.AdamW`, fused, as the Trainer's default
+`adamw_torch_fused`). Variants:
 
     batch          the MCM head scores the batch's own words (`mcm_vocabulary="batch"`), every pair
     full           the MCM head scores all 49,409 vocabulary rows (`mcm_vocabulary="full"`, the paper's)
