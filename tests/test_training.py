@@ -92,7 +92,12 @@ def _two_process_worker(rank, world_size, init_file, output_dir):
         torch.save({"loss_sew": output.loss_sew.detach(), "loss": output.loss.detach(),
                     "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}},
                    os.path.join(output_dir, "rank0.pt"))
-    torch.distributed.destroy_process_group()
+    # Leave without tearing DDP down: the Reducer's destructor joins gloo's worker thread while holding the
+    # GIL, and that thread may still need the GIL to free its last work item, a deadlock that hung this test in
+    # about one full-suite run in two (py-spy: ~ProcessGroupGloo -> std::thread::join). Once the barrier
+    # returns, both ranks are done; the file above is closed.
+    torch.distributed.barrier()
+    os._exit(0)
 
 
 def test_sew_loss_on_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
