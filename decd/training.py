@@ -174,10 +174,9 @@ def keep_freed_cpu_memory() -> bool:
     Each step frees and re-allocates the same large buffers: the dense gradients of the 49,409-row token
     embedding and MCM output layer (25 MB each at width 128), activations, optimizer temporaries. glibc's
     defaults serve blocks of that size by `mmap` or trim them back to the kernel when freed, so every step
-    faults in and zeroes fresh pages (about 15,000 page faults, 60 MB, per step of the main job). This
-    serves blocks under 1 GiB from the heap and never trims it: the process keeps its peak heap, as GPU
-    caching allocators keep theirs, and steady-state steps fault almost nothing
-    (`benchmarks/train_step.py --memory glibc-defaults` measures the difference).
+    faults in and zeroes fresh pages. This serves blocks under 1 GiB from the heap and never trims it: the
+    process keeps its peak heap, as GPU caching allocators keep theirs, and steady-state steps fault almost
+    nothing (`benchmarks/train_step.py` and `--memory glibc-defaults` count the page faults per step).
 
     Process-wide and not undone. Returns whether it applied: False off Linux with glibc (macOS, Windows,
     musl), where nothing is changed.
