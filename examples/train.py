@@ -158,7 +158,7 @@ def build_model(model_args: ModelArguments, identities: int) -> tuple[DecdModel,
         overrides.setdefault("id_weight", 1.0)
         # The tiny model's MCM head scores 49,409 vocabulary rows for a ~100-word synthetic vocabulary; the
         # batch's own words are the same task at a fraction of the cost, and MCM on a quarter of each batch's
-        # pairs kept the test R@1 at 0.55x the step time of both at the paper's (README, "Training from scratch").
+        # pairs kept the test R@1 at 0.53x the step time of both at the paper's (README, "Training from scratch").
         overrides.setdefault("mcm_vocabulary", "batch")
         overrides.setdefault("mcm_fraction", 0.25)
         preset = {"tiny": DecdConfig.tiny, "base": DecdConfig.vit_base_patch16}.get(model_args.config_preset)
