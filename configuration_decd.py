@@ -6,18 +6,23 @@ so it imports nothing but ``transformers``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
+logger = logging.getLogger(__name__)
+
 CAPTION_QUALITY_MODES = ("density", "uniform", "none")
 MCM_VOCABULARIES = ("full", "batch")
 
-# CLIP's BPE vocabulary has 49,408 tokens; DECD appends the MCM mask token as id 49408.
+# CLIP's text side, the one source of these numbers: a BPE vocabulary of 49,408 tokens (start-of-text 49406,
+# end-of-text 49407, which also pads) and a context of 77 tokens. DECD appends the MCM mask token as id 49408.
 CLIP_VOCAB_SIZE = 49408
+CLIP_CONTEXT_LENGTH = 77
 _CLIP_TEXT_TOKENS = dict(
-    vocab_size=CLIP_VOCAB_SIZE + 1, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-    pad_token_id=49407,
+    vocab_size=CLIP_VOCAB_SIZE + 1, max_position_embeddings=CLIP_CONTEXT_LENGTH, bos_token_id=CLIP_VOCAB_SIZE - 2,
+    eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
 )
 # ViT-B/16 sizes, the default when no sub-config is given.
 BASE_TEXT_CONFIG = dict(_CLIP_TEXT_TOKENS, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -47,9 +52,11 @@ class DecdConfig(PreTrainedConfig):
             The detachable cross-modal decoder (training only): pre-LN layers of self-attention over the
             masked caption, cross-attention to all image tokens, and an MLP.
         temperature (`float`, defaults to 0.02):
-            Softmax temperature of the Sew loss and of the returned logits (scale 1 / temperature).
+            Softmax temperature of the Sew loss and of the returned logits (scale 1 / temperature). A fixed one
+            is read from here wherever it is used; a learnable one starts here, and `save_pretrained` writes
+            its trained value back here.
         learnable_temperature (`bool`, defaults to `False`):
-            Train the temperature (as a log-scale) instead of keeping it fixed.
+            Train the temperature (a parameter holding the log of 1 / temperature) instead of keeping it fixed.
         sew_margin (`float`, defaults to 0.1):
             Largest quality-adaptive margin `m_max`; caption i gets `m_max * q_i`. 0 gives IRRA's SDM loss.
         caption_quality (`str`, defaults to `"density"`):
@@ -63,7 +70,7 @@ class DecdConfig(PreTrainedConfig):
             cross-entropy over the whole vocabulary). `"batch"`: only the tokens that occur in the batch's
             captions (every masked token is among them), a sampled softmax whose negatives are the batch's
             other words; it skips the vocabulary-sized product, which dominates a step of a small model
-            (README, "Training from scratch"). The head's weights are the same in both modes.
+            (docs/findings.md). The head's weights are the same in both modes.
         mcm_fraction (`float`, defaults to 1.0):
             Share of a training batch's pairs whose masked caption goes through MCM at each step: a random subset
             of `round(mcm_fraction * batch)` pairs (at least one), drawn anew each step. 1.0 is the paper's (every
@@ -105,7 +112,7 @@ class DecdConfig(PreTrainedConfig):
     mcm_fraction: float = 1.0
     num_identities: int = 0
     use_decoder: bool = True
-    mask_token_id: int = 49408
+    mask_token_id: int = CLIP_VOCAB_SIZE
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
 
@@ -205,6 +212,16 @@ class DecdConfig(PreTrainedConfig):
             )
 
     @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; a `temperature` given explicitly (e.g. `from_pretrained(path,
+        temperature=...)`) replaces the stored one, and the log says so."""
+        requested, stored = kwargs.get("temperature"), config_dict.get("temperature")
+        if requested is not None and stored is not None and not math.isclose(requested, stored, rel_tol=1e-6):
+            logger.info("Temperature %.6g requested explicitly: it replaces the stored temperature %.6g.",
+                        requested, stored)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
@@ -242,4 +259,4 @@ class DecdConfig(PreTrainedConfig):
         return cls(text_config=text, vision_config=vision, **dict(model, **overrides))
 
 
-__all__ = ["DecdConfig", "CAPTION_QUALITY_MODES", "CLIP_VOCAB_SIZE"]
+__all__ = ["DecdConfig", "CAPTION_QUALITY_MODES", "CLIP_CONTEXT_LENGTH", "CLIP_VOCAB_SIZE", "MCM_VOCABULARIES"]

@@ -1,24 +1,23 @@
 """DECD: a CLIP dual encoder for text-based person search, trained with a detachable cross-modal decoder.
 
 Reads bottom-up: vision embeddings on the person-crop grid -> encoders (CLIP's) -> the training-only
-cross-modal decoder and heads -> the losses (pure functions) -> `DecdModel`.
+cross-modal decoder and heads -> `DecdModel`, whose `forward` encodes and then calls the losses (pure
+functions in `losses_decd`). Loading a trained model and embedding with it live in `inference_decd`.
 
 Inference is the dual encoder alone: `get_text_features` / `get_image_features` cost exactly what a
 CLIP model of the same dimensions costs. The decoder, the MCM head and the identity classifier exist
 only for training and are removed by `DecdModel.detach_decoder()`.
 
 This file travels to the Hugging Face Hub (`trust_remote_code=True`): it imports only torch,
-transformers and its two sibling modules.
+transformers and its sibling modules.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -43,9 +42,13 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
     from .configuration_decd import DecdConfig
+    from .losses_decd import (IGNORE_INDEX, batch_vocabulary, gather_with_grad, identity_loss,
+                              masked_caption_loss, sample_mcm_rows, sew_loss)
     from .processing_decd import DecdProcessor
 except ImportError:  # installed as top-level modules
     from configuration_decd import DecdConfig
+    from losses_decd import (IGNORE_INDEX, batch_vocabulary, gather_with_grad, identity_loss,
+                             masked_caption_loss, sample_mcm_rows, sew_loss)
     from processing_decd import DecdProcessor
 
 logger = logging.getLogger(__name__)
@@ -223,87 +226,6 @@ class DecdMaskedCaptionHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Losses: pure functions of tensors. The cross-device gather lives in ONE helper.
-# --------------------------------------------------------------------------------------------------
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` [batch, ...] from every process along dim 0, keeping gradients.
-
-    With one process (or no initialised process group) it returns the tensor unchanged. All processes
-    must pass the same batch size (accelerate's `even_batches`, the default, guarantees it).
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    if torch.distributed.get_world_size() == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
-
-
-def sew_loss(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    person_ids: torch.Tensor,
-    caption_quality: torch.Tensor | None = None,
-    margin: float = 0.1,
-    temperature: float | torch.Tensor = 0.02,
-) -> torch.Tensor:
-    """Sew loss: similarity-distribution matching with quality-adaptive margins, in both directions.
-
-    Args:
-        image_embeds: [batch, dim] image i of pair i (normalised here; any scale accepted).
-        text_embeds: [batch, dim] caption i of pair i.
-        person_ids: [batch] identity of pair i; every same-identity pair is a positive.
-        caption_quality: [batch] q_i in [0, 1] (information density of caption i); `None` means q = 1.
-        margin: m_max; caption i gets margin m_max * q_i on its positive similarities. 0 gives IRRA's SDM.
-        temperature: tau; logits are (cosine - margin) / tau.
-
-    Returns:
-        Scalar: mean over captions of KL(softmax(z_i) || Q_i) + mean over images of KL(softmax(u_i) || Q_i),
-        Q being the identity-normalised positive mask (see docs/method.md).
-    """
-    if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
-        raise ValueError(
-            f"image_embeds and text_embeds must both be [batch, dim], got {tuple(image_embeds.shape)} and "
-            f"{tuple(text_embeds.shape)}."
-        )
-    batch_size = image_embeds.shape[0]
-    if person_ids.shape != (batch_size,):
-        raise ValueError(f"person_ids must have shape [{batch_size}], got {tuple(person_ids.shape)}.")
-    image_embeds = F.normalize(image_embeds.float(), dim=-1)
-    text_embeds = F.normalize(text_embeds.float(), dim=-1)
-    similarity = text_embeds @ image_embeds.t()  # s_ij = cos(text_i, image_j)
-    positives = (person_ids[:, None] == person_ids[None, :]).float()
-    target = positives / positives.sum(dim=1, keepdim=True)
-    if caption_quality is None:
-        caption_quality = similarity.new_ones(batch_size)
-    margins = margin * caption_quality.to(similarity.dtype)
-    text_to_image = (similarity - margins[:, None] * positives) / temperature
-    image_to_text = (similarity.t() - margins[None, :] * positives) / temperature
-    log_target = torch.log(target + 1e-8)
-
-    def matching(logits):
-        log_prob = F.log_softmax(logits, dim=1)
-        return (log_prob.exp() * (log_prob - log_target)).sum(dim=1).mean()
-
-    return matching(text_to_image) + matching(image_to_text)
-
-
-def masked_caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the MCM head over masked positions only (labels are -100 elsewhere)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-
-
-def identity_loss(
-    classifier: nn.Module, image_features: torch.Tensor, text_features: torch.Tensor, person_ids: torch.Tensor
-) -> torch.Tensor:
-    """Identity classification on both modalities, averaged: (CE(image) + CE(text)) / 2."""
-    image_loss = F.cross_entropy(classifier(image_features).float(), person_ids)
-    text_loss = F.cross_entropy(classifier(text_features).float(), person_ids)
-    return (image_loss + text_loss) / 2
-
-
-# --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -362,6 +284,8 @@ class DecdPreTrainedModel(PreTrainedModel):
     # Every loss here is a batch mean: the Trainer must scale it for gradient accumulation itself
     # rather than pass `num_items_in_batch` through **kwargs.
     accepts_loss_kwargs = False
+    # A fixed temperature is no parameter; checkpoints saved when it was one still hold it (the config's value).
+    _keys_to_ignore_on_load_unexpected = [r"^log_logit_scale$"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -378,7 +302,8 @@ class DecdPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, DecdModel):
-            init.constant_(module.log_logit_scale, math.log(1.0 / self.config.temperature))
+            if module.log_logit_scale is not None:
+                init.constant_(module.log_logit_scale, math.log(1.0 / self.config.temperature))
             factor = self.config.initializer_factor
             init.normal_(module.text_projection.weight, std=self.config.text_config.hidden_size**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
@@ -398,12 +323,12 @@ class DecdModel(DecdPreTrainedModel):
         self.vision_model = DecdVisionModel._from_config(config.vision_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        # log(1 / temperature); trained only when config.learnable_temperature.
-        self.log_logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learnable_temperature
-        )
-        # Loading a state dict (Trainer resume, best-model reload, converters) overwrites it: re-apply the config.
-        self.register_load_state_dict_post_hook(_sync_after_load_state_dict)
+        # A fixed temperature is read from the config where it is used (`logit_scale`); a learnable one is this
+        # parameter, log(1 / temperature), whose value `save_pretrained` writes back to the config.
+        self.log_logit_scale = None
+        if config.learnable_temperature:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
+        self.register_load_state_dict_pre_hook(_temperature_from_state_dict)
         self.decoder = self.mcm_head = self.identity_classifier = None
         if config.use_decoder:
             self.decoder = DecdCrossModalDecoder(config)
@@ -456,8 +381,7 @@ class DecdModel(DecdPreTrainedModel):
         tokens = state[token_key]
         state[token_key] = torch.cat([tokens, tokens.mean(dim=0, keepdim=True)], dim=0)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        new_modules = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
-        missing = [key for key in missing if not key.startswith(new_modules)]
+        missing = [key for key in missing if not key.startswith(NEW_MODULE_PREFIXES)]
         if missing or unexpected:
             raise ValueError(
                 f"{clip_name_or_path} does not match a CLIP model: missing {missing[:5]}, unexpected {unexpected[:5]}."
@@ -477,66 +401,20 @@ class DecdModel(DecdPreTrainedModel):
         return self
 
     @property
+    def logit_scale(self) -> torch.Tensor:
+        """1 / temperature: the scale of the returned logits and of the Sew loss (a scalar tensor)."""
+        if self.log_logit_scale is not None:
+            return self.log_logit_scale.exp()
+        # exp(log(1 / temperature)) in float32: the value a learnable temperature starts from, so that a fixed and
+        # a freshly initialised learnable temperature give the same logits and losses.
+        return torch.tensor(math.log(1.0 / self.config.temperature)).exp()
+
+    @property
     def temperature(self) -> torch.Tensor:
-        return torch.exp(-self.log_logit_scale)
-
-    def _sync_with_config(self, temperature_override: float | None = None) -> None:
-        """Make the parameters that follow the config agree with it. Runs after every way of loading weights
-        (`from_pretrained`, `load_state_dict`, a Trainer resume) and before `save_pretrained`.
-
-        The temperature: an explicit `temperature_override` sets it (config and parameter); a learnable one keeps
-        its loaded or trained value, which the config then states; a fixed one is the config's, whatever the
-        weights held. Its `requires_grad` is `config.learnable_temperature`, always.
-        """
-        parameter, config = self.log_logit_scale, self.config
-        if parameter.is_meta or parameter.numel() != 1:  # not materialised here (meta device, ZeRO-3 partition)
-            return
-        log_scale = float(parameter.detach().float())
-        current = float(torch.exp(-parameter.detach().float()))  # exactly what `self.temperature` reports
-        # Equal up to the parameter's precision (a bfloat16 log-scale cannot hold 0.2 any closer).
-        tolerance = max(1e-6, 2 * torch.finfo(parameter.dtype).eps * max(1.0, abs(log_scale)))
-
-        def differs(temperature: float) -> bool:
-            return not math.isclose(current, temperature, rel_tol=tolerance)
-
-        if temperature_override is not None:
-            if differs(temperature_override):
-                logger.info("Temperature %.6g requested explicitly: it replaces the stored temperature %.6g.",
-                            temperature_override, current)
-            config.temperature = float(temperature_override)
-        elif config.learnable_temperature:
-            if differs(config.temperature):
-                logger.info("Learnable temperature: the config's %.6g is updated to the trained value %.6g.",
-                            config.temperature, current)
-                config.temperature = current
-        elif differs(config.temperature):
-            logger.warning("Fixed temperature: the weights held %.6g but the config fixes it at %.6g; using %.6g.",
-                           current, config.temperature, config.temperature)
-        if temperature_override is not None or not config.learnable_temperature:
-            with torch.no_grad():
-                parameter.fill_(math.log(1.0 / config.temperature))
-        parameter.requires_grad_(config.learnable_temperature)
-
-    @classmethod
-    def _requested_temperature(cls, pretrained_model_name_or_path, kwargs: dict) -> float | None:
-        """The temperature a `from_pretrained` call asks for explicitly, or None: a `temperature=` keyword, or
-        a config object (e.g. built by `AutoModel` from that keyword) whose temperature differs from the saved one."""
-        if kwargs.get("temperature") is not None:
-            return float(kwargs["temperature"])
-        config = kwargs.get("config")
-        if not isinstance(config, DecdConfig) or pretrained_model_name_or_path is None:
-            return None
-        download = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-        try:
-            saved, _ = DecdConfig.get_config_dict(
-                pretrained_model_name_or_path, **{name: kwargs[name] for name in download if name in kwargs}
-            )
-        except (OSError, ValueError):
-            return None
-        stored = saved.get("temperature")
-        if stored is None or math.isclose(stored, config.temperature, rel_tol=1e-6):
-            return None
-        return float(config.temperature)
+        """The temperature the model uses: the config's when fixed, the parameter's when learnable."""
+        if self.log_logit_scale is not None:
+            return torch.exp(-self.log_logit_scale)
+        return torch.tensor(self.config.temperature)
 
     # ---- encoders -------------------------------------------------------------------------------
     def _fit_context(self, input_ids, attention_mask):
@@ -661,11 +539,9 @@ class DecdModel(DecdPreTrainedModel):
             return_loss = person_ids is not None
         text_outputs = self._encode_text(input_ids, attention_mask, position_ids, **kwargs)
         vision_outputs = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
-        text_features = text_outputs.pooler_output
-        image_states, image_features = vision_outputs.last_hidden_state, vision_outputs.pooler_output
-        text_embeds = F.normalize(text_features, dim=-1)
-        image_embeds = F.normalize(image_features, dim=-1)
-        logit_scale = self.log_logit_scale.exp()
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
+        logit_scale = self.logit_scale
         logits_per_text = logit_scale * text_embeds @ image_embeds.t()
         output = DecdOutput(
             logits_per_image=logits_per_text.t(),
@@ -675,10 +551,19 @@ class DecdModel(DecdPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        if not return_loss:
-            return output
+        if return_loss:
+            self._add_losses(output, person_ids, caption_quality, input_ids, attention_mask, masked_input_ids,
+                             mcm_labels, logit_scale)
+        return output
+
+    # ---- losses -------------------------------------------------------------------------------------
+    def _add_losses(self, output, person_ids, caption_quality, input_ids, attention_mask, masked_input_ids,
+                    mcm_labels, logit_scale) -> None:
+        """Fill `output.loss` and its parts: Sew on the global batch, MCM through the decoder, identity."""
         if person_ids is None:
             raise ValueError("return_loss=True needs person_ids (the identity of each pair).")
+        text_features = output.text_model_output.pooler_output
+        image_features = output.vision_model_output.pooler_output
         if text_features.shape[0] != image_features.shape[0]:
             raise ValueError(
                 f"Training needs paired batches: got {text_features.shape[0]} captions and "
@@ -688,8 +573,8 @@ class DecdModel(DecdPreTrainedModel):
         quality, margin = self._caption_quality(caption_quality, text_features.shape[0], text_features.device)
         global_quality = None if quality is None else gather_with_grad(quality.float())
         output.loss_sew = sew_loss(
-            gather_with_grad(image_embeds),
-            gather_with_grad(text_embeds),
+            gather_with_grad(output.image_embeds),
+            gather_with_grad(output.text_embeds),
             gather_with_grad(person_ids),
             global_quality,
             margin=margin,
@@ -697,184 +582,97 @@ class DecdModel(DecdPreTrainedModel):
         )
         total = config.sew_weight * output.loss_sew
         if masked_input_ids is not None:
-            if self.decoder is None:
-                raise ValueError("MCM inputs were given but this model's decoder was detached (use_decoder=False).")
-            if mcm_labels is None:
-                raise ValueError("masked_input_ids were given without mcm_labels (see DecdProcessor.mask_captions).")
-            masked_ids, masked_attention = self._fit_context(masked_input_ids, attention_mask)
-            labels, mcm_images = mcm_labels[:, : masked_ids.shape[1]], image_states
-            if self.training and config.mcm_fraction < 1:  # MCM on a random subset of the pairs (DecdConfig)
-                rows = torch.randperm(masked_ids.shape[0], device=masked_ids.device)
-                rows = rows[: max(1, round(config.mcm_fraction * masked_ids.shape[0]))]
-                masked_ids, labels, mcm_images = masked_ids[rows], labels[rows], image_states[rows]
-                masked_attention = None if masked_attention is None else masked_attention[rows]
-            masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
-            decoded = self.decoder(masked_states, mcm_images, masked_attention)
-            # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
-            selected = labels != -100
-            targets, candidates = labels[selected], None
-            if config.mcm_vocabulary == "batch":  # score the batch's own words only (sorted, so targets map in)
-                words = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
-                candidates = torch.unique(torch.cat([words.flatten(), targets]))
-                targets = torch.searchsorted(candidates, targets)
-            output.loss_mcm = masked_caption_loss(self.mcm_head(decoded[selected], candidates), targets)
+            output.loss_mcm = self._masked_caption_loss(input_ids, attention_mask, masked_input_ids, mcm_labels,
+                                                        output.vision_model_output.last_hidden_state)
             total = total + config.mcm_weight * output.loss_mcm
         if self.identity_classifier is not None and config.id_weight > 0:
             output.loss_id = identity_loss(self.identity_classifier, image_features, text_features, person_ids)
             total = total + config.id_weight * output.loss_id
         output.loss = total
-        return output
+
+    def _masked_caption_loss(self, input_ids, attention_mask, masked_input_ids, mcm_labels, image_states):
+        """MCM: the masked captions (of `sample_mcm_rows`' pairs in training) through the text encoder and the
+        decoder over their images; the head scores the masked positions (the whole vocabulary, or the
+        `batch_vocabulary`)."""
+        if self.decoder is None:
+            raise ValueError("MCM inputs were given but this model's decoder was detached (use_decoder=False).")
+        if mcm_labels is None:
+            raise ValueError("masked_input_ids were given without mcm_labels (see DecdProcessor.mask_captions).")
+        config = self.config
+        masked_ids, masked_attention = self._fit_context(masked_input_ids, attention_mask)
+        labels = mcm_labels[:, : masked_ids.shape[1]]
+        rows = sample_mcm_rows(masked_ids.shape[0], config.mcm_fraction if self.training else 1.0, masked_ids.device)
+        if rows is not None:
+            masked_ids, labels, image_states = masked_ids[rows], labels[rows], image_states[rows]
+            masked_attention = None if masked_attention is None else masked_attention[rows]
+        masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
+        decoded = self.decoder(masked_states, image_states, masked_attention)
+        # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
+        selected = labels != IGNORE_INDEX
+        targets, candidates = labels[selected], None
+        if config.mcm_vocabulary == "batch":
+            words = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+            candidates, targets = batch_vocabulary(words, targets)
+        return masked_caption_loss(self.mcm_head(decoded[selected], candidates), targets)
 
     # ---- saving and loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a saved DECD model (folder or Hub id). Weights are read from safetensors only: a checkpoint
-        that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled."""
+        that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled.
+
+        A learnable temperature takes the config's value: a saved config states the value its weights hold,
+        so a config that differs asked for another one (`from_pretrained(path, temperature=...)`)."""
         kwargs.setdefault("use_safetensors", True)
-        temperature = cls._requested_temperature(pretrained_model_name_or_path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        # transformers re-creates every floating-point parameter as trainable and writes the stored weights over
-        # the config's values: re-apply the config (see `_sync_with_config`).
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._sync_with_config(temperature_override=temperature)
+        parameter = model.log_logit_scale
+        if parameter is not None and not parameter.is_meta and _differs(parameter, model.config.temperature):
+            with torch.no_grad():
+                parameter.fill_(math.log(1.0 / model.config.temperature))
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class.
 
         The saved config states the temperature the model uses (a learnable one: its trained value)."""
-        self._sync_with_config()
+        parameter = self.log_logit_scale
+        if parameter is not None and not parameter.is_meta and _differs(parameter, self.config.temperature):
+            self.config.temperature = float(torch.exp(-parameter.detach()))
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(AUTO_MAP)
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------
-# The inference spine: one way to load a model, one way to embed images and captions
-# (here, not in the `decd` package, because this file travels to the Hub with the weights)
-# --------------------------------------------------------------------------------------------------
-class ModelLoadError(ValueError):
-    """A model folder or Hub id that does not hold a loadable DECD model (the message says why)."""
+def _differs(log_logit_scale: torch.Tensor, temperature: float) -> bool:
+    """Whether a log(1 / temperature) tensor holds another temperature than `temperature`, beyond its dtype's
+    precision (a bfloat16 log-scale cannot hold 0.2 any closer than 0.2002)."""
+    value = log_logit_scale.detach().float()
+    tolerance = max(1e-6, 2 * torch.finfo(log_logit_scale.dtype).eps * max(1.0, abs(float(value))))
+    return not math.isclose(float(torch.exp(-value)), temperature, rel_tol=tolerance)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _temperature_from_state_dict(module: DecdModel, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook (a Trainer resume or best-model reload, a converter): a learnable temperature
+    takes the state dict's value, which its config then states; a fixed one stays the config's (the stored
+    value is dropped, with a warning when it differs)."""
+    stored = state_dict.get(prefix + "log_logit_scale")
+    if stored is None or stored.is_meta:
+        return
+    if module.log_logit_scale is not None:
+        if _differs(stored, module.config.temperature):
+            module.config.temperature = float(torch.exp(-stored.detach().float()))
+        return
+    state_dict.pop(prefix + "log_logit_scale")
+    if _differs(stored, module.config.temperature):
+        logger.warning("Fixed temperature: the weights held %.6g but the config fixes it at %.6g; using %.6g.",
+                       float(torch.exp(-stored.detach().float())), module.config.temperature,
+                       module.config.temperature)
 
 
-def load_model(
-    name_or_path, device=None, dtype=None, **overrides: Any
-) -> tuple["DecdModel", DecdProcessor]:
-    """A saved DECD model and its processor from a folder or a Hub id, in eval mode on `device`.
-
-    Args:
-        name_or_path: a folder written by `save_pretrained` or a Hub repository id.
-        device: where the model goes (default: CUDA when available, else CPU).
-        dtype: the model's dtype (default: as saved).
-        overrides: `DecdConfig` fields to change (e.g. `num_identities=...` to continue training).
-
-    Returns:
-        (model, processor). A folder without processor files gets the default processor for the
-        model's image size (with a warning).
-
-    Raises:
-        ModelLoadError naming the model: missing folder or config, another model type, no safetensors.
-    """
-    name = str(name_or_path)
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise ModelLoadError(f"could not load the model {name!r}: the folder has no config.json; pass a folder "
-                             "written by save_pretrained, examples/train.py or decd-convert")
-    try:
-        model = DecdModel.from_pretrained(name, dtype=dtype, **overrides)
-    except (OSError, ValueError) as error:
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        raise ModelLoadError(f"could not load the model {name!r}: {lines[0]}") from error
-    processor = load_processor(name, model)
-    return model.to(default_device() if device is None else torch.device(device)).eval(), processor
-
-
-def load_processor(name_or_path, model: "DecdModel") -> DecdProcessor:
-    """The processor saved with a model; a folder without one gets the default for the model's crop size."""
-    try:
-        return DecdProcessor.from_pretrained(str(name_or_path))
-    except (OSError, ValueError, TypeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        warnings.warn(f"{name_or_path} has no loadable processor ({reason}); using the default DecdProcessor for "
-                      f"{tuple(model.config.image_size)} crops.", stacklevel=3)
-        return DecdProcessor(image_size=model.config.image_size)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _embed(model, items, collate, features, batch_size, show_progress, accelerator, num_workers, description):
-    """L2-normalised float32 CPU embeddings of `items`, in order, encoded `batch_size` at a time."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
-    if accelerator is not None:  # each process encodes its share; the shares are gathered below
-        loader = accelerator.prepare(loader)
-    if show_progress is None:
-        show_progress = len(items) >= 10 * batch_size
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        for batch in tqdm(loader, desc=description, disable=not show_progress, leave=False):
-            batch = {key: value.to(device) for key, value in batch.items()}
-            embeddings = F.normalize(features(**batch).pooler_output.float(), dim=-1)
-            if accelerator is not None:
-                embeddings = accelerator.gather_for_metrics(embeddings)
-            chunks.append(embeddings.cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        raise ValueError(f"{description}: nothing to embed (an empty list).")
-    return torch.cat(chunks)
-
-
-def _image_batch(processor, images):  # module-level functions (with `partial`): picklable for DataLoader workers
-    return {"pixel_values": processor(images=list(images), return_tensors="pt")["pixel_values"]}
-
-
-def _caption_batch(processor, texts):
-    batch = processor(text=list(texts), return_tensors="pt")
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def embed_images(model, processor, images, batch_size: int = 64, show_progress: bool | None = None,
-                 accelerator=None, num_workers: int = 0) -> torch.Tensor:
-    """Image embeddings [len(images), projection_dim]: float32, L2-normalised, on the CPU, in input order.
-
-    `images` is a sequence of anything `load_image` opens (paths, bytes, PIL images, `datasets` Image
-    values, arrays); each is opened and preprocessed by `processor`. `show_progress` (default: when
-    there are ten batches or more) shows a tqdm bar; `num_workers` decodes in DataLoader workers; with
-    an `accelerate` `accelerator`, each process encodes its share and every process gets them all.
-    """
-    return _embed(model, images, partial(_image_batch, processor), model.get_image_features, batch_size, show_progress,
-                  accelerator, num_workers, "Embedding images")
-
-
-def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: bool | None = None,
-                accelerator=None, num_workers: int = 0) -> torch.Tensor:
-    """Caption embeddings [len(texts), projection_dim]: float32, L2-normalised, on the CPU, in input order.
-
-    `texts` is a string or a sequence of strings; the rest as for `embed_images`.
-    """
-    texts = [texts] if isinstance(texts, str) else texts
-    return _embed(model, texts, partial(_caption_batch, processor), model.get_text_features, batch_size, show_progress,
-                  accelerator, num_workers, "Embedding captions")
-
-
-def _sync_after_load_state_dict(module: DecdModel, incompatible_keys) -> None:
-    module._sync_with_config()
-
+# The modules DECD adds to a CLIP model: new in `from_clip`, trained at the new-module learning rate.
+NEW_MODULE_PREFIXES = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_decd.DecdConfig",
@@ -896,17 +694,9 @@ if not (__name__.startswith("transformers_modules") and "decd" in CONFIG_MAPPING
 
 __all__ = [
     "DecdModel",
-    "ModelLoadError",
-    "embed_images",
-    "embed_texts",
-    "load_model",
-    "load_processor",
+    "NEW_MODULE_PREFIXES",
     "DecdPreTrainedModel",
     "DecdOutput",
     "DecdVisionModel",
-    "sew_loss",
-    "masked_caption_loss",
-    "identity_loss",
-    "gather_with_grad",
     "resize_position_embedding",
 ]

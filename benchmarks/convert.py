@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from configuration_decd import CLIP_VOCAB_SIZE  # noqa: E402
+
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "convert_cpu.json"
 
 CHILD = r"""
@@ -59,7 +62,7 @@ print(json.dumps({"import_seconds": import_seconds, "convert_seconds": seconds, 
 def irra_vit_b16_state_dict(seed: int = 0, grid=(24, 8), identities: int = 11003) -> dict[str, torch.Tensor]:
     """IRRA's state dict for CLIP ViT-B/16 at 384 x 128 (random fp16 weights, IRRA's key names and shapes)."""
     generator = torch.Generator().manual_seed(seed)
-    vision, text, layers, embed, patch, vocab = 768, 512, 12, 512, 16, 49408
+    vision, text, layers, embed, patch, vocab = 768, 512, 12, 512, 16, CLIP_VOCAB_SIZE
 
     def rand(*shape):
         return (torch.randn(*shape, generator=generator) * 0.02).half()

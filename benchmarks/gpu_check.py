@@ -46,7 +46,7 @@ def batch_for(config, batch_size, length=50, seed=0, with_mcm=True, device="cuda
         labels = torch.full_like(ids, -100)
         labels[:, 3:8] = ids[:, 3:8]
         masked = ids.clone()
-        masked[:, 3:8] = 49408
+        masked[:, 3:8] = config.mask_token_id
         batch.update(masked_input_ids=masked, mcm_labels=labels)
     return {name: value.to(device) for name, value in batch.items()}
 

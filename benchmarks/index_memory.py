@@ -28,7 +28,7 @@ How to run (from the repo root; ~1-3 min on 2 CPU cores)
     .venv/bin/python benchmarks/index_memory.py --formats jpeg --batch_size 16 \
         --output-json benchmarks/results/index_memory_cpu_batch16.json   # how much is the forward pass
 
-tests/test_search_safety.py runs `measure` on a smaller gallery with a tiny model.
+tests/test_search_build.py runs `measure` on a smaller gallery with a tiny model.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def _child(arguments) -> None:
     from configuration_decd import DecdConfig
     from decd.search import GalleryIndex
     from modeling_decd import DecdModel
-    from processing_decd import DecdProcessor, load_image
+    from image_loading_decd import load_image
+    from processing_decd import DecdProcessor
 
     torch.manual_seed(0)
     if arguments.model == "tiny":

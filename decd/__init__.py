@@ -1,15 +1,20 @@
 """DECD: text-based person search with a CLIP dual encoder trained through a detachable cross-modal decoder.
 
-The model, config and processor live in the flat top-level modules `modeling_decd`, `configuration_decd`
-and `processing_decd` (they double as the Hub repository's custom code), and so does the spine every
-entry point stands on: `load_image` (processing_decd), `load_model`, `embed_images` and `embed_texts`
-(modeling_decd), re-exported here. This package holds everything around them: datasets, training,
-evaluation, search and visualisation. Importing `decd` registers the model with the Auto classes.
+The model and everything that travels with it to the Hugging Face Hub as custom code live in flat top-level
+modules (`configuration_decd`, `modeling_decd`, `losses_decd`, `processing_decd`, `image_loading_decd`,
+`tokenization_decd`, `captions_decd`, `inference_decd`); the functions every entry point stands on
+(`load_image`, `load_model`, `embed_images`, `embed_texts`) are re-exported here. This package holds
+everything around them: datasets, training, evaluation, search, publishing and pictures. Importing `decd`
+registers the model with the Auto classes and the "text-based-person-search" pipeline.
 """
 
 from configuration_decd import DecdConfig
-from modeling_decd import DecdModel, DecdOutput, ModelLoadError, embed_images, embed_texts, load_model, sew_loss
-from processing_decd import DecdProcessor, compute_caption_quality, load_image
+from captions_decd import compute_caption_quality
+from image_loading_decd import load_image
+from inference_decd import ModelLoadError, embed_images, embed_texts, load_model
+from losses_decd import sew_loss
+from modeling_decd import DecdModel, DecdOutput
+from processing_decd import DecdProcessor
 
 from .data import LoadReport, PersonSearchDataError, load_person_search, num_identities
 from .metrics import retrieval_metrics

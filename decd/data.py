@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from tqdm.auto import tqdm
 
-from processing_decd import load_image
+from image_loading_decd import load_image
 
 logger = logging.getLogger(__name__)
 

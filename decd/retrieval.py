@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from modeling_decd import embed_images, embed_texts
+from inference_decd import embed_images, embed_texts
 
 from .data import image_sources
 from .metrics import retrieval_metrics

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.patches import Patch
 from PIL import Image, ImageOps
 
-from processing_decd import load_image
+from image_loading_decd import load_image
 
 __all__ = [
     "CORRECT_COLOR",

@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     if not model_dir.is_dir():  # before the heavy imports, so that a wrong path fails at once
         raise SystemExit(f"error: model folder {model_dir} does not exist (pass the folder written by "
                          "save_pretrained)")
-    from modeling_decd import ModelLoadError, load_model
+    from inference_decd import ModelLoadError, load_model
 
     try:  # the one loader: it refuses another model type or a folder without config.json, naming why
         model, processor = load_model(model_dir, args.device)

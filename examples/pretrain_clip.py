@@ -56,14 +56,15 @@ from decd.synthetic import (  # noqa: E402
     default_cache_dir,
     generate_synthetic_captioned_images,
 )
-from processing_decd import CLIP_CONTEXT_LENGTH, _clip_vocabulary, load_image  # noqa: E402
+from configuration_decd import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE  # noqa: E402
+from image_loading_decd import load_image  # noqa: E402
+from tokenization_decd import clip_vocabulary  # noqa: E402
 
 logger = logging.getLogger("decd.pretrain_clip")
 
 # Bump when the training procedure changes: a cached model with another version is retrained.
 PRETRAIN_VERSION = "1"
 MARKER = "pretraining.json"
-CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass
@@ -120,8 +121,8 @@ def is_cache_hit(folder: Path, parameters: dict) -> bool:
 
 def clip_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer (49,408 tokens), offline from the vocabulary in decd/assets: the one
-    `processing_decd.default_clip_tokenizer()` builds, without DECD's mask token (DECD adds it in from_clip)."""
-    vocab, merges = _clip_vocabulary()
+    `tokenization_decd.default_clip_tokenizer()` builds, without DECD's mask token (DECD adds it in from_clip)."""
+    vocab, merges = clip_vocabulary()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_CONTEXT_LENGTH)
 
 

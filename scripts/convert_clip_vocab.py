@@ -26,12 +26,14 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configuration_decd import CLIP_VOCAB_SIZE  # noqa: E402
+
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI keeps the first 49152 - 256 - 2 merges of the file (line 0 is a version header).
 NUMBER_OF_MERGES = 49152 - 256 - 2
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
-EXPECTED_VOCAB_SIZE = 49408
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent.parent / "decd" / "assets"
 
 
@@ -85,8 +87,8 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     tokens.extend("".join(merge) for merge in merges)
     tokens.extend([START_OF_TEXT, END_OF_TEXT])
     vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != EXPECTED_VOCAB_SIZE:
-        raise ValueError(f"Built {len(vocab)} distinct tokens, expected {EXPECTED_VOCAB_SIZE}.")
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"Built {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}.")
     return vocab
 
 

@@ -1,6 +1,9 @@
 """Small builders shared by the tests: tiny configs and random batches (no network, no weights)."""
 
+from pathlib import Path
+
 import torch
+from transformers import CLIPConfig, CLIPModel
 
 from configuration_decd import DecdConfig
 
@@ -17,6 +20,47 @@ def tiny_config(**overrides) -> DecdConfig:
     )
     settings.update(overrides)
     return DecdConfig.tiny(**settings)
+
+
+def tiny_clip(tmp_path, image_size=32, patch_size=8):
+    """A random transformers CLIP (vocabulary 1,000, 2 layers per encoder) saved in `tmp_path/tiny-clip`."""
+    config = CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=998, eos_token_id=999,
+                         pad_token_id=999),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    folder = tmp_path / "tiny-clip"
+    clip.save_pretrained(folder)
+    return clip, folder
+
+
+def hub_cache(tmp_path: Path, folder: Path, repo_id: str) -> Path:
+    """Lay `folder` out as the Hub cache would after a download of `repo_id` (for HF_HUB_OFFLINE=1)."""
+    cache = tmp_path / "hub-cache"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "1234567890abcdef1234567890abcdef12345678"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return cache
+
+
+def use_offline_hub_cache(monkeypatch, cache: Path) -> None:
+    """Make this process read the Hub from `cache` only (HF_HUB_OFFLINE), as with no network."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
 
 
 def random_batch(config: DecdConfig, batch_size: int = 6, length: int = 12, with_mcm: bool = True, seed: int = 0):

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel
 
 from configuration_decd import DecdConfig
-from modeling_decd import DecdModel, resize_position_embedding, sew_loss
+from losses_decd import sew_loss
+from modeling_decd import DecdModel, resize_position_embedding
 
-from .helpers import random_batch, tiny_config
+from .helpers import hub_cache, random_batch, tiny_clip as _tiny_clip, tiny_config, use_offline_hub_cache
+from .test_losses import _embeddings
 
 
 def test_forward_backward_all_losses_reach_every_module():
@@ -37,7 +38,7 @@ def test_forward_backward_all_losses_reach_every_module():
     ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.log_logit_scale.grad is None  # fixed temperature by default
+    assert model.log_logit_scale is None  # fixed temperature by default: read from the config, never trained
 
 
 def test_decoder_untouched_without_mcm_inputs():
@@ -150,63 +151,6 @@ def test_learnable_temperature_gets_gradient():
     assert math.isclose(model.temperature.item(), 0.02, rel_tol=1e-5)
 
 
-# ---- Sew loss -------------------------------------------------------------------------------------
-def _sdm_reference(image, text, ids, scale):
-    """IRRA's SDM, written out independently: KL(softmax(scale*cos) || identity-normalised labels), both ways."""
-    image = image / image.norm(dim=1, keepdim=True)
-    text = text / text.norm(dim=1, keepdim=True)
-    labels = (ids.reshape(-1, 1) - ids.reshape(1, -1) == 0).float()
-    labels = labels / labels.sum(dim=1, keepdim=True)
-    t2i = scale * text @ image.t()
-    i2t = t2i.t()
-    i2t_loss = F.softmax(i2t, dim=1) * (F.log_softmax(i2t, dim=1) - torch.log(labels + 1e-8))
-    t2i_loss = F.softmax(t2i, dim=1) * (F.log_softmax(t2i, dim=1) - torch.log(labels + 1e-8))
-    return i2t_loss.sum(dim=1).mean() + t2i_loss.sum(dim=1).mean()
-
-
-def _embeddings(batch=12, dim=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator)
-
-
-def test_sew_with_zero_margin_is_sdm():
-    image, text = _embeddings()
-    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7])
-    quality = torch.rand(12)
-    for temperature in (0.02, 0.1):
-        expected = _sdm_reference(image, text, ids, 1 / temperature)
-        actual = sew_loss(image, text, ids, quality, margin=0.0, temperature=temperature)
-        assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_sew_grows_with_margin():
-    image, text = _embeddings(seed=1)
-    ids = torch.arange(12) // 2
-    losses = [sew_loss(image, text, ids, torch.ones(12), margin=m, temperature=0.05).item()
-              for m in (0.0, 0.05, 0.1, 0.2, 0.4)]
-    assert all(a < b for a, b in zip(losses, losses[1:])), losses
-
-
-def test_sew_treats_every_same_identity_pair_as_positive():
-    image, text = _embeddings(batch=6, seed=2)
-    ids = torch.tensor([0, 0, 0, 1, 2, 3])
-    similarity = F.normalize(text, dim=1) @ F.normalize(image, dim=1).t()
-    similarity.requires_grad_(True)
-    # Re-express the loss as a function of the similarity matrix through embeddings that realise it.
-    image_n, text_n = F.normalize(image, dim=1).requires_grad_(True), F.normalize(text, dim=1)
-    loss = sew_loss(image_n, text_n, ids, None, margin=0.1, temperature=0.05)
-    loss.backward()
-    # Moving image 1 towards caption 0 (same identity, different pair) must lower the loss;
-    # moving image 3 (identity 1) towards caption 0 must raise it.
-    direction_same = (text_n[0] * image_n.grad[1]).sum()
-    direction_other = (text_n[0] * image_n.grad[3]).sum()
-    assert direction_same < 0 < direction_other
-    # The target distribution: three captions of identity 0 share probability mass 1/3 each.
-    perfect = torch.eye(6)[[0, 0, 0, 3, 4, 5]].float()
-    near_zero = sew_loss(perfect, perfect, ids, None, margin=0.0, temperature=0.001)
-    assert near_zero < 1e-4
-
-
 def test_caption_quality_modes():
     image, text = _embeddings(seed=3)
     ids = torch.arange(12) // 3
@@ -240,22 +184,6 @@ def test_caption_quality_modes():
 
 
 # ---- building from CLIP -----------------------------------------------------------------------------
-def _tiny_clip(tmp_path, image_size=32):
-    config = CLIPConfig(
-        text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=998, eos_token_id=999,
-                         pad_token_id=999),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
-        projection_dim=24,
-    )
-    torch.manual_seed(0)
-    clip = CLIPModel(config).eval()
-    folder = tmp_path / "tiny-clip"
-    clip.save_pretrained(folder)
-    return clip, folder
-
-
 def _text_batch(eos=999, bos=998, batch=3, length=9):
     ids = torch.randint(0, 990, (batch, length), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = bos
@@ -307,19 +235,7 @@ def test_from_clip_non_square_resizes_position_embeddings_once(tmp_path):
 
 def test_from_clip_resolves_hub_names_from_the_cache_offline(tmp_path, monkeypatch):
     _, folder = _tiny_clip(tmp_path)
-    snapshot = tmp_path / "hub" / "models--openai--clip-vit-base-patch16" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for path in folder.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    refs = snapshot.parent.parent / "refs"
-    refs.mkdir()
-    (refs / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    use_offline_hub_cache(monkeypatch, hub_cache(tmp_path, folder, "openai/clip-vit-base-patch16"))
     model = DecdModel.from_clip("openai/clip-vit-base-patch16", image_size=(48, 16))
     assert model.config.base_model == "openai/clip-vit-base-patch16"
     assert model.vision_model.embeddings.position_embedding.weight.shape[0] == 13

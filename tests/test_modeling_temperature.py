@@ -1,5 +1,8 @@
 """The temperature the config states is the temperature the model uses, and it is trained only when learnable.
 
+A fixed temperature is read from the config where it is used (no parameter, nothing stored in the weights); a
+learnable one is the parameter `log_logit_scale`, whose trained value the saved config states.
+
 Every way of building a model is covered: `__init__`, `from_pretrained` (with and without overrides, directly and
 through `AutoModel`), `from_clip`, `DecdModel(config)` + `load_state_dict` (a converter), a Trainer resume, and a
 continuation run of examples/train.py.
@@ -18,25 +21,33 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from decd.data import load_person_search
-from decd.synthetic import generate_synthetic_person_search
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
 from .helpers import tiny_config
-from .test_modeling import _tiny_clip
+from .helpers import tiny_clip as _tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _log_scale(temperature: float) -> torch.Tensor:
-    """The float32 parameter a model built with this temperature holds."""
+    """The float32 log(1 / temperature) a learnable temperature starts from."""
     return torch.tensor(math.log(1.0 / temperature))
+
+
+def _scale(temperature: float) -> torch.Tensor:
+    """The logit scale a model uses with this temperature, fixed or freshly learnable (exp of `_log_scale`)."""
+    return _log_scale(temperature).exp()
+
+
+def _trainable(model: DecdModel) -> bool:
+    return "log_logit_scale" in {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
 def _assert_uses_config(model: DecdModel):
     assert float(model.temperature.detach()) == pytest.approx(model.config.temperature, rel=1e-6)
-    assert model.log_logit_scale.requires_grad is model.config.learnable_temperature
+    assert _trainable(model) is model.config.learnable_temperature
 
 
 def _train_temperature(model: DecdModel, value: float) -> None:
@@ -45,11 +56,12 @@ def _train_temperature(model: DecdModel, value: float) -> None:
         model.log_logit_scale.fill_(math.log(1.0 / value))
 
 
-def _saved_temperature(folder) -> tuple[float, float]:
-    """(config.json's temperature, the temperature the saved weights hold)."""
+def _saved_temperature(folder) -> tuple[float, float | None]:
+    """(config.json's temperature, the temperature the saved weights hold: None for a fixed one, which they do not)."""
     config = json.loads((Path(folder) / "config.json").read_text())
     weights = load_file(str(Path(folder) / "model.safetensors"))
-    return config["temperature"], float(torch.exp(-weights["log_logit_scale"]))
+    held = weights.get("log_logit_scale")
+    return config["temperature"], None if held is None else float(torch.exp(-held))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,12 +69,13 @@ def _saved_temperature(folder) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------
 def test_fixed_temperature_stays_fixed_after_from_pretrained(tmp_path):
     model = DecdModel(tiny_config(temperature=0.2))
-    assert model.log_logit_scale.requires_grad is False
+    assert not _trainable(model)
     model.save_pretrained(tmp_path / "fixed")
+    assert _saved_temperature(tmp_path / "fixed") == (0.2, None)  # one copy: the config's
     for loaded in (DecdModel.from_pretrained(tmp_path / "fixed"), AutoModel.from_pretrained(tmp_path / "fixed")):
-        assert loaded.log_logit_scale.requires_grad is False
+        assert not _trainable(loaded)
         assert "log_logit_scale" not in {name for name, p in loaded.named_parameters() if p.requires_grad}
-        assert torch.equal(loaded.log_logit_scale.detach(), _log_scale(0.2))
+        assert torch.equal(loaded.logit_scale, _scale(0.2))
         assert loaded.config.temperature == 0.2
         _assert_uses_config(loaded)
 
@@ -88,13 +101,13 @@ def test_explicit_temperature_override_wins_and_is_logged(tmp_path, caplog):
     _train_temperature(learnable, 0.25)
     learnable.save_pretrained(tmp_path / "learnable")
 
-    caplog.set_level(logging.INFO, logger="modeling_decd")
+    caplog.set_level(logging.INFO, logger="configuration_decd")
     model = DecdModel.from_pretrained(tmp_path / "fixed", temperature=0.02)
     assert model.config.temperature == 0.02
-    assert torch.equal(model.log_logit_scale.detach(), _log_scale(0.02))
-    assert model.log_logit_scale.requires_grad is False
+    assert torch.equal(model.logit_scale, _scale(0.02))
+    assert not _trainable(model)
     _assert_uses_config(model)
-    messages = [record.getMessage() for record in caplog.records if record.name == "modeling_decd"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "configuration_decd"]
     assert any("0.02" in message and "0.2" in message for message in messages), messages
 
     caplog.clear()
@@ -104,7 +117,7 @@ def test_explicit_temperature_override_wins_and_is_logged(tmp_path, caplog):
         assert torch.equal(model.log_logit_scale.detach(), _log_scale(0.05))
         assert model.log_logit_scale.requires_grad is True
         _assert_uses_config(model)
-    messages = [record.getMessage() for record in caplog.records if record.name == "modeling_decd"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "configuration_decd"]
     assert sum("0.05" in message and "0.25" in message for message in messages) == 2, messages
 
 
@@ -123,13 +136,16 @@ def test_the_logits_use_the_overridden_temperature(tmp_path):
 def test_half_precision_load_keeps_the_config_and_warns_about_nothing(tmp_path, caplog):
     DecdModel(tiny_config(temperature=0.2)).save_pretrained(tmp_path / "fixed")
     caplog.set_level(logging.INFO, logger="modeling_decd")
+    caplog.set_level(logging.INFO, logger="configuration_decd")
     for learnable in (False, True):
         model = DecdModel.from_pretrained(tmp_path / "fixed", dtype=torch.bfloat16, learnable_temperature=learnable)
-        assert model.log_logit_scale.dtype == torch.bfloat16
+        assert model.text_projection.weight.dtype == torch.bfloat16
+        if learnable:
+            assert model.log_logit_scale.dtype == torch.bfloat16
         assert model.config.temperature == 0.2  # not the bfloat16-rounded 0.2002
-        assert model.log_logit_scale.requires_grad is learnable
+        assert _trainable(model) is learnable
         assert float(model.temperature.detach()) == pytest.approx(0.2, rel=1e-2)
-    assert not [record for record in caplog.records if record.name == "modeling_decd"]
+    assert not [record for record in caplog.records if record.name in ("modeling_decd", "configuration_decd")]
 
 
 def test_learnable_flag_given_on_load_decides_trainability(tmp_path):
@@ -144,7 +160,7 @@ def test_learnable_flag_given_on_load_decides_trainability(tmp_path):
     _assert_uses_config(thawed)
 
     frozen = DecdModel.from_pretrained(tmp_path / "learnable", learnable_temperature=False)
-    assert frozen.log_logit_scale.requires_grad is False
+    assert not _trainable(frozen)
     assert frozen.config.temperature == pytest.approx(0.25, rel=1e-6)  # frozen at its trained value
     _assert_uses_config(frozen)
 
@@ -165,7 +181,7 @@ def test_load_state_dict_into_a_new_model_follows_its_config(caplog):
     caplog.set_level(logging.WARNING, logger="modeling_decd")
     fixed = DecdModel(tiny_config(temperature=0.1))
     fixed.load_state_dict(state)
-    assert torch.equal(fixed.log_logit_scale.detach(), _log_scale(0.1))  # fixed means the config's value
+    assert torch.equal(fixed.logit_scale, _scale(0.1))  # fixed means the config's value
     assert fixed.config.temperature == 0.1
     _assert_uses_config(fixed)
     messages = [record.getMessage() for record in caplog.records if record.name == "modeling_decd"]
@@ -178,24 +194,19 @@ def test_from_clip_then_reload_keeps_the_configured_temperature(tmp_path):
     fixed = DecdModel.from_clip(str(folder), temperature=0.05, **sizes)
     learnable = DecdModel.from_clip(str(folder), temperature=0.05, learnable_temperature=True, **sizes)
     for model, name in ((fixed, "fixed"), (learnable, "learnable")):
-        assert torch.equal(model.log_logit_scale.detach(), _log_scale(0.05))
+        assert torch.equal(model.logit_scale.detach(), _scale(0.05))
         _assert_uses_config(model)
         model.save_pretrained(tmp_path / name)
         reloaded = DecdModel.from_pretrained(tmp_path / name)
-        assert torch.equal(reloaded.log_logit_scale.detach(), _log_scale(0.05))
+        assert torch.equal(reloaded.logit_scale.detach(), _scale(0.05))
         assert reloaded.config.temperature == 0.05
-        assert reloaded.log_logit_scale.requires_grad is (name == "learnable")
+        assert _trainable(reloaded) is (name == "learnable")
         _assert_uses_config(reloaded)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Trainer: checkpoints and resuming
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    return generate_synthetic_person_search(root, num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
-                                            progress=False)
 
 
 def _trainer(output_dir, train_set, model, **overrides):
@@ -236,14 +247,14 @@ def test_trainer_never_moves_a_fixed_temperature_and_resume_keeps_the_configured
 
     model = DecdModel.from_pretrained(folder)  # a continuation: the old code made it trainable here
     _trainer(tmp_path / "out", train_set, model, save_strategy="steps", save_steps=2).train()
-    assert torch.equal(model.log_logit_scale.detach(), _log_scale(0.2))
+    assert torch.equal(model.logit_scale, _scale(0.2))
     stated, held = _saved_temperature(tmp_path / "out" / "checkpoint-2")
-    assert stated == 0.2 and torch.equal(torch.tensor(math.log(1.0 / held)), _log_scale(0.2))
+    assert stated == 0.2 and held is None  # the checkpoint's config is the one copy
 
     other = DecdModel(tiny_config(temperature=0.1, num_identities=6, id_weight=0.5))
     _trainer(tmp_path / "out", train_set, other, max_steps=2).train(
         resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
-    assert torch.equal(other.log_logit_scale.detach(), _log_scale(0.1))
+    assert torch.equal(other.logit_scale, _scale(0.1))
     _assert_uses_config(other)
 
 
@@ -279,21 +290,17 @@ def test_train_script_continuation_fixed_override_and_learnable(tmp_path, tiny_s
 
     # Fixed: stays exactly 0.2.
     fixed = _continue_training(train_script, source, tmp_path / "fixed", tiny_set)
-    stated, _ = _saved_temperature(fixed)
-    assert stated == 0.2
-    assert torch.equal(load_file(str(fixed / "model.safetensors"))["log_logit_scale"], _log_scale(0.2))
+    assert _saved_temperature(fixed) == (0.2, None)
     reloaded = DecdModel.from_pretrained(fixed)
-    assert torch.equal(reloaded.log_logit_scale.detach(), _log_scale(0.2))
+    assert torch.equal(reloaded.logit_scale, _scale(0.2))
     _assert_uses_config(reloaded)
 
     # --temperature 0.02 on a saved model: really used, and the saved config says so.
-    caplog.set_level(logging.INFO, logger="modeling_decd")
+    caplog.set_level(logging.INFO, logger="configuration_decd")
     overridden = _continue_training(train_script, source, tmp_path / "override", tiny_set, "--temperature", "0.02")
     assert any("0.02" in r.getMessage() and "0.2" in r.getMessage() for r in caplog.records
-               if r.name == "modeling_decd")
-    stated, _ = _saved_temperature(overridden)
-    assert stated == 0.02
-    assert torch.equal(load_file(str(overridden / "model.safetensors"))["log_logit_scale"], _log_scale(0.02))
+               if r.name == "configuration_decd")
+    assert _saved_temperature(overridden) == (0.02, None)
     reloaded = DecdModel.from_pretrained(overridden)
     assert float(reloaded.temperature) == pytest.approx(0.02, rel=1e-6)
     _assert_uses_config(reloaded)

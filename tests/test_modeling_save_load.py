@@ -24,7 +24,7 @@ from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
 from .helpers import BLOCK_REPOSITORY_MODULES as BLOCKER
-from .helpers import tiny_config
+from .helpers import hub_cache, tiny_config
 
 CAPTIONS = ["a woman in a red coat carrying a black backpack", "a man in blue jeans and a white shirt"]
 
@@ -80,22 +80,6 @@ def test_in_package_auto_classes_round_trip(tmp_path):
             assert torch.equal(a, b)
 
 
-def _hub_cache(tmp_path: Path, folder: Path, repo_id: str) -> Path:
-    """Lay `folder` out as the Hub cache would after a download of `repo_id` (for HF_HUB_OFFLINE=1)."""
-    cache = tmp_path / "hub-cache"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    revision = "1234567890abcdef1234567890abcdef12345678"
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for path in folder.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    return cache
-
-
-
-
 def _run_without_package(tmp_path: Path, body: str, cache: Path) -> None:
     script = tmp_path / "remote.py"
     repo = str(Path(__file__).resolve().parents[1])
@@ -110,7 +94,7 @@ def _run_without_package(tmp_path: Path, body: str, cache: Path) -> None:
 def test_remote_code_from_hub_cache_without_the_package(tmp_path):
     model, processor = _save_model(tmp_path / "m")
     text, image = _embed(model, processor)
-    cache = _hub_cache(tmp_path, tmp_path / "m", "org/decd")
+    cache = hub_cache(tmp_path, tmp_path / "m", "org/decd")
     body = f"""
     import torch
     from PIL import Image

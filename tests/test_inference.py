@@ -5,7 +5,6 @@ handler, app) must see the same pixels and give the same embeddings for the same
 """
 
 import base64
-import io
 import json
 import warnings
 
@@ -19,12 +18,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import decd.pipeline  # noqa: F401  (registers the search pipeline)
 from decd.data import load_person_search
-from decd.hub import _hyperparameters_from
+from decd.hub.publish import _hyperparameters_from
 from decd.retrieval import evaluate_retrieval
 from decd.search import GalleryIndex
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator
-from modeling_decd import DecdModel, ModelLoadError, embed_images, embed_texts, load_model
-from processing_decd import DecdProcessor, default_clip_tokenizer, load_image
+from inference_decd import ModelLoadError, embed_images, embed_texts, load_model
+from modeling_decd import DecdModel
+from image_loading_decd import load_image
+from processing_decd import DecdProcessor
+from tokenization_decd import default_clip_tokenizer
 
 from .helpers import tiny_config
 
@@ -345,15 +347,3 @@ def test_masking_and_quality_settings_live_in_the_processor_only(tmp_path):
     assert (reloaded.mask_probability, reloaded.quality_reference_words) == (0.3, 7)
     card = _hyperparameters_from(DecdModel(config), reloaded, None)
     assert card["mask_probability (MCM)"] == 0.3 and card["quality_reference_words"] == 7
-
-
-def test_handler_names_the_bad_image(setup):
-    import handler as checkout_handler
-
-    endpoint = checkout_handler.EndpointHandler(str(setup["root"] / "model"))
-    good = base64.b64encode(setup["files"]["alpha.png"].read_bytes()).decode()
-    broken = io.BytesIO()
-    _person().save(broken, format="JPEG")
-    truncated = base64.b64encode(broken.getvalue()[:-200]).decode()
-    with pytest.raises(ValueError, match=r"inputs\.image\[1\]: (not a readable image|the image data cannot)"):
-        endpoint({"inputs": {"text": CAPTION, "image": [good, truncated]}})

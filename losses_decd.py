@@ -1,0 +1,137 @@
+"""DECD's losses as pure functions of tensors (docs/method.md, "Losses").
+
+- `sew_loss`: similarity-distribution matching with caption-quality-adaptive margins, both directions
+  (with `margin=0` it is exactly IRRA's SDM loss).
+- `masked_caption_loss`: cross-entropy of the MCM head on the masked positions, with the two helpers that
+  decide what it scores: `sample_mcm_rows` (which pairs of a batch go through MCM) and `batch_vocabulary`
+  (which vocabulary rows the head scores when only the batch's own words are candidates).
+- `identity_loss`: identity classification of both modalities.
+- `gather_with_grad`: the ONE helper that knows about processes; the Sew loss uses the global batch.
+
+This flat module travels to the Hugging Face Hub as remote code, so it imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of positions the MCM loss ignores (PyTorch's cross-entropy default)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` [batch, ...] from every process along dim 0, keeping gradients.
+
+    With one process (or no initialised process group) it returns the tensor unchanged. All processes
+    must pass the same batch size (accelerate's `even_batches`, the default, guarantees it).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def sew_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    person_ids: torch.Tensor,
+    caption_quality: torch.Tensor | None = None,
+    margin: float = 0.1,
+    temperature: float | torch.Tensor = 0.02,
+) -> torch.Tensor:
+    """Sew loss: similarity-distribution matching with quality-adaptive margins, in both directions.
+
+    Args:
+        image_embeds: [batch, dim] image i of pair i (normalised here; any scale accepted).
+        text_embeds: [batch, dim] caption i of pair i.
+        person_ids: [batch] identity of pair i; every same-identity pair is a positive.
+        caption_quality: [batch] q_i in [0, 1] (information density of caption i); `None` means q = 1.
+        margin: m_max; caption i gets margin m_max * q_i on its positive similarities. 0 gives IRRA's SDM.
+        temperature: tau; logits are (cosine - margin) / tau.
+
+    Returns:
+        Scalar: mean over captions of KL(softmax(z_i) || Q_i) + mean over images of KL(softmax(u_i) || Q_i),
+        Q being the identity-normalised positive mask (see docs/method.md).
+    """
+    if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
+        raise ValueError(
+            f"image_embeds and text_embeds must both be [batch, dim], got {tuple(image_embeds.shape)} and "
+            f"{tuple(text_embeds.shape)}."
+        )
+    batch_size = image_embeds.shape[0]
+    if person_ids.shape != (batch_size,):
+        raise ValueError(f"person_ids must have shape [{batch_size}], got {tuple(person_ids.shape)}.")
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    similarity = text_embeds @ image_embeds.t()  # s_ij = cos(text_i, image_j)
+    positives = (person_ids[:, None] == person_ids[None, :]).float()
+    target = positives / positives.sum(dim=1, keepdim=True)
+    if caption_quality is None:
+        caption_quality = similarity.new_ones(batch_size)
+    margins = margin * caption_quality.to(similarity.dtype)
+    text_to_image = (similarity - margins[:, None] * positives) / temperature
+    image_to_text = (similarity.t() - margins[None, :] * positives) / temperature
+    log_target = torch.log(target + 1e-8)
+
+    def matching(logits):
+        log_prob = F.log_softmax(logits, dim=1)
+        return (log_prob.exp() * (log_prob - log_target)).sum(dim=1).mean()
+
+    return matching(text_to_image) + matching(image_to_text)
+
+
+def sample_mcm_rows(batch_size: int, fraction: float, device=None, generator: torch.Generator | None = None):
+    """The pairs of a training batch whose masked caption goes through MCM: `round(fraction * batch_size)` rows
+    (at least one) drawn at random without replacement, in random order; None when `fraction >= 1` (every row).
+
+    Drawn anew at every step, they make the MCM loss an unbiased estimate of the whole batch's loss.
+    """
+    if fraction >= 1:
+        return None
+    rows = torch.randperm(batch_size, device=device, generator=generator)
+    return rows[: max(1, round(fraction * batch_size))]
+
+
+def batch_vocabulary(words: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vocabulary rows the MCM head scores when only the batch's words are candidates.
+
+    Args:
+        words: token ids of the batch's captions (any shape; padding excluded by the caller).
+        targets: [positions] the masked tokens' ids (all of them occur in `words` or are added here).
+
+    Returns:
+        (candidates [num_candidates], sorted distinct token ids of `words` and `targets`;
+         targets [positions] mapped to their position in `candidates`).
+    """
+    candidates = torch.unique(torch.cat([words.flatten(), targets]))
+    return candidates, torch.searchsorted(candidates, targets)
+
+
+def masked_caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the MCM head over masked positions only (labels are IGNORE_INDEX elsewhere)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def identity_loss(
+    classifier: nn.Module, image_features: torch.Tensor, text_features: torch.Tensor, person_ids: torch.Tensor
+) -> torch.Tensor:
+    """Identity classification on both modalities, averaged: (CE(image) + CE(text)) / 2."""
+    image_loss = F.cross_entropy(classifier(image_features).float(), person_ids)
+    text_loss = F.cross_entropy(classifier(text_features).float(), person_ids)
+    return (image_loss + text_loss) / 2
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "batch_vocabulary",
+    "gather_with_grad",
+    "identity_loss",
+    "masked_caption_loss",
+    "sample_mcm_rows",
+    "sew_loss",
+]

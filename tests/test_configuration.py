@@ -1,0 +1,32 @@
+"""DecdConfig: values of the wrong type in config.json are refused, naming the field."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inference_decd import ModelLoadError, load_model
+from modeling_decd import DecdModel
+
+from .helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json of the wrong types
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, expected", [
+    ("image_size", "384x128", r"DecdConfig\.image_size must be \[height, width\]"),
+    ("projection_dim", -5, r"DecdConfig\.projection_dim must be a positive integer, got -5"),
+    ("temperature", None, r"DecdConfig\.temperature must be a positive number, got None"),
+    ("learnable_temperature", "no", r"DecdConfig\.learnable_temperature must be true or false"),
+    ("sew_margin", "0.1", r"DecdConfig\.sew_margin must be a number >= 0"),
+])
+def test_config_json_values_of_the_wrong_type_name_the_field(tmp_path, field, value, expected):
+    DecdModel(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(tmp_path, device="cpu")
