@@ -12,7 +12,7 @@ and reports test R@1 / mAP (best checkpoint selected on val) for each, as mean Â
 seed's difference to the full model.
 
     python benchmarks/ablation.py                          # the default budget, seed 42
-    python benchmarks/ablation.py --seeds 1 2 3 --parallel 2 --threads_per_run 1   # the README's four rows
+    python benchmarks/ablation.py --seeds 1 2 3 --parallel 2 --threads_per_run 1   # benchmarks/README.md's ablation table
 
 Extra arguments are passed to examples/train.py unchanged. Runs go through `benchmarks/sweep.py`
 (same options); results: a table on stdout and `<output_root>/ablation.json`.

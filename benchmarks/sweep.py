@@ -2,7 +2,8 @@
 """Train the main job over several seeds (and variants) and report the spread (a benchmark, not a test).
 
 One training run of the tiny DECD on the synthetic set moves by several points of R@1 with the
-seed, so a single number says little. This runs `examples/train.py` once per (variant, seed),
+seed, so a single number says little. This runs `examples/train.py RECIPE` (default: the main job's,
+recipes/synthetic.json) once per (variant, seed),
 several at a time if asked, and reports mean, standard deviation, min and max of the test metrics
 (best checkpoint selected on val, as train.py does).
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+DEFAULT_RECIPE = REPO / "recipes" / "synthetic.json"  # the main job
 
 
 @dataclass
@@ -66,8 +68,9 @@ def summarise(values: list[float]) -> dict:
 
 
 def run_all(variants: dict[str, list[str]], seeds: list[int], output_root: Path, passthrough: list[str],
-            parallel: int = 1, threads_per_run: int | None = None, on_finish=None) -> list[Run]:
-    """Train every (variant, seed) with `examples/train.py`, `parallel` at a time; returns the runs in order.
+            parallel: int = 1, threads_per_run: int | None = None, on_finish=None,
+            recipe: str | Path = DEFAULT_RECIPE) -> list[Run]:
+    """Train every (variant, seed) with `examples/train.py RECIPE`, `parallel` at a time; returns the runs in order.
 
     Seed-major order, so a sweep cut short still has every variant on its first seeds.
     """
@@ -86,7 +89,8 @@ def run_all(variants: dict[str, list[str]], seeds: list[int], output_root: Path,
             if run.output_dir.exists():  # a fresh run each time: no stale checkpoint is resumed or compared
                 shutil.rmtree(run.output_dir)
             run.log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, str(REPO / "examples" / "train.py"), "--output_dir", str(run.output_dir),
+            command = [sys.executable, str(REPO / "examples" / "train.py"), str(recipe), "--output_dir",
+                       str(run.output_dir),
                        "--seed", str(run.seed), "--disable_tqdm", "true", "--report_to", "none",
                        *run.arguments, *passthrough]
             print(f"[{run.variant} seed {run.seed}] {shlex.join(command)}", flush=True)
@@ -190,6 +194,8 @@ def print_table(runs: list[Run]) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, output_root: str, seeds: list[int]) -> None:
     """The options every sweep-style benchmark shares (this one and `ablation.py`)."""
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE),
+                        help="the recipe every run trains, before its variant's flags (default: the main job's)")
     parser.add_argument("--output_root", default=output_root)
     parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time (default 1).")
@@ -203,9 +209,10 @@ def run_and_report(variants: dict[str, list[str]], args: argparse.Namespace, pas
     if passthrough[:1] == ["--"]:
         passthrough = passthrough[1:]
     output_root = Path(args.output_root)
-    extra = {"passthrough": passthrough, "parallel": args.parallel, "threads_per_run": args.threads_per_run}
+    extra = {"recipe": args.recipe, "passthrough": passthrough, "parallel": args.parallel,
+             "threads_per_run": args.threads_per_run}
     runs = run_all(variants, args.seeds, output_root, passthrough, args.parallel, args.threads_per_run,
-                   on_finish=lambda runs: write_json(output_root / json_name, runs, extra))
+                   on_finish=lambda runs: write_json(output_root / json_name, runs, extra), recipe=args.recipe)
     write_json(output_root / json_name, runs, extra)
     print_table(runs)
     return 1 if any(run.error for run in runs) else 0

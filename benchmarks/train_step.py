@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where one training step of the main job goes (a benchmark, not a test).
 
-Builds the model as `examples/train.py` does with no arguments (`DecdConfig.tiny()` from random
+Builds the model as `examples/train.py recipes/synthetic.json` does (`DecdConfig.tiny()` from random
 weights, temperature 0.2, identity loss; each variant sets its MCM options explicitly), takes real
 batches of 64 pairs of the synthetic training split through the training collator, and times, per
 step: the collator (opening the images, processing, tokenising, masking), the forward pass, the
@@ -18,7 +18,7 @@ backward pass and the optimiser step (`torch.optim.AdamW`, fused, as the Trainer
 The variants alternate within each round (so a slow spell of a shared machine hits all of them) and
 the median over rounds is reported, with the median page faults per step (`ru_minflt`).
 
-Memory: by default freed memory is kept for reuse between steps, as `DecdTrainer` does on a CPU
+Memory: by default freed memory is kept for reuse between steps, as `examples/train.py` does on a CPU
 (`decd.training.keep_freed_cpu_memory`); `--memory glibc-defaults` times glibc's own behaviour. The
 setting is process-wide, so compare the two with separate runs, alternated.
 
@@ -30,7 +30,7 @@ setting is process-wide, so compare the two with separate runs, alternated.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import json
 import os
 import platform
@@ -52,32 +52,25 @@ VARIANTS = {"batch": {"mcm_vocabulary": "batch", "mcm_fraction": 1.0},
             "batch-eighth": {"mcm_vocabulary": "batch", "mcm_fraction": 0.125}, "no-mcm": {"mcm_weight": 0.0}}
 
 
-def _train_script():
-    spec = importlib.util.spec_from_file_location("decd_train_script_benchmark", REPO / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="Timed steps per variant and round (after one warm-up).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--memory", choices=("kept", "glibc-defaults"), default="kept",
-                        help="kept: keep_freed_cpu_memory(), as DecdTrainer on a CPU; glibc-defaults: malloc as is.")
+                        help="kept: keep_freed_cpu_memory(), as train.py on a CPU; glibc-defaults: malloc as is.")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
 
     from decd.data import load_person_search, num_identities, without_image_decoding
     from decd.synthetic import generate_synthetic_person_search
     from decd.training import DecdTrainingCollator, keep_freed_cpu_memory
+    from decd.training.recipe import build_model, parse_arguments
 
     if args.memory == "kept" and not keep_freed_cpu_memory():
         print("keep_freed_cpu_memory() does not apply on this platform: glibc's defaults are timed.", file=sys.stderr)
 
-    train_script = _train_script()
+    model_args, _, _ = parse_arguments([str(REPO / "recipes" / "synthetic.json")])
     data_dir = generate_synthetic_person_search(progress=False)
     train_set = load_person_search("synthetic", data_dir, split="train")
     rows = without_image_decoding(train_set)  # as DecdTrainer hands them to the collator
@@ -85,7 +78,7 @@ def main(argv=None) -> int:
     setups = {}
     for name, overrides in VARIANTS.items():
         torch.manual_seed(0)
-        model, processor = train_script.build_model(train_script.ModelArguments(**overrides), identities)
+        model, processor = build_model(dataclasses.replace(model_args, **overrides), identities)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         collator = DecdTrainingCollator(processor, augment=False, mask_captions=model.config.mcm_weight > 0)

@@ -17,7 +17,7 @@ fine-tune DECD from it.
 Every path records its CPU time (user + system of the processes it ran) and wall time. Results: a table on
 stdout and `--json` (default `benchmarks/results/two_stage_cpu.json`), rewritten after each run.
 
-    python benchmarks/two_stage.py                                  # the full measurement (see the README)
+    python benchmarks/two_stage.py                                  # the full measurement (benchmarks/README.md)
     python benchmarks/two_stage.py --seeds 1 --variants full --pretrain_args "--num_images 640 --max_steps 5" \\
         --json /tmp/two_stage_smoke.json -- --max_steps 3 --eval_strategy no --save_strategy no \\
         --load_best_model_at_end false                              # a smoke run (about 2 minutes)
@@ -49,16 +49,9 @@ VARIANTS = {
     "uniform": ["--caption_quality", "uniform"],
     "no-mcm": ["--mcm_weight", "0"],
 }
-CROP_SIZE = ("128", "64")
-# Stage 2's recipe: docs/method.md's settings; the decoder is the tiny preset's (the CLIP is tiny-sized too).
-# The learning rate is a guess for a small, briefly pretrained CLIP (the paper's 1e-5 is for ViT-B/16).
-RECIPE = [
-    "--image_size", *CROP_SIZE, "--temperature", "0.02", "--id_weight", "0",
-    "--learning_rate", "2e-4", "--new_module_lr_multiplier", "5", "--warmup_steps", "0.05",
-    "--lr_scheduler_type", "cosine", "--weight_decay", "4e-5", "--num_train_epochs", "10",
-    "--decoder_layers", "2", "--decoder_hidden_size", "128", "--decoder_attention_heads", "4",
-    "--decoder_intermediate_size", "512",
-]
+# Stage 2's recipe: the method's settings, the tiny preset's decoder (the CLIP is tiny-sized too) and a learning
+# rate guessed for a small, briefly pretrained CLIP (the paper's 1e-5 is for ViT-B/16).
+RECIPE = REPO / "recipes" / "two-stage.json"
 
 
 def children_cpu_seconds() -> float:
@@ -93,7 +86,7 @@ def zero_shot(clip_folder: str, data_dir: str) -> dict:
     from processing_decd import DecdProcessor
 
     cpu, started = time.process_time(), time.perf_counter()
-    image_size = tuple(int(side) for side in CROP_SIZE)
+    image_size = tuple(json.loads(RECIPE.read_text())["image_size"])  # stage 2's crops
     model = DecdModel.from_clip(clip_folder, image_size=image_size).detach_decoder().eval()
     processor = DecdProcessor(image_size=image_size)
     results = {}
@@ -146,7 +139,7 @@ def main(argv=None) -> int:
     data_dir = str(generate_synthetic_person_search(progress=False))  # the default set, cached (train.py's too)
     output_root, json_path = Path(args.output_root), Path(args.json)
     payload = {"command": shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               "recipe": RECIPE, "passthrough": passthrough, "environment": environment(), "runs": []}
+               "recipe": str(RECIPE), "passthrough": passthrough, "environment": environment(), "runs": []}
 
     def write() -> None:
         payload["summary"] = summary(payload["runs"])
@@ -163,9 +156,9 @@ def main(argv=None) -> int:
     failed = False
     for seed in args.seeds:  # seed-major: a measurement cut short has every variant on its first seeds
         for variant in args.variants:
-            arguments = ["--model_name_or_path", clip_folder, *RECIPE, *VARIANTS[variant]]
+            arguments = ["--model_name_or_path", clip_folder, *VARIANTS[variant]]
             before, started = children_cpu_seconds(), time.perf_counter()
-            (run,) = run_all({variant: arguments}, [seed], output_root, passthrough)
+            (run,) = run_all({variant: arguments}, [seed], output_root, passthrough, recipe=RECIPE)
             payload["runs"].append({
                 "variant": variant, "seed": seed, "arguments": arguments, "metrics": run.metrics, "error": run.error,
                 "cpu_seconds": round(children_cpu_seconds() - before, 1),

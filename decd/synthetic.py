@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_VERSION = "1.3"
 
 # 1,000 training identities (v1.1 had 500): with the same number of training steps, twice the
-# identities generalise better to the unseen test identities (README, "Training from scratch").
+# identities generalise better to the unseen test identities (docs/findings.md#why-1000-training-identities).
 DEFAULT_NUM_TRAIN_IDS = 1000
 # Identities are drawn in one sequence: the first (up to) this many training identities, then val, then
 # test, then any further training identities, which never wear a val or test identity's clothing. So

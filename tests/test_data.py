@@ -3,196 +3,27 @@
 Everything is generated in tmp_path: a tiny synthetic set and small annotation files in each format.
 """
 
+import io
 import json
 import logging
-import os
-import re
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image
 
-import decd.synthetic as synthetic
 from decd.data import LoadReport, PersonSearchDataError, load_person_search, num_identities
-from decd.synthetic import (
-    SYNTHETIC_VERSION,
-    describe_identity,
-    generate_synthetic_person_search,
-    sample_identities,
-)
-
-TINY = dict(num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    return generate_synthetic_person_search(tmp_path_factory.mktemp("synthetic") / "set", **TINY)
 
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------
 # decd.synthetic
 # ------------------------------------------------------------------------------------------------
-
-
-def test_synthetic_layout_follows_cuhk_pedes(tiny_synthetic):
-    records = json.loads((tiny_synthetic / "reid_raw.json").read_text())
-    assert isinstance(records, list) and len(records) == (6 + 2 + 3) * 2
-    for record in records:
-        assert set(record) == {"id", "file_path", "captions", "split", "processed_tokens"}
-        assert isinstance(record["id"], int) and record["id"] >= 1
-        assert record["split"] in ("train", "val", "test")
-        assert len(record["captions"]) == 2 and all(isinstance(c, str) and c.strip() for c in record["captions"])
-        assert len(record["processed_tokens"]) == 2
-        with Image.open(tiny_synthetic / "imgs" / record["file_path"]) as image:
-            assert image.size == (64, 128) and image.mode == "RGB"
-    ids_by_split = {split: {r["id"] for r in records if r["split"] == split} for split in ("train", "val", "test")}
-    assert [len(ids_by_split[s]) for s in ("train", "val", "test")] == [6, 2, 3]
-    assert not ids_by_split["train"] & ids_by_split["val"]
-    assert not ids_by_split["train"] & ids_by_split["test"]
-    assert not ids_by_split["val"] & ids_by_split["test"]
-    meta = json.loads((tiny_synthetic / "meta.json").read_text())
-    assert meta["parameters"]["version"] == SYNTHETIC_VERSION
-    assert len(meta["identities"]) == 11
-
-
-def test_synthetic_has_detailed_and_vague_captions(tiny_synthetic):
-    records = json.loads((tiny_synthetic / "reid_raw.json").read_text())
-    word_counts = [len(caption.split()) for record in records for caption in record["captions"]]
-    assert min(word_counts) <= 6, "expected some vague captions"
-    assert max(word_counts) >= 14, "expected some detailed captions"
-
-
-def _mentioned_attributes(caption: str, attributes) -> int:
-    """How many of the identity's attributes a caption mentions (colour synonyms count)."""
-    text = caption.lower()
-
-    def color_words(color):
-        return [color] + synthetic.COLOR_SYNONYMS.get(color, [])
-
-    def mentions_color(color):
-        return any(re.search(rf"\b{word}\b", text) for word in color_words(color))
-
-    count = 0
-    count += mentions_color(attributes.upper_color)
-    count += any(word in text for word in synthetic.GARMENT_SYNONYMS[attributes.upper_type])
-    if attributes.lower_type:
-        count += mentions_color(attributes.lower_color)
-        count += any(word in text for word in synthetic.GARMENT_SYNONYMS[attributes.lower_type])
-    count += attributes.bag_type != "none" and attributes.bag_type in text
-    count += attributes.hat_type != "none" and re.search(rf"\b{attributes.hat_type}\b", text) is not None
-    count += 2 * ("hair" in text)  # length and colour
-    count += "shoes" in text
-    count += "glasses" in text
-    return count
-
-
-def test_describe_identity_detail_levels():
-    rng = np.random.default_rng(0)
-    for attributes in sample_identities(40, seed=3):
-        detailed = describe_identity(attributes, rng, detailed=True)
-        vague = describe_identity(attributes, rng, detailed=False)
-        assert _mentioned_attributes(detailed, attributes) >= 5, detailed
-        assert 1 <= _mentioned_attributes(vague, attributes) <= 2, vague
-        assert "background" not in detailed
-
-
-def test_sample_identities_are_distinct():
-    identities = sample_identities(650, seed=0)
-    assert len(set(identities)) == 650
-    assert len({identity.clothing_key for identity in identities}) == 650
-    assert identities == sample_identities(650, seed=0)
-    assert identities != sample_identities(650, seed=1)
-
-
-def test_synthetic_is_deterministic(tmp_path, tiny_synthetic):
-    again = generate_synthetic_person_search(tmp_path / "again", **TINY)
-    assert _files(again) == _files(tiny_synthetic)
-    other_seed = generate_synthetic_person_search(tmp_path / "other", seed=1, **TINY)
-    assert (other_seed / "reid_raw.json").read_bytes() != (tiny_synthetic / "reid_raw.json").read_bytes()
-    first_image = "imgs/train/00001_0.png"
-    assert (other_seed / first_image).read_bytes() != (tiny_synthetic / first_image).read_bytes()
-
-
-def test_synthetic_val_and_test_do_not_move_when_the_training_set_grows(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "TRAIN_IDS_DRAWN_FIRST", 3)
-    sizes = dict(num_val_ids=2, num_test_ids=2, images_per_id=1, progress=False)
-    small = generate_synthetic_person_search(tmp_path / "small", num_train_ids=3, **sizes)
-    large = generate_synthetic_person_search(tmp_path / "large", num_train_ids=6, **sizes)
-
-    def by_split(root):
-        records = json.loads((root / "reid_raw.json").read_text())
-        return {split: [(r["id"], r["captions"], (root / "imgs" / r["file_path"]).read_bytes())
-                        for r in records if r["split"] == split] for split in ("train", "val", "test")}
-
-    small_splits, large_splits = by_split(small), by_split(large)
-    assert large_splits["val"] == small_splits["val"] and large_splits["test"] == small_splits["test"]
-    assert [r[0] for r in large_splits["val"]] == [4, 5] and [r[0] for r in large_splits["test"]] == [6, 7]
-    # The first training identities are shared; the extra ones come after test, all distinct.
-    assert large_splits["train"][:3] == small_splits["train"]
-    assert [r[0] for r in large_splits["train"]] == [1, 2, 3, 8, 9, 10]
-    meta = json.loads((large / "meta.json").read_text())
-    assert len(meta["identities"]) == 10 and len(set(map(json.dumps, meta["identities"].values()))) == 10
-    assert num_identities(load_person_search("synthetic", large, "train")) == 6
-
-
-def test_sample_identities_keeps_reserved_clothing_out_of_later_draws():
-    plain = sample_identities(1200, seed=0)
-    reserved = sample_identities(1200, seed=0, reserve_clothing=range(500, 650))
-    assert reserved[:650] == plain[:650]
-    evaluation_clothing = {identity.clothing_key for identity in plain[500:650]}
-    # Without the reservation the crowded clothing space makes later identities repeat those outfits.
-    assert any(identity.clothing_key in evaluation_clothing for identity in plain[650:])
-    assert not any(identity.clothing_key in evaluation_clothing for identity in reserved[650:])
-    assert len(set(reserved)) == 1200
-
-
-def test_synthetic_cache_hit_and_regeneration(tmp_path):
-    root = generate_synthetic_person_search(tmp_path / "cache", **TINY)
-    stamps = {path: os.stat(path).st_mtime_ns for path in (root / "meta.json", root / "reid_raw.json",
-                                                           root / "imgs/train/00001_0.png")}
-    inode = os.stat(root).st_ino
-    assert generate_synthetic_person_search(tmp_path / "cache", **TINY) == root
-    assert {path: os.stat(path).st_mtime_ns for path in stamps} == stamps
-    assert os.stat(root).st_ino == inode
-
-    # Other parameters regenerate in place.
-    generate_synthetic_person_search(root, **{**TINY, "images_per_id": 3})
-    meta = json.loads((root / "meta.json").read_text())
-    assert meta["parameters"]["images_per_id"] == 3
-    assert len(json.loads((root / "reid_raw.json").read_text())) == 11 * 3
-    assert os.stat(root).st_ino != inode  # a new folder renamed into place
-    # Only the finished folder is left: no staging or old copies next to it.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
-
-
-def test_synthetic_default_root_honours_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("DECD_CACHE", str(tmp_path / "env-cache"))
-    root = generate_synthetic_person_search(**TINY)
-    assert root.parent == tmp_path / "env-cache"
-    assert root.name.startswith("synthetic-v1-")  # non-default parameters never evict the default set
-
-
-def test_interrupted_generation_leaves_no_cache(tmp_path, monkeypatch):
-    calls = {"count": 0}
-    real_render = synthetic.render_person
-
-    def failing_render(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] > 5:
-            raise KeyboardInterrupt
-        return real_render(*args, **kwargs)
-
-    monkeypatch.setattr(synthetic, "render_person", failing_render)
-    with pytest.raises(KeyboardInterrupt):
-        generate_synthetic_person_search(tmp_path / "set", **TINY)
-    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,12 +157,12 @@ def test_custom_dataset(tmp_path):
     assert len(load_person_search("custom", tmp_path / "elsewhere", annotation_file=annotation)) == 6
 
 
-def test_synthetic_through_the_loader(tiny_synthetic):
-    train, report = load_person_search("synthetic", tiny_synthetic, return_report=True)
+def test_synthetic_through_the_loader(tiny_set):
+    train, report = load_person_search("synthetic", tiny_set, return_report=True)
     assert len(train) == 6 * 2 * 2 and num_identities(train) == 6
     assert sorted(set(train["person_id"])) == list(range(6))
     assert report.num_images == 12
-    test = load_person_search("synthetic", tiny_synthetic, split="test")
+    test = load_person_search("synthetic", tiny_set, split="test")
     assert (len(test["gallery"]), len(test["queries"])) == (3 * 2, 3 * 2 * 2)
     assert test["gallery"][0]["image"].size == (64, 128)
 
@@ -471,3 +302,74 @@ def test_unknown_dataset_and_split(tmp_path):
     with pytest.raises(PersonSearchDataError, match=r"unknown split 'validation' for cuhk-pedes; valid splits: \['train', 'val', 'test'\]"):
         load_person_search("cuhk-pedes", tmp_path, split="validation")
     assert issubclass(PersonSearchDataError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------------
+def _custom(root: Path, records: list, images: dict) -> Path:
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    for name, writer in images.items():
+        writer(root / "imgs" / name)
+    (root / "annotations.json").write_text(json.dumps(records))
+    return root
+
+
+def _png(path: Path, color=(200, 30, 30)) -> None:
+    Image.new("RGB", (16, 32), color).save(path)
+
+
+def _truncated_file(fmt: str):
+    def write(path: Path) -> None:
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(buffer, format=fmt)
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3])
+    return write
+
+
+def test_truncated_jpeg_and_bmp_are_named_and_skippable(tmp_path):
+    records = [dict(id=i, file_path=name, captions=[f"person {i}"], split="train")
+               for i, name in enumerate(["good.png", "cut.jpg", "cut.bmp", "also_good.png"])]
+    root = _custom(tmp_path, records, {"good.png": _png, "also_good.png": _png, "cut.jpg": _truncated_file("JPEG"),
+                                       "cut.bmp": _truncated_file("BMP")})
+    with pytest.raises(PersonSearchDataError) as error:
+        load_person_search("custom", root, split="train")
+    message = str(error.value)
+    assert "2 problem(s)" in message and "cut.jpg" in message and "cut.bmp" in message
+    dataset, report = load_person_search("custom", root, split="train", skip_bad_records=True, return_report=True)
+    assert len(dataset) == 2 and report.skipped_record_indices == [1, 2]
+    assert all("cannot be read" in item.reason for item in report.skipped)
+
+
+def test_symlinks_leaving_the_image_folder_are_caught(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _png(outside / "secret.png")
+    records = [dict(id=1, file_path="inside.png", captions=["a"], split="train"),
+               dict(id=2, file_path="link.png", captions=["b"], split="train"),
+               dict(id=3, file_path="folder/secret.png", captions=["c"], split="train")]
+    root = _custom(tmp_path / "data", records, {"inside.png": _png})
+    (root / "imgs" / "link.png").symlink_to(outside / "secret.png")
+    (root / "imgs" / "folder").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PersonSearchDataError) as error:
+        load_person_search("custom", root, split="train")
+    assert "link.png" in str(error.value) and "folder/secret.png" in str(error.value)
+    assert "leaves the image folder" in str(error.value)
+
+
+def test_identity_ids_from_json_are_mapped_or_refused_by_record(tmp_path):
+    good = [("0042", 42), ("-5", -5), (7, 7), ("+8", 8), (2**63 - 1, 2**63 - 1)]
+    records = [dict(id=raw, file_path=f"{i}.png", captions=[f"person {i}"], split="train")
+               for i, (raw, _) in enumerate(good)]
+    root = _custom(tmp_path / "good", records, {f"{i}.png": _png for i in range(len(good))})
+    dataset = load_person_search("custom", root, split="train")
+    assert sorted(set(dataset["raw_person_id"])) == sorted(value for _, value in good)
+    assert sorted(set(dataset["person_id"])) == list(range(len(good)))  # contiguous
+    bad = [2**70, "²", "4 2", 3.0, True, None, "", "1_000", [1]]
+    records = [dict(id=raw, file_path="0.png", captions=["a"], split="train") for raw in bad]
+    root = _custom(tmp_path / "bad", records, {"0.png": _png})
+    with pytest.raises(PersonSearchDataError) as error:
+        load_person_search("custom", root, split="train")
+    message = str(error.value)
+    assert f"{len(bad)} problem(s)" in message and "annotations.json" in message
+    assert "does not fit in 64 bits" in message and "record 0" in message and f"record {len(bad) - 1}" in message

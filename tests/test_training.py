@@ -1,6 +1,7 @@
 """Training: gradient accumulation, two-process Sew loss, sampler, collator, Trainer integration, accelerate launch."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -11,28 +12,24 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from decd.data import load_person_search
-from decd.synthetic import generate_synthetic_person_search
+from decd.data import load_person_search, without_image_decoding
 from decd.training import (
     DecdTrainer,
     DecdTrainingArguments,
     DecdTrainingCollator,
     IdentityBalancedSampler,
+    NonFiniteLossError,
     augment_person_crops,
 )
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
 from .helpers import random_batch, tiny_config
+from .test_data import _custom, _png
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    return generate_synthetic_person_search(root, num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
-                                            progress=False)
 
 
 def _trainer(tmp_path, train_set, eval_set=None, **overrides):
@@ -197,7 +194,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_set):
     command = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--cpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "examples" / "train.py"), "--max_steps", "2", "--dataset_name", "synthetic",
+        str(REPO / "examples" / "train.py"), str(REPO / "recipes" / "synthetic.json"), "--max_steps", "2",
         "--data_dir", str(tiny_set), "--output_dir", str(output_dir), "--per_device_train_batch_size", "4",
         "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
         "--logging_steps", "1", "--disable_tqdm", "true",
@@ -258,12 +255,34 @@ def test_keep_freed_cpu_memory_lets_steps_reuse_memory_instead_of_faulting_in_pa
     assert steady_kept[len(steady_kept) // 2] < 500, kept
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tiny_set, monkeypatch, keep):
-    import decd.training
-
-    calls = []
-    monkeypatch.setattr(decd.training, "keep_freed_cpu_memory", lambda: calls.append("called") or True)
+# ----------------------------------------------------------------------------------------------------
+# Training that goes wrong says so
+# ----------------------------------------------------------------------------------------------------
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_part(tiny_set, tmp_path):
     train_set = load_person_search("synthetic", tiny_set, split="train")
-    _trainer(tmp_path, train_set, keep_freed_cpu_memory=keep)
-    assert calls == (["called"] if keep else [])
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(num_identities=6, temperature=0.2))
+    processor = DecdProcessor(image_size=model.config.image_size)
+    trainer = DecdTrainer(
+        model=model, train_dataset=train_set, processing_class=processor,
+        data_collator=DecdTrainingCollator(processor, augment=False, mask_captions=True),
+        args=DecdTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=5,
+                                   learning_rate=1e-3, report_to="none", save_strategy="no", eval_strategy="no",
+                                   disable_tqdm=True, use_cpu=True, warmup_steps=0),
+    )
+    with torch.no_grad():  # what a diverged update leaves behind in the decoder
+        model.mcm_head.decoder.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 1 \(loss_mcm went non-finite; the weights "
+                                                 r"already hold NaN or inf\).*learning rate.*temperature"):
+        trainer.train()
+
+
+def test_an_error_inside_a_batch_names_the_file(tmp_path):
+    records = [dict(id=i, file_path=f"{i}.png", captions=[f"person {i}"], split="train") for i in range(3)]
+    root = _custom(tmp_path, records, {f"{i}.png": _png for i in range(3)})
+    train_set = load_person_search("custom", root, split="train")
+    (root / "imgs" / "2.png").write_bytes(b"damaged after loading")
+    collator = DecdTrainingCollator(DecdProcessor(image_size=(128, 64)), augment=False, mask_captions=False)
+    rows = list(without_image_decoding(train_set))
+    with pytest.raises(ValueError, match=r"imgs/2\.png: not a readable image"):
+        collator(rows)

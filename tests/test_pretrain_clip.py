@@ -1,5 +1,6 @@
 """Stage 1 of the two-stage path (examples/pretrain_clip.py) and stage 2 starting from its CLIP folder."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,9 +19,11 @@ from decd.synthetic import (
     generate_synthetic_person_search,
     person_search_identities,
 )
-from decd.training import NEW_MODULE_PREFIXES, DecdTrainer, DecdTrainingArguments, DecdTrainingCollator
-from modeling_decd import DecdModel
-from processing_decd import default_clip_tokenizer
+from configuration_decd import DecdConfig
+from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator
+from decd.training.recipe import ModelArguments, build_model, parse_arguments
+from modeling_decd import NEW_MODULE_PREFIXES, DecdModel
+from tokenization_decd import default_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DECODER = dict(decoder_layers=1, decoder_hidden_size=64, decoder_attention_heads=2, decoder_intermediate_size=128)
@@ -135,22 +138,16 @@ def test_from_clip_on_the_pretrained_folder_resizes_to_the_crop_grid(tiny_clip):
     assert tokens.shape[0] == 49408 + 1 and model.config.mask_token_id == 49408
     assert torch.equal(tokens[:49408], clip.text_model.embeddings.token_embedding.weight)
     assert model.temperature.item() == pytest.approx(0.02)
-    assert not model.log_logit_scale.requires_grad
+    assert model.log_logit_scale is None  # fixed: read from the config, no parameter to train
 
 
-@pytest.fixture(scope="module")
-def person_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    return generate_synthetic_person_search(root, num_train_ids=6, num_val_ids=2, num_test_ids=3, images_per_id=2,
-                                            progress=False)
 
 
-def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002(tiny_clip, person_set, tmp_path):
-    train_script = _script("decd_train_script_two_stage", "train.py")
-    train_set = load_person_search("synthetic", person_set, split="train").select(range(8))
+def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002(tiny_clip, tiny_set, tmp_path):
+    train_set = load_person_search("synthetic", tiny_set, split="train").select(range(8))
     torch.manual_seed(0)
-    model, processor = train_script.build_model(
-        train_script.ModelArguments(model_name_or_path=str(tiny_clip), image_size=[128, 64], **TINY_DECODER),
+    model, processor = build_model(
+        ModelArguments(model_name_or_path=str(tiny_clip), image_size=[128, 64], **TINY_DECODER),
         num_identities(train_set),
     )
     assert model.config.decoder_layers == 1 and model.config.decoder_hidden_size == 64
@@ -200,11 +197,11 @@ def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002
     assert after < before, (before, after, losses)
 
 
-def test_train_script_runs_from_the_pretrained_clip_folder(tiny_clip, person_set, tmp_path):
+def test_train_script_runs_from_the_pretrained_clip_folder(tiny_clip, tiny_set, tmp_path):
     train_script = _script("decd_train_script_two_stage_main", "train.py")
     metrics = train_script.main([
         "--model_name_or_path", str(tiny_clip), "--image_size", "128", "64", "--dataset_name", "synthetic",
-        "--data_dir", str(person_set), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--data_dir", str(tiny_set), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-4", "--new_module_lr_multiplier", "5",
         "--temperature", "0.02", "--warmup_steps", "0.5", "--eval_strategy", "no", "--save_strategy", "no",
         "--load_best_model_at_end", "false", "--logging_steps", "1", "--disable_tqdm", "true",
@@ -223,9 +220,10 @@ def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
     spec.loader.exec_module(module)
     assert module.VARIANTS["sdm"] == ["--sew_margin", "0"] and module.VARIANTS["no-mcm"] == ["--mcm_weight", "0"]
     assert module.VARIANTS["uniform"] == ["--caption_quality", "uniform"]
-    recipe = " ".join(module.RECIPE)
-    assert "--temperature 0.02" in recipe and "--new_module_lr_multiplier 5" in recipe
-    assert "--lr_scheduler_type cosine" in recipe and "--image_size 128 64" in recipe
+    model_args, _, training_args = parse_arguments([str(module.RECIPE), "--model_name_or_path", "clip-folder"])
+    assert model_args.temperature is None and DecdConfig().temperature == 0.02  # the method's, not overridden
+    assert training_args.new_module_lr_multiplier == 5 and training_args.lr_scheduler_type.value == "cosine"
+    assert model_args.image_size == [128, 64]
 
     def run(variant, seed, r1):
         return {"variant": variant, "seed": seed, "metrics": dict.fromkeys(module.METRICS, r1), "cpu_seconds": 10.0,
@@ -242,10 +240,11 @@ def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
 
 def test_from_scratch_recipe_is_batch_words_quarter_mcm_ten_epochs_unless_told_otherwise():
     train_script = _script("decd_train_script_recipe", "train.py")
-    model, _ = train_script.build_model(train_script.ModelArguments(), 4)
+    model_args, _, training_args = parse_arguments([str(REPO / "recipes" / "synthetic.json")])
+    model, _ = build_model(model_args, 4)
     assert model.config.mcm_vocabulary == "batch" and model.config.temperature == pytest.approx(0.2)
-    assert model.config.mcm_fraction == 0.25 and train_script.TrainingArguments().num_train_epochs == 10
-    model, _ = train_script.build_model(train_script.ModelArguments(mcm_vocabulary="full", mcm_fraction=1.0), 4)
+    assert model.config.mcm_fraction == 0.25 and training_args.num_train_epochs == 10
+    model, _ = build_model(dataclasses.replace(model_args, mcm_vocabulary="full", mcm_fraction=1.0), 4)
     assert model.config.mcm_vocabulary == "full" and model.config.mcm_fraction == 1.0
     for flag, bad in (("--mcm_vocabulary", "sampled"), ("--caption_quality", "dense")):
         with pytest.raises(SystemExit):  # refused by the argument parser, before any data is loaded
