@@ -10,7 +10,7 @@ Configuration (a command-line option wins over its environment variable):
 option              environment        meaning
 ==================  =================  ==========================================================
 ``--model``         ``DECD_MODEL``     a DECD model folder (``save_pretrained``) or Hub id, loaded
-                                       by ``modeling_decd.load_model`` like every entry point
+                                       by ``inference_decd.load_model`` like every entry point
 ``--gallery``       ``DECD_GALLERY``   a folder of images (searched recursively, encoded at
                                        startup), or an index folder written by
                                        ``decd.search.GalleryIndex.build`` / ``decd-search index``;
@@ -49,6 +49,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -60,10 +61,10 @@ _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, describe_match,  # noqa: E402
-                         list_images)  # (after the sys.path set-up)
-from modeling_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
-from modeling_decd import load_model as spine_load_model  # noqa: E402
+from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
+                         describe_match, open_gallery)
+from inference_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
+from inference_decd import load_model as spine_load_model  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,7 +95,7 @@ class AppConfigError(Exception):
 
 
 def load_model(name: PathLike, device: Optional[Union[str, torch.device]] = None):
-    """(model, processor) in eval mode on `device`, through the one loader (`modeling_decd.load_model`).
+    """(model, processor) in eval mode on `device`, through the one loader (`inference_decd.load_model`).
 
     `name` is a DECD folder or a Hub id; problems become an `AppConfigError` with one readable line.
     """
@@ -160,38 +161,35 @@ def load_gallery(
     show_progress: bool = True,
     verify: bool = True,
 ) -> Gallery:
-    """The gallery to search: an index folder (loaded) or an image folder (encoded now, tqdm bar).
+    """The gallery to search, opened by `decd.search.open_gallery`: an index folder (loaded) or an image
+    folder (encoded now, tqdm bar; unreadable images are left out and counted in `notes`).
 
     Raises AppConfigError with a readable message when the folder is missing or holds no images, or when
-    the index was built with another model (`verify`).
+    the index was built with another model (`verify`; False also skips the index's full checksum read).
     """
     path = check_gallery_path(gallery)
     try:
-        if (path / "meta.json").is_file() and (path / "embeddings.npy").is_file():  # an index folder
-            index = GalleryIndex.load(path)
-            if verify:
-                index.verify_model(model)
-            root = _index_images_root(index, path, images_root)
-            paths = [(root / relative).resolve() for relative in index.paths]
-            notes = []
-            missing = sum(1 for image in paths[:100] if not image.is_file())
-            if missing:
-                notes.append(f"{missing} of the first {min(100, len(paths))} indexed images are missing under "
-                             f"{root} (set DECD_IMAGES / --images-root to the gallery folder)")
-            if index.skipped:
-                notes.append(f"{len(index.skipped)} unreadable image(s) were left out when the index was built")
-            return Gallery(paths, index, source=f"index {path}", image_roots=[root.resolve()], notes=notes)
-        files = list_images(path)
-        if not files:
-            raise AppConfigError(f"no images (.jpg, .png, ...) under the gallery folder {str(path)!r}")
-        paths = [(path / relative).resolve() for relative in files]
-        index = GalleryIndex.from_images(model, processor, [str(image) for image in paths],
-                                         batch_size=batch_size, show_progress=show_progress)
-        return Gallery(paths, index, source=f"folder {path}", image_roots=[path.resolve()])
-    except GalleryIndexError as error:  # missing/unfinished/stale index, unreadable images, ...
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedImagesWarning)  # reported in the notes below instead
+            index = open_gallery(model, processor, path, batch_size=batch_size, show_progress=show_progress,
+                                 verify=verify)
+    except GalleryIndexError as error:  # missing/unfinished/stale index, no readable images, ...
         raise AppConfigError(str(error)) from error
     except OSError as error:
         raise AppConfigError(f"could not read the gallery {str(path)!r}: {error}") from error
+    built = index.path is not None  # an index folder, not a folder encoded just now
+    root = _index_images_root(index, path, images_root) if built else path
+    paths = [(root / relative).resolve() for relative in index.paths]
+    notes = []
+    missing = sum(1 for image in paths[:100] if not image.is_file()) if built else 0
+    if missing:
+        notes.append(f"{missing} of the first {min(100, len(paths))} indexed images are missing under "
+                     f"{root} (set DECD_IMAGES / --images-root to the gallery folder)")
+    if index.skipped:
+        notes.append(f"{len(index.skipped)} unreadable image(s) were left out"
+                     + (" when the index was built" if built else " (not images, or damaged)"))
+    return Gallery(paths, index, source=f"{'index' if built else 'folder'} {path}", image_roots=[root.resolve()],
+                   notes=notes)
 
 
 def _index_images_root(index: GalleryIndex, index_folder: Path, images_root: Optional[PathLike]) -> Path:

@@ -17,6 +17,15 @@ Response: for each query, its candidates best first, as
 Images are base64-encoded files (PNG, JPEG, ...), optionally as ``data:image/...;base64,`` URLs.
 Bad requests raise ``ValueError`` with a message naming what is wrong.
 
+Gallery search (optional): ``EndpointHandler(path, gallery=...)``, or the environment variable
+``DECD_GALLERY``, names a gallery (an index folder written by ``decd-search index``, or a folder of images,
+encoded at start-up), opened once by ``decd.search.open_gallery`` and checked against the model. A request
+with captions and no images, ``{"inputs": {"text": ...}, "parameters": {"top_k": 5}}``, then ranks the
+gallery for each caption: ``[{"index", "score", "rank", "top_percent", "label", "path"}, ...]`` best first
+(``decd.search.describe_matches``, as the ``text-based-person-search`` pipeline returns; ``top_k`` default
+10). This mode needs the ``decd`` package installed next to the handler (``pip install decd``); requests
+with images work without it.
+
 Limits (``EndpointHandler(path, max_images=..., max_texts=..., max_image_bytes=..., max_text_chars=...)``,
 defaults below) are checked before anything is decoded: the number of images and captions, each
 image's encoded size (from the base64 length) and each caption's length; the processor's
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,22 +46,35 @@ MAX_IMAGES = 64  # images per request
 MAX_TEXTS = 256  # captions per request
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # encoded (file) size of one image
 MAX_TEXT_CHARS = 4096  # characters per caption (the tokenizer keeps at most the model's context anyway)
+GALLERY_TOP_K = 10  # gallery matches per caption when the request sets no top_k
 
 
 def _spine(path: Path):
-    """The repository's own `modeling_decd` (Hub layout: its code files sit next to config.json), loaded as
+    """The repository's own `inference_decd` (Hub layout: its code files sit next to config.json), loaded as
     transformers loads remote code; for a folder without code, this checkout's. Either way the model is
     loaded and images and captions are embedded by the same functions every DECD entry point uses."""
-    if (path / "modeling_decd.py").is_file():
+    if (path / "inference_decd.py").is_file():
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        return sys.modules[get_class_from_dynamic_module("modeling_decd.DecdModel", str(path)).__module__]
+        return sys.modules[get_class_from_dynamic_module("inference_decd.load_model", str(path)).__module__]
     checkout = str(Path(__file__).resolve().parent)
     if checkout not in sys.path:
         sys.path.insert(0, checkout)
-    import modeling_decd
+    import inference_decd
 
-    return modeling_decd
+    return inference_decd
+
+
+def _open_gallery(model, processor, gallery):
+    """The gallery opened by `decd.search.open_gallery` (the `decd` package, not part of the Hub code)."""
+    try:
+        from decd.search import open_gallery
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("decd"):
+            raise
+        raise ImportError(f"gallery {gallery!r} (gallery= / DECD_GALLERY) needs the decd package: pip install decd"
+                          ) from None
+    return open_gallery(model, processor, gallery)
 
 
 def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes:
@@ -81,8 +104,10 @@ class EndpointHandler:
     """Scores captions against person crops with a DECD dual encoder (see the module docstring)."""
 
     def __init__(self, path: str = "", max_images: int | None = MAX_IMAGES, max_texts: int | None = MAX_TEXTS,
-                 max_image_bytes: int | None = MAX_IMAGE_BYTES, max_text_chars: int | None = MAX_TEXT_CHARS):
-        """Load the model in `path`; the `max_*` limits (None: no limit) are described in the module docstring."""
+                 max_image_bytes: int | None = MAX_IMAGE_BYTES, max_text_chars: int | None = MAX_TEXT_CHARS,
+                 gallery=None):
+        """Load the model in `path`; the `max_*` limits (None: no limit) and `gallery` (default: $DECD_GALLERY,
+        else none) are described in the module docstring."""
         for name, value in dict(max_images=max_images, max_texts=max_texts, max_image_bytes=max_image_bytes,
                                 max_text_chars=max_text_chars).items():
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -92,6 +117,9 @@ class EndpointHandler:
         folder = Path(path) if path else Path(__file__).resolve().parent
         self.spine = _spine(folder)
         self.model, self.processor = self.spine.load_model(str(folder))
+        if gallery is None:
+            gallery = os.environ.get("DECD_GALLERY") or None
+        self.gallery = _open_gallery(self.model, self.processor, gallery) if gallery is not None else None
 
     def __call__(self, data: dict) -> list | dict:
         if not isinstance(data, dict):
@@ -100,7 +128,7 @@ class EndpointHandler:
         if not isinstance(inputs, dict):
             raise ValueError('The request needs "inputs": {"text": [...], "image": <base64 or list of base64>}.')
         missing = [key for key in ("text", "image") if key not in inputs]
-        if missing:
+        if missing and not (missing == ["image"] and self.gallery is not None):  # captions alone: gallery search
             raise ValueError(f"inputs lacks {missing}: send both captions (\"text\") and images (\"image\").")
         parameters = data.get("parameters") or {}
         if not isinstance(parameters, dict):
@@ -113,16 +141,18 @@ class EndpointHandler:
             raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r}.")
 
         texts = _as_list(inputs["text"], "text", self.max_texts)
+        if missing:
+            if mode != "text-to-image":
+                raise ValueError(f"parameters.mode {mode!r} needs images (\"image\"); without them the captions "
+                                 f"search the gallery (text-to-image).")
+            return self._search_gallery(texts, GALLERY_TOP_K if top_k is None else top_k)
         encoded = _as_list(inputs["image"], "image", self.max_images)
-        for index, text in enumerate(texts):
-            if self.max_text_chars is not None and isinstance(text, str) and len(text) > self.max_text_chars:
-                raise ValueError(f"inputs.text[{index}] has {len(text):,} characters, more than the limit of "
-                                 f"{self.max_text_chars:,} (max_text_chars): shorten it.")
+        self._check_lengths(texts)
         raw = [_decode_base64(item, index, self.max_image_bytes) for index, item in enumerate(encoded)]
         images = [self.processor.load_image(data, name=f"inputs.image[{index}]") for index, data in enumerate(raw)]
         text_embeds = self.spine.embed_texts(self.model, self.processor, texts)
         image_embeds = self.spine.embed_images(self.model, self.processor, images)
-        logit_scale = float(self.model.log_logit_scale.detach().exp())
+        logit_scale = float(self.model.logit_scale)
         cosine = text_embeds @ image_embeds.T  # [texts, images]
         if mode == "image-to-text":
             cosine = cosine.T
@@ -136,4 +166,19 @@ class EndpointHandler:
                 for entry in entries:
                     entry["text"] = texts[entry["index"]]
             answers.append(entries)
+        return answers[0] if len(answers) == 1 else answers
+
+    def _check_lengths(self, texts: list) -> None:
+        for index, text in enumerate(texts):
+            if self.max_text_chars is not None and isinstance(text, str) and len(text) > self.max_text_chars:
+                raise ValueError(f"inputs.text[{index}] has {len(text):,} characters, more than the limit of "
+                                 f"{self.max_text_chars:,} (max_text_chars): shorten it.")
+
+    def _search_gallery(self, texts: list, top_k: int) -> list:
+        """Each caption's `top_k` best gallery images, described as the search pipeline describes them."""
+        from decd.search import describe_matches  # importable: the gallery was opened with it
+
+        self._check_lengths(texts)
+        result = self.gallery.search(self.spine.embed_texts(self.model, self.processor, texts), top_k=top_k)
+        answers = [describe_matches(result, len(self.gallery), row) for row in range(len(texts))]
         return answers[0] if len(answers) == 1 else answers

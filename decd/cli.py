@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, check_output_folder, describe_match,
-                     display_path, import_faiss)
+                     display_path, import_faiss, open_gallery)
 
 EXIT_USER_ERROR = 1
 
@@ -54,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.add_argument("--backend", default="exact", metavar="SPEC",
                        help="exact (default), or a FAISS index-factory string built for approximate search: "
-                            "HNSW32, IVF4096,Flat, IVF4096,PQ64, ... (needs faiss; see README 'Large galleries')")
+                            "HNSW32, IVF4096,Flat, IVF4096,PQ64, ... (needs faiss; see docs/large-galleries.md)")
     index.add_argument("--train_size", type=int, default=None,
                        help="gallery vectors that train an IVF/PQ backend (default: 64 per IVF list, at least 65536)")
 
@@ -84,8 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(name: str, device: Optional[str]):
-    """The one model loader (`modeling_decd.load_model`); its refusals become one-line user errors."""
-    from modeling_decd import ModelLoadError, load_model
+    """The one model loader (`inference_decd.load_model`); its refusals become one-line user errors."""
+    from inference_decd import ModelLoadError, load_model
 
     try:
         return load_model(name, device)
@@ -179,7 +179,7 @@ def _run_query(arguments) -> int:
     if arguments.top_k < 1:
         raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
     _require_faiss(arguments.backend)  # before the index is read
-    index = GalleryIndex.load(arguments.index, verify=arguments.verify)
+    index = open_gallery(None, None, arguments.index, verify=arguments.verify)  # the model: below
     backend = arguments.backend or index.backend
     if backend not in ("exact", "faiss", index.backend):
         raise _UserError(f"--backend must be exact, faiss or {index.backend} (the backend {display_path(arguments.index)!r} "

@@ -14,8 +14,9 @@ Importing this module registers the task with `transformers.pipelines.PIPELINE_R
 
 `gallery` is an index folder written by `GalleryIndex.build` / `decd-search index` (the model must be
 the one that built it, else `StaleIndexError`), a folder of images (encoded in memory when the
-pipeline is created; build an index for anything large), a list of image paths and/or PIL images, or
-a `GalleryIndex`. A list of queries gives a list of result lists.
+pipeline is created, unreadable images left out with a warning; build an index for anything large), a
+list of image paths and/or PIL images, or a `GalleryIndex`: whatever `decd.search.open_gallery` opens.
+A list of queries gives a list of result lists.
 
 A query is a description (str), a photo of the person (a PIL image, or `{"image": path / PIL / bytes}`:
 opened by the processor's `load_image` and encoded by `embed_images`, like the gallery), or
@@ -26,20 +27,14 @@ as the app and `decd-search query`).
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-from pathlib import Path
-
-import numpy as np
-from typing import Any, Sequence
+from typing import Any
 
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from modeling_decd import embed_images, embed_texts
+from inference_decd import embed_images, embed_texts
 
-from .search import DEFAULT_CHUNK_SIZE, META_FILE, GalleryIndex, describe_match
+from .search import DEFAULT_CHUNK_SIZE, describe_matches, open_gallery
 
 TASK = "text-based-person-search"
 
@@ -80,42 +75,17 @@ class TextBasedPersonSearchPipeline(Pipeline):
                 f'the {TASK!r} pipeline needs a gallery: pipeline("{TASK}", model=..., gallery=INDEX_DIR or a list '
                 "of images)"
             )
-        self.gallery_index = self._load_gallery(gallery, gallery_batch_size)
+        # An index is checked against the model once here (not on every call); a folder's unreadable images
+        # are left out with one warning and listed in `.gallery_index.skipped`.
+        self.gallery_index = open_gallery(self.model, self.processor, gallery, batch_size=gallery_batch_size)
 
     def _default_processor(self):
-        from modeling_decd import load_processor
+        from inference_decd import load_processor
 
         name = getattr(self.model, "name_or_path", "") or ""
         if not name:
             raise ValueError("the model has no name_or_path to load its DecdProcessor from; pass processor=...")
         return load_processor(name, self.model)
-
-    def _load_gallery(self, gallery: Any, batch_size: int) -> GalleryIndex:
-        if isinstance(gallery, GalleryIndex):
-            index = gallery
-        elif isinstance(gallery, (str, os.PathLike)) and (Path(gallery) / META_FILE).exists():
-            index = GalleryIndex.load(gallery)
-        elif isinstance(gallery, (str, os.PathLike)):
-            # A folder of images: the regular build (same skipping and reporting of unreadable files)
-            # into a throwaway folder, kept in memory.
-            with tempfile.TemporaryDirectory(prefix="decd-gallery-") as folder, warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # re-issued below without the throwaway path
-                index = GalleryIndex.build(self.model, self.processor, gallery, folder, batch_size=batch_size,
-                                           show_progress=False)
-                index.embeddings = np.array(index.embeddings)
-            index.path = None
-            if index.skipped:
-                names = ", ".join(item["path"] for item in index.skipped[:5])
-                warnings.warn(f"skipped {len(index.skipped)} unreadable image(s) in {str(gallery)!r}: {names}"
-                              f"{' ...' if len(index.skipped) > 5 else ''} (see .gallery_index.skipped)", stacklevel=3)
-            return index
-        elif isinstance(gallery, Sequence):
-            return GalleryIndex.from_images(self.model, self.processor, gallery, batch_size)
-        else:
-            raise TypeError(f"gallery must be an index folder, an image folder or a list of images, not "
-                            f"{type(gallery).__name__}")
-        index.verify_model(self.model)  # checked once here, not on every call
-        return index
 
     def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, **unused):
         if unused:
@@ -154,15 +124,8 @@ class TextBasedPersonSearchPipeline(Pipeline):
     def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str | None = None,
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
         query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
-        result = self.gallery_index.search(query, top_k=top_k, backend=backend,
-                                           chunk_size=chunk_size)
-        matches = []
-        for position, (index, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist())):
-            match = {"index": index, **describe_match(position + 1, score, len(self.gallery_index))}
-            if result.paths is not None:
-                match["path"] = result.paths[0][position]
-            matches.append(match)
-        return matches
+        result = self.gallery_index.search(query, top_k=top_k, backend=backend, chunk_size=chunk_size)
+        return describe_matches(result, len(self.gallery_index))
 
 
 if TASK not in PIPELINE_REGISTRY.get_supported_tasks():

@@ -1,0 +1,49 @@
+"""How a match is worded and shown: one wording for the app, `decd-search query`, the pipeline and the handler."""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+SCORE_EXPLANATION = (
+    "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
+    "Its scale depends on the query (one query's best match may score 0.3, another's 0.8), so compare "
+    "results of one query, not scores across queries. top p%: the image's rank among all the gallery's "
+    "images (top 1% of 400 = among the best 4)."
+)
+
+
+def display_path(path: Union[str, os.PathLike]) -> str:
+    """A path as text that can always be printed: bytes that are not UTF-8 (kept in `paths` as lone
+    surrogates, Python's surrogateescape) are shown as backslash escapes, e.g. ``caf\\xe9.png``."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def top_percent(rank: int, gallery_size: int) -> float:
+    """The share of the gallery (in percent) ranked at or above `rank` (1-based): 1 of 400 -> 0.25."""
+    if gallery_size < 1 or rank < 1:
+        raise ValueError(f"rank and gallery_size must be at least 1, got rank={rank}, gallery_size={gallery_size}")
+    return 100.0 * rank / gallery_size
+
+
+def describe_match(rank: int, score: float, gallery_size: int) -> dict:
+    """A ranked result in readable form: `{"rank", "score", "top_percent", "label"}`.
+
+    `label` is what the app's captions, `decd-search query` and the pipeline show:
+    "#1 · 0.284 · top 0.25% of 400" (score = cosine similarity; see `SCORE_EXPLANATION`).
+    """
+    percent = top_percent(rank, gallery_size)
+    return dict(rank=int(rank), score=float(score), top_percent=percent,
+                label=f"#{int(rank)} · {float(score):.3f} · top {percent:.3g}% of {int(gallery_size)}")
+
+
+def describe_matches(result, gallery_size: int, row: int = 0) -> list[dict]:
+    """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first:
+    `[{"index": gallery row, **describe_match(...), "path": path}, ...]` (`path` only when the gallery has paths)."""
+    matches = []
+    for position, (index, score) in enumerate(zip(result.indices[row].tolist(), result.scores[row].tolist())):
+        match = {"index": index, **describe_match(position + 1, score, gallery_size)}
+        if result.paths is not None:
+            match["path"] = result.paths[row][position]
+        matches.append(match)
+    return matches

@@ -1,0 +1,323 @@
+"""The on-disk gallery index: its files, who owns them, how they are checked, and the model that made them.
+
+Index folder layout (all written by `GalleryIndex.build`, read by `GalleryIndex.load` through `read_index`):
+
+- `embeddings.npy`: float32 `[count, embedding_dim]`, one L2-normalised row per image, in `paths` order.
+  `load` memory-maps it, so opening a 10^6-image index (2 GB at dim 512) costs nothing and `search`
+  reads it one chunk at a time.
+- `paths.json`: the images' paths relative to the gallery folder (POSIX separators), sorted. File names
+  that are not valid UTF-8 are kept losslessly: Python reads them as str with lone surrogates
+  (surrogateescape) and JSON stores those as `\\udcXX` escapes, which read back as the same str, so the
+  file opens again; `display_path` shows them printable (`caf\\xe9.png`).
+- `meta.json`: `format` ("decd-gallery-index"), `format_version`, `model_id`, `model_checksum`,
+  `embedding_dim`, `image_size`, `created` (UTC, ISO 8601), `count`, `embeddings_sha256` (sha256 of the
+  `embeddings.npy` file, computed while it is written), `gallery_dir`, `extensions`, `skipped`
+  (unreadable files with the reason), `num_skipped` and `backend` ("exact" or a FAISS index-factory
+  string; for the latter also `ann_file`, `ann_sha256`, `ann_bytes`, `ann_train_size`, `ann_nlist`). It is
+  written last: a folder without it is an unfinished build.
+- `ann.faiss`: only for an approximate backend, the FAISS index (`faiss.write_index`) whose ids are the
+  rows of `embeddings.npy`; `load` checks its size and (verify) its sha256.
+- `partial/` exists only while a build is unfinished: `progress.json` (tagged with `format`; model
+  checksum, listing sha256, batch size) and shards `shard_<start position>.{npy,json}` of whole encoded
+  batches that a new `build` with the same model, file listing and batch size resumes from, with any
+  number of processes.
+
+Ownership: `build` never deletes or overwrites a file it did not write. It refuses (GalleryIndexError,
+nothing changed) an output folder that holds the gallery, or that is not empty and is neither a DECD
+index (meta.json with the `format` tag) nor an unfinished DECD build (`partial/progress.json` with the
+tag, and nothing but shard files in `partial/`); in a folder it owns it only touches the files named
+above (other files there are left alone).
+
+`load` checks that an index is whole (JSON files, shape, dtype, counts; by default also the sha256 and
+that every value is finite: `verify=False` skips that full read) and says "rebuild it" otherwise.
+
+Model checksum (`model_checksum`): sha256 over what determines an image or caption embedding, namely the
+encoder and projection tensors (name, dtype, shape and raw bytes of every tensor under `text_model.`,
+`vision_model.`, `text_projection.`, `visual_projection.`; all tensors for a model without them) and the
+encoders' configs. It hashes the parameters in memory rather than the `model.safetensors` file so that
+a model built in code, the same model after `save_pretrained` / `from_pretrained`, and the same model
+with its training-only decoder detached all get the same checksum, while any retraining or a
+different dtype changes it. Hashing costs about one pass over the weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .display import display_path
+
+PathLike = Union[str, os.PathLike]
+
+INDEX_FORMAT = "decd-gallery-index"  # the `format` tag of meta.json and partial/progress.json: proof of ownership
+INDEX_FORMAT_VERSION = 2  # 2: meta.json records `format` and `embeddings_sha256`
+EMBEDDINGS_FILE = "embeddings.npy"
+PATHS_FILE = "paths.json"
+META_FILE = "meta.json"
+ANN_FILE = "ann.faiss"  # the FAISS index of an approximate backend (meta.json `backend`), next to embeddings.npy
+PARTIAL_DIR = "partial"
+PROGRESS_FILE = "progress.json"
+# Everything a build writes in the index folder besides `partial/` (each first as NAME.tmp, or
+# embeddings.npy.tmp.npy, renamed into place); nothing else there is ever touched.
+_INDEX_FILES = (META_FILE, PATHS_FILE, EMBEDDINGS_FILE, ANN_FILE)
+# Shards are named by the listing position they start at (12 digits; 5-digit names are format-2 shards).
+_SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
+HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
+_ENCODER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
+_REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
+
+
+class GalleryIndexError(ValueError):
+    """A user-facing problem with a gallery or an index (the message says what to do)."""
+
+
+class IndexNotFoundError(GalleryIndexError, FileNotFoundError):
+    """A gallery folder or an index folder that does not exist (or an unfinished index)."""
+
+
+class StaleIndexError(GalleryIndexError):
+    """The index was built by another model than the one asked to search it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Files and ownership
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in `path`, or None if it is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file + rename), so an interruption never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    os.replace(temporary, path)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """sha256 hex digest of a file, read `HASH_BLOCK` bytes at a time (index files, converted checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_ours(record: Any, legacy_keys: Sequence[str]) -> bool:
+    """Whether a meta.json / progress.json record was written by `build` (its `format` tag, or, for
+    version-1 folders written before the tag existed, `format_version` 1 with that version's keys)."""
+    if not isinstance(record, dict):
+        return False
+    if record.get("format") == INDEX_FORMAT:
+        return True
+    return record.get("format_version") == 1 and all(key in record for key in legacy_keys)
+
+
+def _partial_is_ours(folder: Path) -> bool:
+    """`partial/` holds a progress.json written by `build` and nothing but shard files."""
+    if not _is_ours(_read_json(folder / PROGRESS_FILE), ("model_checksum", "listing_sha256")):
+        return False
+    return all(entry.is_file() and _SHARD_FILE.fullmatch(entry.name) for entry in folder.iterdir())
+
+
+def _remove_partial(folder: Path) -> None:
+    """Delete the build's own files in `partial/` (never anything else), then the folder if empty."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_file() and _SHARD_FILE.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something that is not ours appeared in it: leave it
+
+
+def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
+    """Raise GalleryIndexError (nothing changed) for an output folder whose files `build` could destroy:
+    one that holds the gallery, or a non-empty folder that is neither a DECD index nor an unfinished DECD build."""
+    output, gallery_dir = Path(output), Path(gallery_dir)
+    fix = "choose a new or empty folder for --output"
+    if gallery_dir.is_dir() and gallery_dir.resolve().is_relative_to(output.resolve()):
+        raise GalleryIndexError(f"the gallery {display_path(gallery_dir)!r} is inside the output folder "
+                                f"{display_path(output)!r}: {fix} (outside the gallery, or a subfolder of it)")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise GalleryIndexError(f"output {display_path(output)!r} is a file, not a folder: {fix}")
+    entries = {entry.name for entry in output.iterdir()}
+    if not entries:
+        return
+    meta_ours = _is_ours(_read_json(output / META_FILE), ("model_checksum", "count"))
+    partial = output / PARTIAL_DIR
+    partial_ours = partial.is_dir() and _partial_is_ours(partial)
+    if PARTIAL_DIR in entries and not partial_ours:
+        raise GalleryIndexError(f"{display_path(partial)!r} was not written by a DECD index build (no DECD "
+                                f"{PROGRESS_FILE}, or files that are not shards); {fix}, or move it away")
+    if not (meta_ours or partial_ours):
+        raise GalleryIndexError(f"output folder {display_path(output)!r} is not empty and is not a DECD gallery "
+                                f"index (no DECD {META_FILE}); nothing was changed: {fix}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading an index folder
+# --------------------------------------------------------------------------------------------
+
+
+def is_index_folder(path: Path) -> bool:
+    """Whether `path` is meant as an index folder (finished or not): it holds meta.json or partial/.
+    `read_index` then says what is wrong with it, if anything."""
+    return (path / META_FILE).exists() or (path / PARTIAL_DIR).exists()
+
+
+def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[np.ndarray, list[str], dict]:
+    """(embeddings [count, dim] float32, paths, meta) of an index folder, checked to be whole.
+
+    See `GalleryIndex.load` for `mmap` and `verify` (the full read: sha256 of the files, finite values).
+    Raises IndexNotFoundError (no such folder, an unfinished build) or GalleryIndexError (damaged or
+    outdated: one line that says to rebuild it).
+    """
+    from .backends import DEFAULT_CHUNK_SIZE, EXACT_BACKEND, _is_exact  # backends imports this module's errors
+
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexNotFoundError(f"index folder {display_path(path)!r} does not exist; build it with "
+                                 f"GalleryIndex.build or `decd-search index`")
+    if not (path / META_FILE).exists():
+        state = "an unfinished build (run the build again to resume)" if (path / PARTIAL_DIR).exists() \
+            else "not a gallery index"
+        raise IndexNotFoundError(f"{display_path(path)!r} has no {META_FILE}: {state}")
+
+    def damaged(what: str) -> GalleryIndexError:
+        return GalleryIndexError(f"index {display_path(path)!r} is damaged: {what}; {_REBUILD}")
+
+    meta = _read_json(path / META_FILE)
+    if not isinstance(meta, dict):
+        raise damaged(f"{META_FILE} is not a valid JSON object")
+    if meta.get("format_version") != INDEX_FORMAT_VERSION or meta.get("format") != INDEX_FORMAT:
+        raise GalleryIndexError(f"index {display_path(path)!r} has format version {meta.get('format_version')}, "
+                                f"this code reads version {INDEX_FORMAT_VERSION}; {_REBUILD}")
+    count, dim, expected = meta.get("count"), meta.get("embedding_dim"), meta.get("embeddings_sha256")
+    if not (isinstance(count, int) and count > 0 and isinstance(dim, int) and dim > 0
+            and isinstance(expected, str)):
+        raise damaged(f"{META_FILE} lacks a valid count, embedding_dim or embeddings_sha256")
+    paths = _read_json(path / PATHS_FILE)
+    if not (isinstance(paths, list) and all(isinstance(item, str) for item in paths)):
+        raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
+    if len(paths) != count:
+        raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
+    try:
+        embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise damaged(f"{EMBEDDINGS_FILE} cannot be read ({type(error).__name__}: {error})") from None
+    if not isinstance(embeddings, np.ndarray) or embeddings.dtype != np.float32 \
+            or embeddings.shape != (count, dim):
+        raise damaged(f"{EMBEDDINGS_FILE} holds {getattr(embeddings, 'dtype', '?')} "
+                      f"{tuple(getattr(embeddings, 'shape', ()))}, expected float32 ({count}, {dim})")
+    if verify:
+        if file_sha256(path / EMBEDDINGS_FILE) != expected:
+            raise damaged(f"{EMBEDDINGS_FILE} does not match the checksum recorded at build time")
+        for start in range(0, count, DEFAULT_CHUNK_SIZE):
+            block = np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])
+            if not np.isfinite(block).all():
+                row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise damaged(f"{EMBEDDINGS_FILE} row {row} ({display_path(paths[row])}) is not finite")
+    backend = meta.get("backend", EXACT_BACKEND)
+    if not isinstance(backend, str) or not backend:
+        raise damaged(f"{META_FILE} has no valid backend")
+    if not _is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
+        ann_path = path / ANN_FILE
+        if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
+            raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
+        if verify and file_sha256(ann_path) != meta.get("ann_sha256"):
+            raise damaged(f"{ANN_FILE} does not match the checksum recorded at build time")
+    return embeddings, paths, meta
+
+
+# --------------------------------------------------------------------------------------------
+# The model that made an index
+# --------------------------------------------------------------------------------------------
+
+
+def _config_fingerprint(config) -> dict:
+    """The parts of a config that shape an embedding, without keys that change on save/load."""
+    if config is None:
+        return {}
+    fields = {}
+    for name in ("text_config", "vision_config"):
+        sub_config = getattr(config, name, None)
+        if sub_config is not None:
+            values = sub_config.to_dict()
+            fields[name] = {
+                key: value
+                for key, value in values.items()
+                if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS
+            }
+    for name in ("projection_dim", "image_size", "model_type"):
+        value = getattr(config, name, None)
+        if value is not None:
+            fields[name] = list(value) if isinstance(value, (tuple, list)) else value
+    return fields
+
+
+def model_checksum(model: torch.nn.Module) -> str:
+    """sha256 hex digest of a model's encoder weights and encoder configs (see the module docstring)."""
+    state = model.state_dict()
+    names = sorted(name for name in state if name.startswith(_ENCODER_PREFIXES)) or sorted(state)
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update(json.dumps(_config_fingerprint(config), sort_keys=True, default=str).encode())
+    for name in names:
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(raw.numpy()))
+    return digest.hexdigest()
+
+
+def model_identifier(model: torch.nn.Module, model_id: Optional[str] = None) -> str:
+    """A human-readable id: `model_id` if given, else the folder / Hub id the model was loaded from.
+
+    Local folders are made absolute so that `decd-search query` can reload the model from anywhere.
+    """
+    name = model_id if model_id is not None else getattr(model, "name_or_path", "") or ""
+    name = str(name)
+    if name and os.path.isdir(name):
+        return os.path.abspath(name)
+    return name or f"<in-memory {type(model).__name__}>"
+
+
+def _short(checksum: Optional[str]) -> str:
+    return (checksum or "unknown")[:12]
+
+
+def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
+    """The meta.json fields that say which model made the embeddings, and when."""
+    return dict(format_version=INDEX_FORMAT_VERSION, model_id=model_identifier(model, model_id),
+                model_checksum=checksum, model_class=type(model).__name__,
+                image_size=list(getattr(processor, "image_size", []) or []) or None,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
+    """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`."""
+    checksum = model_checksum(model)
+    if checksum != meta.get("model_checksum"):
+        raise StaleIndexError(
+            f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))}), model is "
+            f"{model_identifier(model, model_id)} (checksum {_short(checksum)}); rebuild the index"
+        )

@@ -1,0 +1,115 @@
+"""`open_gallery`: the one place that turns what a user calls "the gallery" into a searchable `GalleryIndex`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends import EXACT_BACKEND
+from .build import IMAGE_EXTENSIONS, _embed_files, _gallery_files, _gallery_meta, _none_readable, warn_skipped
+from .display import display_path
+from .format import META_FILE, GalleryIndexError, IndexNotFoundError, is_index_folder, model_checksum
+from .index import GalleryIndex
+
+
+def open_gallery(
+    model,
+    processor,
+    source: Any,
+    *,
+    batch_size: int = 64,
+    show_progress: bool = False,
+    verify: bool = True,
+    model_id: Optional[str] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> GalleryIndex:
+    """A `GalleryIndex` for `source`, checked against `model`:
+
+    - an index folder (it holds meta.json, or partial/ of an unfinished build), or a path that does not
+      exist: `GalleryIndex.load` (memory-mapped), which says what is wrong, if anything (one line); a
+      file is refused;
+    - any other folder: every image under it (recursively, `extensions`), encoded now in memory in
+      batches of `batch_size` like `GalleryIndex.build` would (same embeddings); unreadable files are
+      left out with one `SkippedImagesWarning` that counts and names them, and listed in `index.skipped`.
+      `index.paths` are relative to the folder (`index.gallery_dir`); `index.path` is None;
+    - a list (or tuple) of image paths and/or PIL images: `GalleryIndex.from_images` (an unreadable
+      item raises: a list is expected to be valid);
+    - a `GalleryIndex`: returned as it is.
+
+    Args:
+        model, processor: the DECD model and its processor. `model=None` is allowed for an index only
+            (nothing is then checked against a model: the caller does it once it has one, as
+            `decd-search query` does with the model the index names).
+        show_progress: a tqdm bar while a folder or a list is encoded.
+        verify: for an index folder, read it whole once (sha256, finite values; `GalleryIndex.load`), and
+            for any index check that `model` built it (`StaleIndexError` naming both models).
+            False: cheap checks only, for an index checked before.
+        model_id: recorded as the model's name in an encoded gallery's `meta`.
+
+    Raises:
+        IndexNotFoundError / GalleryIndexError: one line naming the path and what to do (a missing
+            folder, an unfinished or damaged index, a folder without images or with none readable).
+        StaleIndexError: the index was built by another model.
+        TypeError: `source` is none of the above.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_file():
+            raise GalleryIndexError(f"the gallery {display_path(path)!r} is a file: give an index folder (built with "
+                                    f"`decd-search index`) or a folder of images")
+        if not path.is_dir() or is_index_folder(path):
+            index = GalleryIndex.load(path, verify=verify)
+        else:
+            index = GalleryIndex(*_encode_folder(model, processor, path, extensions, batch_size, model_id,
+                                                 show_progress))
+            warn_skipped(index.meta, "the returned GalleryIndex's `skipped`", stacklevel=2)
+            return index
+    elif isinstance(source, GalleryIndex):
+        index = source
+    elif isinstance(source, Sequence):
+        if model is None or processor is None:
+            raise ValueError("a gallery given as a list of images is encoded now: it needs the model and its processor")
+        return GalleryIndex.from_images(model, processor, source, batch_size, model_id, show_progress)
+    else:
+        raise TypeError(f"the gallery must be an index folder, a folder of images, a list of images or a "
+                        f"GalleryIndex, not {type(source).__name__}")
+    if verify and model is not None:  # checked once here, not on every search
+        index.verify_model(model, model_id)
+    return index
+
+
+def _encode_folder(model, processor, gallery_dir: Path, extensions: Sequence[str], batch_size: int,
+                   model_id: Optional[str], show_progress: bool) -> tuple[np.ndarray, list[str], dict]:
+    """(embeddings [count, dim] float32, paths, meta) of every image under `gallery_dir`, kept in memory.
+
+    The same listing, batches and skipping of unreadable files as `build_index` with this `batch_size`
+    (so the same embeddings as the index it would write); `meta` lists the skipped files under `skipped`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    extensions = tuple(extension.lower().lstrip(".") for extension in extensions)
+    files = _gallery_files(gallery_dir, extensions)
+    if model is None or processor is None:  # `open_gallery` without a model opens an index only
+        raise IndexNotFoundError(f"{display_path(gallery_dir)!r} has no {META_FILE}: not a gallery index (its images "
+                                 f"can only be searched with a model and processor to encode them)")
+    blocks, paths, skipped = [], [], []
+    with tqdm(total=len(files), desc="Encoding gallery", unit="img", disable=not show_progress) as bar:
+        for start in range(0, len(files), batch_size):
+            names = files[start:start + batch_size]
+            embeddings, kept, unreadable = _embed_files(model, processor, gallery_dir, names)
+            if embeddings is not None:
+                blocks.append(embeddings)
+            paths += kept
+            skipped += unreadable
+            bar.update(len(names))
+    meta = _gallery_meta(model, processor, model_id, model_checksum(model), gallery_dir, extensions, len(files))
+    if not paths:
+        raise _none_readable(len(files), meta["gallery_dir"], skipped)
+    embeddings = np.concatenate(blocks)
+    meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths), skipped=skipped,
+                num_skipped=len(skipped))
+    return embeddings, paths, meta

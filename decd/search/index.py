@@ -1,0 +1,369 @@
+"""`GalleryIndex`: a gallery's embeddings, their paths and the model that made them; building, opening, searching.
+
+What the index folder holds and how it is checked: `decd.search.format`; how it is built: `decd.search.build`;
+the exact and FAISS searches: `decd.search.backends`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference_decd import embed_images, embed_texts
+
+from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, _is_exact, ann_search, build_ann_index,
+                       exact_top_k, import_faiss, rerank_exact)
+from .build import IMAGE_EXTENSIONS, build_index, warn_skipped
+from .display import display_path
+from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, _model_meta, check_model, model_checksum,
+                     read_index)
+
+
+@dataclass
+class SearchResult:
+    """Ranked gallery results for a batch of queries, best first.
+
+    scores: [num_queries, k] cosine similarities (float32); indices: [num_queries, k] gallery rows (int64);
+    paths: per query, the k images' paths relative to the gallery folder (None for an in-memory gallery
+    of PIL images).
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    paths: Optional[list[list[str]]]
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+class GalleryIndex:
+    """L2-normalised image embeddings of a gallery, their paths and the model that made them.
+
+    Attributes:
+        embeddings: [count, embedding_dim] float32 numpy array (memory-mapped when loaded from disk).
+        paths: image paths relative to `gallery_dir` (or None for a gallery of in-memory images).
+        meta: the `meta.json` dictionary (see `decd.search.format`).
+        path: the index folder (None for an in-memory index).
+    """
+
+    def __init__(self, embeddings: np.ndarray, paths: Optional[list[str]], meta: dict,
+                 path: Optional[PathLike] = None):
+        if embeddings.ndim != 2:
+            raise ValueError(f"embeddings must be [count, dim], got shape {embeddings.shape}")
+        if paths is not None and len(paths) != embeddings.shape[0]:
+            raise ValueError(f"{len(paths)} paths for {embeddings.shape[0]} embeddings")
+        self.embeddings = embeddings
+        self.paths = paths
+        self.meta = meta
+        self.path = Path(path) if path is not None else None
+        self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
+
+    # ---- properties -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"GalleryIndex(count={len(self)}, embedding_dim={self.embedding_dim}, "
+                f"model_id={self.model_id!r}, path={str(self.path) if self.path else None!r})")
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def model_id(self) -> Optional[str]:
+        return self.meta.get("model_id")
+
+    @property
+    def model_checksum(self) -> Optional[str]:
+        return self.meta.get("model_checksum")
+
+    @property
+    def gallery_dir(self) -> Optional[Path]:
+        return Path(self.meta["gallery_dir"]) if self.meta.get("gallery_dir") else None
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Unreadable files left out of the index: [{"path": relative path, "error": reason}, ...]."""
+        return list(self.meta.get("skipped", []))
+
+    def image_path(self, index: int) -> Optional[Path]:
+        """The absolute path of gallery row `index` (None without paths)."""
+        if self.paths is None:
+            return None
+        relative = self.paths[int(index)]
+        return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
+
+    # ---- building ---------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model,
+        processor,
+        gallery_dir: PathLike,
+        output: PathLike,
+        batch_size: int = 64,
+        model_id: Optional[str] = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        resume: bool = True,
+        show_progress: bool = True,
+        shard_batches: int = 16,
+        max_batches: Optional[int] = None,
+        backend: str = EXACT_BACKEND,
+        train_size: Optional[int] = None,
+        distributed=None,
+    ) -> Optional["GalleryIndex"]:
+        """Encode every image under `gallery_dir` and write the index folder `output`.
+
+        Args:
+            model: a DECD model (anything with `get_image_features(pixel_values)` -> [batch, dim]).
+            processor: its `DecdProcessor` (images -> `pixel_values`).
+            gallery_dir: folder searched recursively for files with `extensions`.
+            output: the index folder: new, empty, or one `build` wrote (an index there is replaced; an
+                unfinished build there is resumed). Anything else is refused: see `decd.search.format`.
+            batch_size: images per forward pass.
+            model_id: recorded as the model's name (default: the folder / Hub id it was loaded from).
+            resume: continue an unfinished build in `output` if it was started with the same model
+                (checksum) and the same file listing; False starts over.
+            show_progress: a tqdm bar over the images.
+            shard_batches: progress is saved every this many batches (and on any exception, including
+                KeyboardInterrupt), so at most that much work is lost if the process is killed.
+            max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
+                batches in this call; for time-boxed jobs and tests.
+
+            backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
+                index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
+                embeddings (trained on `train_size` of them where the index needs it, default
+                `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
+            distributed: an `accelerate` `PartialState` (or `Accelerator`) when several processes build
+                together (`accelerate launch`): each encodes a contiguous share of the batches into its
+                own shards, and the main process joins them. The result is the same, bit for bit, as a
+                one-process build with the same `batch_size` (same batches). Every process must call
+                `build` with the same arguments and see the same gallery. None: this process alone.
+
+        Images are encoded on the model's device.
+
+        Unreadable files are skipped with one `SkippedImagesWarning` and listed in `meta["skipped"]`.
+
+        Returns:
+            The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
+            only: the others return None once their share is saved, without waiting for the join.
+
+        Raises:
+            IndexNotFoundError: `gallery_dir` does not exist.
+            GalleryIndexError: no image files, none of them could be read, or `output` is not ours to
+                write (it holds the gallery, or other files and no DECD index).
+            BuildInterrupted: `max_batches` was reached before the end.
+        """
+        built = build_index(model, processor, gallery_dir, output, batch_size=batch_size, model_id=model_id,
+                            extensions=extensions, resume=resume, show_progress=show_progress,
+                            shard_batches=shard_batches, max_batches=max_batches, backend=backend,
+                            train_size=train_size, distributed=distributed)
+        if built is None:  # another process than the main one
+            return None
+        index = cls(*built, path=output)
+        warn_skipped(index.meta, f"{Path(output) / META_FILE} under 'skipped'", stacklevel=2)
+        return index
+
+    @classmethod
+    @torch.no_grad()
+    def from_images(cls, model, processor, images: Sequence[Any], batch_size: int = 64,
+                    model_id: Optional[str] = None, show_progress: bool = False) -> "GalleryIndex":
+        """An in-memory index of a list of images (anything `load_image` opens; nothing written).
+
+        Paths are kept as given (`paths`, `None` if any item is a PIL image). Unreadable items raise:
+        a list the caller assembled is expected to be valid, unlike a folder scan.
+        """
+        images = list(images)
+        if not images:
+            raise GalleryIndexError("the gallery is an empty list of images")
+        embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
+        has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
+        paths = [str(item) for item in images] if has_paths else None
+        meta = dict(_model_meta(model, processor, model_id, model_checksum(model)),
+                    embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images), skipped=[],
+                    num_skipped=0)
+        return cls(embeddings, paths, meta)
+
+    # ---- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: PathLike, mmap: bool = True, verify: bool = True) -> "GalleryIndex":
+        """Open an index folder written by `build`, checking that it is whole.
+
+        Args:
+            path: the index folder.
+            mmap: memory-map the embeddings (no read up front) instead of reading them into memory.
+            verify: also read the whole embeddings file once to check its sha256 against the one
+                recorded at build time and that every value is finite (one read of the file: a 10^6-image
+                index at dim 512 is 2 GB). `verify=False` keeps the cheap
+                checks only (JSON, shapes, dtype, counts): for an index verified before, when
+                opening must be instant.
+
+        Raises:
+            IndexNotFoundError: no such folder, or an unfinished build.
+            GalleryIndexError: a damaged or outdated index (one line; rebuild it).
+        """
+        return cls(*read_index(path, mmap, verify), path)
+
+    # ---- searching --------------------------------------------------------------------------------
+    def verify_model(self, model, model_id: Optional[str] = None) -> None:
+        """Raise `StaleIndexError` unless `model` has the checksum the index was built with."""
+        check_model(self.meta, model, model_id)
+
+    def search(
+        self,
+        queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]],
+        top_k: int = 10,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        backend: Optional[str] = None,
+        model=None,
+        processor=None,
+        device: Optional[Union[str, torch.device]] = None,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+        rerank: Optional[int] = None,
+    ) -> SearchResult:
+        """Rank the gallery for each query by cosine similarity.
+
+        Args:
+            queries: query embeddings [num_queries, dim] or [dim] (normalised here), or description(s)
+                (str / list of str), which need `model` and `processor` (see `search_text`).
+            top_k: results per query (clamped to the gallery size).
+            chunk_size: gallery rows scored at once (exact backend); results do not depend on it.
+            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact"
+                when none); "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss"
+                (`faiss.IndexFlatIP`, also exact; needs faiss installed, keeps its own copy of the
+                embeddings, and orders equal scores its own way); or the index's own FAISS factory string
+                (an approximate search in `ann.faiss`: rows it could not fill get index -1, score -inf
+                and path None).
+            device: where the exact backend multiplies (default CPU).
+            nprobe: IVF lists visited per query (default DEFAULT_NPROBE): more is slower and closer to exact.
+            ef_search: HNSW candidate list size (default DEFAULT_EF_SEARCH, raised to top_k): likewise.
+            rerank: approximate backends: fetch this many candidates and re-score them exactly against
+                `embeddings` (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`.
+                Restores the ranking a compressed (PQ) index loses; None or 0: the index's own scores.
+        """
+        if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
+                                        and all(isinstance(query, str) for query in queries)):
+            if model is None or processor is None:
+                raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
+            return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
+                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
+                                    rerank=rerank)
+        queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
+        if queries.ndim == 1:
+            queries = queries[None]
+        if queries.ndim != 2 or queries.shape[1] != self.embedding_dim:
+            raise ValueError(f"queries must be [num_queries, {self.embedding_dim}], got {tuple(queries.shape)}")
+        queries = F.normalize(queries.float(), dim=-1)
+        recorded = self.backend
+        backend = recorded if backend is None else backend
+        if backend == "exact":
+            scores, indices = exact_top_k(queries.cpu() if device is None else queries, self.embeddings,
+                                          top_k, chunk_size, device)
+            scores, indices = scores.cpu(), indices.cpu()
+        elif backend == "faiss":
+            import_faiss()  # without faiss: the ImportError names backend 'faiss'
+            if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
+                self._faiss_index = build_ann_index(self.embeddings, "Flat")
+            found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
+            scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
+        elif backend == recorded:
+            if top_k < 1:
+                raise ValueError(f"top_k must be at least 1, got {top_k}")
+            top_k = min(top_k, len(self))
+            fetch = min(max(int(rerank or 0), top_k), len(self))
+            query_array = queries.cpu().numpy()
+            scores, indices = ann_search(self.ann_index(), query_array, fetch, nprobe,
+                                         max(ef_search or DEFAULT_EF_SEARCH, fetch))
+            if rerank:
+                scores, indices = rerank_exact(self.embeddings, query_array, indices, top_k)
+            scores[indices < 0] = -np.inf
+            scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
+        else:
+            built = f" or this index's own backend {recorded!r}" if not _is_exact(recorded) else \
+                " (an approximate backend is chosen when the index is built: decd-search index --backend SPEC)"
+            raise ValueError(f"backend must be 'exact', 'faiss'{built}, got {backend!r}")
+        paths = None
+        if self.paths is not None:
+            paths = [[self.paths[index] if index >= 0 else None for index in row] for row in indices.tolist()]
+        return SearchResult(scores=scores, indices=indices, paths=paths)
+
+    @property
+    def backend(self) -> str:
+        """The search backend recorded at build time: "exact" or a FAISS index-factory string."""
+        return self.meta.get("backend") or EXACT_BACKEND
+
+    def ann_index(self):
+        """The FAISS index of an approximate backend (`ann.faiss`), read on first use."""
+        if _is_exact(self.backend):
+            raise ValueError("this index was built with the exact backend; it has no approximate index")
+        if self._ann_index is None:
+            faiss = import_faiss(self.backend)
+            if self.path is None:
+                raise ValueError("an in-memory index has no approximate index file")
+            try:
+                index = faiss.read_index(str(self.path / ANN_FILE))
+            except RuntimeError as error:
+                raise GalleryIndexError(f"index {display_path(self.path)!r} is damaged: {ANN_FILE} cannot be read "
+                                        f"({str(error).strip().splitlines()[-1]}); rebuild it") from None
+            if index.ntotal != len(self) or index.d != self.embedding_dim:
+                raise GalleryIndexError(f"index {display_path(self.path)!r} is damaged: {ANN_FILE} holds "
+                                        f"{index.ntotal} x {index.d}, expected {len(self)} x {self.embedding_dim}; "
+                                        f"rebuild it")
+            self._ann_index = index
+        return self._ann_index
+
+    @torch.no_grad()
+    def search_text(
+        self,
+        model,
+        processor,
+        texts: Union[str, Sequence[str]],
+        top_k: int = 10,
+        verify: bool = True,
+        model_id: Optional[str] = None,
+        **search_kwargs,
+    ) -> SearchResult:
+        """Encode descriptions with `model` and rank the gallery for each (one result row per text).
+
+        `verify` first checks that `model` is the model the index was built with (`StaleIndexError`
+        naming both otherwise); skip it only when that was checked already. Empty descriptions raise
+        ValueError (from the processor). Other keyword arguments go to `search`.
+        """
+        if verify:
+            self.verify_model(model, model_id)
+        return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
+
+    @torch.no_grad()
+    def search_image(
+        self,
+        model,
+        processor,
+        images: Any,
+        top_k: int = 10,
+        verify: bool = True,
+        model_id: Optional[str] = None,
+        **search_kwargs,
+    ) -> SearchResult:
+        """Rank the gallery by image-image cosine similarity for query photo(s) of a person (re-identification).
+
+        `images` is one image or a list of them: anything `load_image` opens (path, bytes, PIL image,
+        array); each is opened by the processor and encoded by `embed_images`, exactly like the gallery.
+        `verify` checks that `model` built the index (`StaleIndexError` otherwise), as in `search_text`.
+        Unreadable images raise ValueError naming the image (from `load_image`).
+        """
+        if verify:
+            self.verify_model(model, model_id)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no query image given")
+        return self.search(embed_images(model, processor, list(images), batch_size=len(images), show_progress=False),
+                           top_k=top_k, **search_kwargs)

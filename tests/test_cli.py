@@ -1,0 +1,185 @@
+"""`decd-search` (decd.cli): index then query by description or photo, a recorded approximate backend, and
+user errors as one line with exit status 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from decd.cli import main
+from decd.search import ANN_FILE, SCORE_EXPLANATION, GalleryIndex, GalleryIndexError
+
+from .search_fixtures import _index_command, _table_paths, gallery_and_model, photo_gallery, workspace  # noqa: F401
+
+QUERY = "a man in a red shirt and blue trousers"
+
+
+# ---------------------------------------------------------------------------------------------
+# By description
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_index_then_query_prints_ranking_and_writes_grid(workspace, tmp_path, capsys):
+    index_dir = tmp_path / "cli-index"
+    code = main(["index", str(workspace["gallery"]), "--model", str(workspace["model_dir"]), "--output",
+                 str(index_dir), "--batch_size", "5", "--quiet"])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert f"Indexed {len(workspace['index'])} images" in output and "bad.png" in output
+
+    grid = tmp_path / "grid.png"
+    code = main(["query", str(index_dir), QUERY, "--top_k", "3", "--grid", str(grid)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    expected = workspace["index"].search_text(workspace["model"], workspace["processor"], QUERY, top_k=3)
+    assert _table_paths(captured.out) == expected.paths[0]
+    assert QUERY in captured.out
+    with Image.open(grid) as picture:
+        assert picture.format == "PNG" and picture.width > 3 * 64
+
+    code = main(["query", str(index_dir), QUERY, "--top_k", "2", "--model", str(workspace["model_dir"]),
+                 "--backend", "exact"])
+    assert code == 0 and _table_paths(capsys.readouterr().out) == expected.paths[0][:2]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["query", "{index}", "   "], "description is empty"),
+        (["query", "{missing}", QUERY], "does not exist"),
+        (["query", "{index}", QUERY, "--model", "{other}"], "rebuild the index"),
+        (["query", "{index}", QUERY, "--model", "{missing}"], "could not load the model"),
+        (["index", "{missing}", "--model", "{model}", "--output", "{missing}"], "does not exist"),
+        (["index", "{empty}", "--model", "{model}", "--output", "{missing}"], "no images found"),
+    ],
+)
+def test_cli_user_errors_exit_nonzero_without_traceback(workspace, tmp_path, capsys, arguments, message):
+    (tmp_path / "empty").mkdir()
+    paths = dict(index=workspace["root"] / "index", missing=tmp_path / "missing", other=workspace["other_model_dir"],
+                 model=workspace["model_dir"], empty=tmp_path / "empty")
+    code = main([argument.format(**paths) for argument in arguments])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert message in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_console_script(workspace, tmp_path):
+    script = shutil.which("decd-search") or shutil.which("decd-search", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the decd-search console script is not installed (pip install -e .)")
+    completed = subprocess.run([script, "query", str(workspace["root"] / "index"), QUERY, "--top_k", "2"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    expected = workspace["index"].search_text(workspace["model"], workspace["processor"], QUERY, top_k=2)
+    assert _table_paths(completed.stdout) == expected.paths[0]
+    failed = subprocess.run([script, "query", str(tmp_path / "missing"), QUERY], capture_output=True, text=True,
+                            timeout=120)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# By photo
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_query_by_image_prints_ranking_and_explanation(setup, capsys, tmp_path):
+    index_dir, gallery = setup["root"] / "index", setup["gallery"]
+    query = gallery / setup["index"].paths[2]
+    grid = tmp_path / "grid.png"
+    assert main(["query", str(index_dir), "--image", str(query), "--top_k", "3", "--grid", str(grid)]) == 0
+    output = capsys.readouterr().out
+    rows = [line.split() for line in output.splitlines() if line.split() and line.split()[0].isdigit()]
+    expected = setup["index"].search_image(setup["model"], setup["processor"], query, top_k=3)
+    assert [row[3] for row in rows] == expected.paths[0]
+    assert rows[0][2] == f"{100 / len(setup['index']):.3g}%"
+    assert f"photo {query}" in output and SCORE_EXPLANATION in output and grid.is_file()
+    # a description and a photo in one call: one table each
+    assert main(["query", str(index_dir), "a man in a red shirt", "--image", str(query), "--top_k", "2"]) == 0
+    assert capsys.readouterr().out.count("Query:") == 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ([], "give a description"),
+    (["--image", "{missing}"], "does not exist"),
+    (["--image", "{query}", "--model", "{other}"], "rebuild the index"),
+])
+def test_cli_query_by_image_user_errors(setup, capsys, tmp_path, arguments, message):
+    paths = dict(missing=tmp_path / "missing.png", other=setup["other_dir"],
+                 query=setup["gallery"] / setup["index"].paths[0])
+    code = main(["query", str(setup["root"] / "index")] + [argument.format(**paths) for argument in arguments])
+    captured = capsys.readouterr()
+    assert code == 1 and message in captured.err and "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# Approximate backends
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_builds_a_recorded_backend_that_query_uses_and_load_verifies(gallery_and_model, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    _, gallery, model = gallery_and_model
+    output = tmp_path / "hnsw"
+    assert main(_index_command(gallery, model, output, "--backend", "HNSW8")) == 0
+    assert "backend HNSW8" in capsys.readouterr().out
+    meta = json.loads((output / "meta.json").read_text())
+    assert meta["backend"] == "HNSW8" and meta["ann_file"] == ANN_FILE and len(meta["ann_sha256"]) == 64
+    index = GalleryIndex.load(output)
+    assert index.backend == "HNSW8" and index.ann_index().ntotal == len(index)
+    queries = torch.randn(4, index.embedding_dim)
+    approximate = index.search(queries, top_k=5)  # the recorded backend by default
+    exact = index.search(queries, top_k=5, backend="exact")
+    # A tiny gallery: HNSW with efSearch >= the gallery size is exact.
+    np.testing.assert_array_equal(approximate.indices.numpy(), exact.indices.numpy())
+    reranked = index.search(queries, top_k=5, rerank=20)  # candidates re-scored from embeddings.npy
+    np.testing.assert_array_equal(reranked.indices.numpy(), exact.indices.numpy())
+    np.testing.assert_allclose(reranked.scores.numpy(), exact.scores.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"'exact', 'faiss' or this index's own backend 'HNSW8'"):
+        index.search(queries, backend="IVF4,Flat")
+
+    assert main(["query", str(output), QUERY, "--top_k", "3", "--ef_search", "16"]) == 0
+    hnsw_out = capsys.readouterr().out
+    assert main(["query", str(output), QUERY, "--top_k", "3", "--backend", "exact"]) == 0
+    assert capsys.readouterr().out == hnsw_out
+    assert main(["query", str(output), QUERY, "--top_k", "3", "--rerank", "10"]) == 0
+    assert capsys.readouterr().out == hnsw_out
+    assert main(["query", str(output), QUERY, "--backend", "IVF4,Flat"]) == 1
+    assert "--backend must be exact, faiss or HNSW8" in capsys.readouterr().err
+
+    # The FAISS file is covered by the checksum: a flipped byte is refused in one line.
+    data = bytearray((output / ANN_FILE).read_bytes())
+    data[-5] ^= 0xFF
+    (output / ANN_FILE).write_bytes(bytes(data))
+    with pytest.raises(GalleryIndexError, match=r"ann.faiss does not match the checksum"):
+        GalleryIndex.load(output)
+    (output / ANN_FILE).unlink()
+    with pytest.raises(GalleryIndexError, match=r"ann.faiss \(the HNSW8 index\) is missing"):
+        GalleryIndex.load(output, verify=False)
+
+
+def test_cli_index_refuses_a_bad_backend_before_encoding(gallery_and_model, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    _, gallery, model = gallery_and_model
+    assert main(_index_command(gallery, model, tmp_path / "bad", "--backend", "IVF9999,Flat")) == 1
+    error = capsys.readouterr().err
+    assert "has 9999 IVF lists but the gallery holds only" in error and "Traceback" not in error
+    assert not (tmp_path / "bad" / "partial").exists()
+    assert main(_index_command(gallery, model, tmp_path / "bad2", "--backend", "Nonsense")) == 1
+    assert "'Nonsense' is not a FAISS index factory string" in capsys.readouterr().err
+
+
+def test_cli_index_with_an_ann_backend_but_no_faiss_says_how_to_install(gallery_and_model, tmp_path, capsys,
+                                                                        monkeypatch):
+    _, gallery, model = gallery_and_model
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    assert main(_index_command(gallery, model, tmp_path / "index", "--backend", "HNSW32")) == 1
+    error = capsys.readouterr().err
+    assert "backend='HNSW32' needs the optional FAISS package: `pip install faiss-cpu`" in error
+    assert not (tmp_path / "index").exists()

@@ -1,0 +1,59 @@
+"""The transformers pipeline ("text-based-person-search", decd.pipeline): by description and by photo, over an
+index folder or a list of images, with the ranking and wording of `GalleryIndex` / `describe_match`."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import decd.pipeline  # noqa: F401  (registers the task)
+from decd.search import StaleIndexError, describe_match
+
+from .search_fixtures import photo_gallery, workspace  # noqa: F401
+
+QUERY = "a man in a red shirt and blue trousers"
+
+
+def test_pipeline_returns_the_index_search_top_k(workspace):
+    import decd.pipeline  # noqa: F401  (registers the task)
+    from transformers import pipeline
+
+    index = workspace["index"]
+    search = pipeline("text-based-person-search", model=str(workspace["model_dir"]),
+                      gallery=str(workspace["root"] / "index"), device="cpu")
+    expected = index.search_text(workspace["model"], workspace["processor"], QUERY, top_k=5)
+    matches = search(QUERY, top_k=5)
+    assert [match["index"] for match in matches] == expected.indices[0].tolist()
+    assert [match["path"] for match in matches] == expected.paths[0]
+    np.testing.assert_allclose([match["score"] for match in matches], expected.scores[0].numpy(), atol=1e-5)
+    assert len(search([QUERY, "a woman"], top_k=2)) == 2
+
+    # A list of images gives the same ranking (encoded on the fly; no paths for PIL images).
+    images = [Image.open(workspace["gallery"] / path).convert("RGB") for path in index.paths]
+    in_memory = pipeline("text-based-person-search", model=workspace["model"], processor=workspace["processor"],
+                         gallery=images, device="cpu")
+    matches = in_memory(QUERY, top_k=5)
+    assert [match["index"] for match in matches] == expected.indices[0].tolist()
+    assert "path" not in matches[0]
+
+    with pytest.raises(StaleIndexError):
+        pipeline("text-based-person-search", model=str(workspace["other_model_dir"]),
+                 gallery=str(workspace["root"] / "index"), device="cpu")
+
+
+def test_pipeline_accepts_a_photo_besides_a_description(setup):
+    from transformers import pipeline
+
+    search = pipeline("text-based-person-search", model=setup["model"], processor=setup["processor"],
+                      gallery=setup["root"] / "index")
+    query = setup["gallery"] / setup["index"].paths[1]
+    expected = setup["index"].search_image(setup["model"], setup["processor"], query, top_k=3)
+    by_path = search({"image": str(query)}, top_k=3)
+    with Image.open(query) as picture:
+        by_pil = search(picture.copy(), top_k=3)
+    assert [match["path"] for match in by_path] == expected.paths[0] == [match["path"] for match in by_pil]
+    first = by_path[0]
+    assert first["rank"] == 1 and first["label"] == describe_match(1, first["score"], len(setup["index"]))["label"]
+    by_text = search("a man in a red shirt", top_k=2)
+    assert [match["rank"] for match in by_text] == [1, 2] and "top_percent" in by_text[0]
+    with pytest.raises(ValueError, match="query dict"):
+        search({"picture": str(query)})
