@@ -37,12 +37,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from configuration_decd import CLIP_CONTEXT_LENGTH, CLIP_VOCAB_SIZE
+
 FORMATS = ("irra", "openai-clip")
 IRRA_PREFIX = "base_model."
 # IRRA's method temperature (not stored in its checkpoints) and DECD's default.
 DEFAULT_TEMPERATURE = 0.02
-CLIP_VOCAB_SIZE = 49408
-CLIP_CONTEXT_LENGTH = 77
 IRRA_GRID = (24, 8)  # IRRA's 384 x 128 crops with patch 16
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Not parameters of the model: OpenAI's JIT state dicts carry the first three, open_clip's older
@@ -470,65 +470,6 @@ def _build_model(config, state: dict[str, torch.Tensor], path):
     return model.eval()
 
 
-def _model_card(report: ConversionReport) -> str:
-    sizes = report.sizes
-    dropped_rows = "\n".join(
-        f"| `{name}` | {count} | {report.dropped_parameters[name]:,} |" for name, count in report.dropped.items()
-    ) or "| (nothing) | 0 | 0 |"
-    notes = "".join(f"- {note}\n" for note in report.notes)
-    height, width = report.image_size
-    return f"""---
-library_name: transformers
-pipeline_tag: zero-shot-image-classification
-tags:
-- text-based-person-search
-- person-retrieval
-- clip
-- decd
-- converted
----
-
-# DECD model converted from `{Path(report.source).name}`
-
-A CLIP ViT dual encoder for text-based person search, converted to DECD's format by `decd-convert`
-(`decd/convert.py`). It loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`, the
-`text-based-person-search` pipeline, `decd-search` and the demo app, and fine-tunes further with
-`examples/train.py --model_name_or_path <folder>` (Sew + MCM; the decoder and heads start fresh).
-
-## Where the weights came from
-
-| | |
-|---|---|
-| source file | `{Path(report.source).name}` |
-| format | `{report.format}` |
-| sha256 of the source | `{report.sha256}` |
-| source dtype | {', '.join(report.source_dtypes)} (stored here as {report.dtype}) |
-
-Embeddings equal those of OpenAI's CLIP code (`encode_text` / `encode_image`) on the same weights;
-the tokenizer is CLIP's BPE, as OpenAI's `SimpleTokenizer`.
-
-## What changed in the conversion
-
-- Parameter names: OpenAI layout -> transformers' CLIP layout (packed attention split into q/k/v,
-  projections transposed). Activation QuickGELU, LayerNorm eps 1e-5, as OpenAI's CLIP.
-- Vision: width {sizes['vision_width']}, {sizes['vision_layers']} layers, {sizes['vision_heads']} heads, patch
-  {sizes['patch_size']}; the position table keeps its grid of {sizes['grid'][0]} x {sizes['grid'][1]} patches
-  (input crops {height} x {width}, height x width).
-- Text: width {sizes['text_width']}, {sizes['text_layers']} layers, {sizes['text_heads']} heads, context
-  {sizes['context_length']}; the vocabulary of {sizes['vocab_size']:,} tokens gains DECD's mask token (id
-  {sizes['vocab_size']}, initialised to the mean embedding; used only for MCM training). Pooling is at the
-  end-of-text token (id {CLIP_VOCAB_SIZE - 1}), as OpenAI's argmax pooling over CLIP's vocabulary.
-- Temperature: {report.temperature} (`config.temperature`, used by the returned logits and the Sew loss).
-  The checkpoint's own CLIP `logit_scale` is not used.
-{notes}
-## Dropped
-
-| tensors | count | values |
-|---|---|---|
-{dropped_rows}
-"""
-
-
 def convert_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -593,11 +534,11 @@ def convert_checkpoint(
     # Own, contiguous storage per tensor (the q/k/v chunks and transposes are views of the source).
     state_out = {key: value.to(dtype=target, copy=True).contiguous() for key, value in mapped.items()}
     del mapped, tokens, encoder, state, checkpoint
-    state_out["log_logit_scale"] = torch.tensor(math.log(1.0 / temperature), dtype=target)
 
     config = _decd_config(sizes, temperature)
     model = _build_model(config, state_out, path)
 
+    from .hub.card import build_model_card
     from .search import file_sha256
 
     report = ConversionReport(
@@ -625,7 +566,11 @@ def convert_checkpoint(
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     DecdProcessor(image_size=sizes["image_size"]).save_pretrained(output)
-    (output / "README.md").write_text(_model_card(report), encoding="utf-8")
+    card = build_model_card(output.name, results=None, widget_images=[], conversion=dict(
+        source=path.name, format=detected, sha256=report.sha256, source_dtypes=source_dtypes, dtype=dtype,
+        temperature=temperature, sizes=sizes, image_size=report.image_size, notes=report.notes,
+        dropped=report.dropped, dropped_parameters=report.dropped_parameters))
+    (output / "README.md").write_text(str(card), encoding="utf-8")
     return report
 
 

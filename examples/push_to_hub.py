@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from decd.hub import DATASETS, publish  # noqa: E402
+from decd.hub import publish  # noqa: E402
+from decd.hub.results import DATASETS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

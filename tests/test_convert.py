@@ -279,12 +279,13 @@ def test_folder_holds_weights_config_processor_code_and_card(converted):
         sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
         card = (folder / "README.md").read_text()
         assert sha256 in card and f"`{source.name}`" in card and f"`{fmt}`" in card
+        assert config["temperature"] == 0.02 and config["learnable_temperature"] is False
         assert config["conversion"] == {"source": source.name, "format": fmt, "sha256": sha256,
                                         "dropped": sorted(converted["reports"][name].dropped)}
         with safe_open(folder / "model.safetensors", "pt") as weights:
             assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F32"}
             tokens = weights.get_tensor("text_model.embeddings.token_embedding.weight")
-            assert weights.get_tensor("log_logit_scale").item() == pytest.approx(math.log(50.0))
+            assert "log_logit_scale" not in weights.keys()  # a fixed temperature: the config states it, once
             assert not any(key.startswith(("decoder.", "mcm_head.", "ln_post", "cross", "classifier"))
                            for key in weights.keys())
         # The mask token row is the mean of CLIP's rows; CLIP's rows are the source's own.

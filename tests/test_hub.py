@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
-from decd.hub import PUBLISHED_RESULTS, build_model_card, publish, saved_model_type
+from decd.hub import CODE_FILES, build_model_card, publish, published_results
+from decd.training.recipe import saved_model_type
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
@@ -93,7 +94,7 @@ def test_publish_uploads_inference_model_code_processor_handler_and_card_last(hu
     assert expected <= set(files), sorted(files)
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     assert files["handler.py"] == (REPO / "handler.py").read_bytes()
-    for name in ("configuration_decd.py", "modeling_decd.py", "processing_decd.py"):
+    for name in CODE_FILES:  # every module of the custom code, the handler's inference_decd.py included
         assert files[name] == (REPO / name).read_bytes()
     config = json.loads(files["config.json"])
     assert config["use_decoder"] is False
@@ -136,7 +137,7 @@ def test_model_card_separates_measured_and_published_numbers():
     measured, published = text.split("## Published reference numbers (not measured here)")
     assert "| synthetic | test | val | 41.25 | 77.50 | 90.00 | 38.12 | 12.35 |" in measured
     assert "73.81" not in measured  # no published number among the measured ones
-    for method in PUBLISHED_RESULTS:
+    for method in published_results():
         assert f"| {method} |" in published
     assert "| DECD / SCMM paper (R@1 only) | 73.81 | 64.25 | 57.35 |" in published
     assert "| IRRA (CVPR23) | 73.38 / 89.93 / 93.71 / 66.13 / 50.24 |" in published

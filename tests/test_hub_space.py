@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from decd.hub import publish_space, stage_space
+from decd.hub import CODE_FILES, publish_space, stage_space
 
 from .hub_stub import HubStub
 
@@ -33,9 +33,10 @@ def test_publish_space_uploads_a_runnable_gradio_space(hub):
     url = publish_space("org/decd-demo", "org/decd-tiny")
     assert url == f"{hub.url}/spaces/org/decd-demo"
     files = hub.files("org/decd-demo", repo_type="space")
-    for name in ("app.py", "configuration_decd.py", "modeling_decd.py", "processing_decd.py"):
+    for name in ("app.py",) + CODE_FILES:
         assert files[name] == (REPO / name).read_bytes()
-    assert files["decd/search.py"] == (REPO / "decd" / "search.py").read_bytes() and "decd/__init__.py" in files
+    assert files["decd/search/__init__.py"] == (REPO / "decd" / "search" / "__init__.py").read_bytes()
+    assert "decd/__init__.py" in files and "decd/hub/published_results.json" in files
     assert not any("__pycache__" in name for name in files)
     header = _header(files["README.md"])
     assert header["sdk"] == "gradio" and header["app_file"] == "app.py" and header["sdk_version"].startswith("6.")
