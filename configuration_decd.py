@@ -76,6 +76,11 @@ class DecdConfig(PreTrainedConfig):
             of `round(mcm_fraction * batch)` pairs (at least one), drawn anew each step. 1.0 is the paper's (every
             pair); a smaller share is an unbiased estimate of the same loss that skips that share of the second text
             pass and of the decoder. Training only: in eval mode every pair is used.
+        mcm_max_positions (`int`, *optional*):
+            Masked positions scored per caption: at most this many, the first ones (None: all of them). A compiled
+            step scores a fixed number of positions per caption (masked ones first, padded with ignored ones),
+            all of the caption's positions when this is None; a cap keeps the whole-vocabulary head small. With
+            the 15% masking rule, a 75-token caption has more than 32 masked tokens with probability 2e-9.
         num_identities (`int`, defaults to 0):
             Number of training identities for the identity classifier (0: no classifier).
         use_decoder (`bool`, defaults to `True`):
@@ -110,6 +115,7 @@ class DecdConfig(PreTrainedConfig):
     id_weight: float = 0.0
     mcm_vocabulary: str = "full"
     mcm_fraction: float = 1.0
+    mcm_max_positions: int | None = None
     num_identities: int = 0
     use_decoder: bool = True
     mask_token_id: int = CLIP_VOCAB_SIZE
@@ -170,6 +176,7 @@ class DecdConfig(PreTrainedConfig):
             "caption_quality": (lambda v: isinstance(v, str), f"one of {CAPTION_QUALITY_MODES}"),
             "mcm_vocabulary": (lambda v: v in MCM_VOCABULARIES, f"one of {MCM_VOCABULARIES}"),
             "mcm_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+            "mcm_max_positions": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),
         }.items():
             if not check(getattr(self, name)):
                 fail(name, expected)

@@ -2,9 +2,11 @@
 
 - `sew_loss`: similarity-distribution matching with caption-quality-adaptive margins, both directions
   (with `margin=0` it is exactly IRRA's SDM loss).
-- `masked_caption_loss`: cross-entropy of the MCM head on the masked positions, with the two helpers that
-  decide what it scores: `sample_mcm_rows` (which pairs of a batch go through MCM) and `batch_vocabulary`
-  (which vocabulary rows the head scores when only the batch's own words are candidates).
+- `masked_caption_loss`: cross-entropy of the MCM head on the masked positions, with the helpers that decide
+  what it scores: `sample_mcm_rows` (which pairs of a batch go through MCM), `masked_positions` (which positions
+  of a caption) and `batch_vocabulary` (which vocabulary rows, when only the batch's own words are candidates).
+  `masked_positions` and `batch_vocabulary_fixed` give the same choices in tensors whose shapes are known
+  before the data, which a compiled step needs (no data-dependent shapes, no host synchronisation).
 - `identity_loss`: identity classification of both modalities.
 - `gather_with_grad`: the ONE helper that knows about processes; the Sew loss uses the global batch.
 
@@ -111,6 +113,51 @@ def batch_vocabulary(words: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return candidates, torch.searchsorted(candidates, targets)
 
 
+def masked_positions(labels: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A fixed number of positions per caption, its masked ones first (in order), and their labels.
+
+    Args:
+        labels: [rows, length] MCM labels (IGNORE_INDEX where nothing is masked).
+        count: positions kept per caption; None (or at least `length`): every position, in place.
+
+    Returns:
+        (positions [rows, count] LongTensor, or None for every position; labels [rows, count] at them). A
+        caption with fewer masked tokens is padded with unmasked positions, whose label is IGNORE_INDEX; one with
+        more keeps its first `count`.
+    """
+    if count is None or count >= labels.shape[1]:
+        return None, labels
+    positions = torch.argsort((labels == IGNORE_INDEX).to(torch.int8), dim=1, stable=True)[:, :count]
+    return positions, labels.gather(1, positions)
+
+
+def batch_vocabulary_fixed(
+    words: torch.Tensor, words_valid: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`batch_vocabulary` in tensors whose size is known before the data: `words.numel() + targets.numel()`
+    candidate slots holding each distinct id of the valid words and of the targets once, sorted, the other slots
+    marked invalid (the caller sets their logits to -inf, so the softmax is the one over the distinct words).
+
+    Args:
+        words: token ids of the batch's captions (any shape); words_valid: the same shape, False for padding.
+        targets: masked tokens' ids (any shape), IGNORE_INDEX where nothing is scored.
+
+    Returns:
+        (candidates [slots] ids (0 in invalid slots), targets mapped to their candidate slot (IGNORE_INDEX kept),
+        valid [slots] bool).
+    """
+    scored = targets != IGNORE_INDEX
+    ids = torch.cat([words.flatten(), targets.flatten()])
+    keep = torch.cat([words_valid.flatten().bool(), scored.flatten()])
+    beyond = torch.iinfo(ids.dtype).max  # sorts after every real id
+    ordered = torch.sort(torch.where(keep, ids, torch.full_like(ids, beyond))).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    valid = first & (ordered != beyond)
+    mapped = torch.searchsorted(ordered, torch.where(scored, targets, torch.zeros_like(targets)))  # first slot of an id
+    return torch.where(valid, ordered, 0), torch.where(scored, mapped, IGNORE_INDEX), valid
+
+
 def masked_caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the MCM head over masked positions only (labels are IGNORE_INDEX elsewhere)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -129,9 +176,11 @@ def identity_loss(
 __all__ = [
     "IGNORE_INDEX",
     "batch_vocabulary",
+    "batch_vocabulary_fixed",
     "gather_with_grad",
     "identity_loss",
     "masked_caption_loss",
+    "masked_positions",
     "sample_mcm_rows",
     "sew_loss",
 ]

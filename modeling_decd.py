@@ -42,13 +42,13 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
     from .configuration_decd import DecdConfig
-    from .losses_decd import (IGNORE_INDEX, batch_vocabulary, gather_with_grad, identity_loss,
-                              masked_caption_loss, sample_mcm_rows, sew_loss)
+    from .losses_decd import (IGNORE_INDEX, batch_vocabulary, batch_vocabulary_fixed, gather_with_grad,
+                              identity_loss, masked_caption_loss, masked_positions, sample_mcm_rows, sew_loss)
     from .processing_decd import DecdProcessor
 except ImportError:  # installed as top-level modules
     from configuration_decd import DecdConfig
-    from losses_decd import (IGNORE_INDEX, batch_vocabulary, gather_with_grad, identity_loss,
-                             masked_caption_loss, sample_mcm_rows, sew_loss)
+    from losses_decd import (IGNORE_INDEX, batch_vocabulary, batch_vocabulary_fixed, gather_with_grad,
+                             identity_loss, masked_caption_loss, masked_positions, sample_mcm_rows, sew_loss)
     from processing_decd import DecdProcessor
 
 logger = logging.getLogger(__name__)
@@ -607,13 +607,31 @@ class DecdModel(DecdPreTrainedModel):
             masked_attention = None if masked_attention is None else masked_attention[rows]
         masked_states = self.text_model(input_ids=masked_ids, attention_mask=masked_attention).last_hidden_state
         decoded = self.decoder(masked_states, image_states, masked_attention)
+        if torch.compiler.is_compiling():
+            return self._fixed_shape_mcm_loss(decoded, labels, input_ids, attention_mask)
         # The vocabulary-sized head runs on masked positions only (~15% of tokens): same loss, far less work.
         selected = labels != IGNORE_INDEX
+        if config.mcm_max_positions is not None:
+            selected &= selected.cumsum(dim=1) <= config.mcm_max_positions
         targets, candidates = labels[selected], None
         if config.mcm_vocabulary == "batch":
             words = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
             candidates, targets = batch_vocabulary(words, targets)
         return masked_caption_loss(self.mcm_head(decoded[selected], candidates), targets)
+
+    def _fixed_shape_mcm_loss(self, decoded, labels, input_ids, attention_mask):
+        """The same MCM loss with every shape known before the data, for a compiled step: a fixed number of
+        positions per caption (`masked_positions`) and, for the batch vocabulary, a fixed number of candidate slots
+        whose repeats and padding get a logit of -inf (`batch_vocabulary_fixed`). Nothing synchronises the host."""
+        positions, targets = masked_positions(labels, self.config.mcm_max_positions)
+        if positions is not None:
+            decoded = decoded.gather(1, positions[..., None].expand(-1, -1, decoded.shape[-1]))
+        if self.config.mcm_vocabulary != "batch":
+            return masked_caption_loss(self.mcm_head(decoded), targets)
+        words_valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        candidates, targets, valid = batch_vocabulary_fixed(input_ids, words_valid, targets)
+        logits = self.mcm_head(decoded, candidates).masked_fill(~valid, float("-inf"))
+        return masked_caption_loss(logits, targets)
 
     # ---- saving and loading ----------------------------------------------------------------------------
     @classmethod

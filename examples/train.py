@@ -110,8 +110,9 @@ def main(argv=None):
     if push_to_hub and not training_args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME.")
     logger.info("Image augmentation: %s", "on" if training_args.augment else "off")
-    collator = DecdTrainingCollator(processor, augment=training_args.augment,
-                                    mask_captions=model.config.mcm_weight > 0)
+    # A compiled step (--torch_compile) needs the same shapes every step: captions padded to the whole context.
+    collator = DecdTrainingCollator(processor, augment=training_args.augment, mask_captions=model.config.mcm_weight > 0,
+                                    pad_to_context=training_args.torch_compile)
     trainer = DecdTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=processor)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

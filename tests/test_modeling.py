@@ -300,3 +300,73 @@ def test_pickled_weights_are_never_loaded(tmp_path, monkeypatch):
     (pickled / "pytorch_model.bin").write_bytes(b"not even read")
     with pytest.raises(OSError, match="safetensors"):
         DecdModel.from_pretrained(pickled)
+
+
+# ---- a compiled training step: fixed shapes, no graph break ---------------------------------------------
+def _mcm_batch(config, seed=0):
+    """A training batch whose captions differ in length and in how many tokens are masked (1 to 5)."""
+    batch = random_batch(config, batch_size=8, length=14, with_mcm=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row in range(8):
+        count = 1 + row % 5
+        positions = 1 + torch.randperm(10, generator=generator)[:count]
+        labels[row, positions] = batch["input_ids"][row, positions]
+    batch["mcm_labels"] = labels
+    batch["masked_input_ids"] = torch.where(labels != -100, torch.full_like(labels, 49408), batch["input_ids"])
+    return batch
+
+
+@pytest.mark.parametrize("vocabulary", ["full", "batch"])
+@pytest.mark.parametrize("fraction, max_positions", [(1.0, None), (0.5, None), (0.25, 3), (1.0, 2)])
+def test_fixed_shape_mcm_equals_the_data_dependent_mcm(vocabulary, fraction, max_positions, monkeypatch):
+    """What a compiled step computes (`_fixed_shape_mcm_loss`) is the eager step's MCM loss, on the same inputs and
+    random draws (the rows `mcm_fraction` samples), to 1e-6 in float32."""
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(mcm_vocabulary=vocabulary, mcm_fraction=fraction,
+                                  mcm_max_positions=max_positions)).train()
+    batch = _mcm_batch(model.config)
+    losses = {}
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        torch.manual_seed(7)  # the same rows drawn both times
+        losses[compiling] = model(**batch).loss_mcm
+    assert torch.isfinite(losses[False])
+    fixed, data_dependent = float(losses[True].detach()), float(losses[False].detach())
+    assert abs(fixed - data_dependent) <= 1e-6 * max(1.0, abs(data_dependent))
+
+
+def test_a_training_forward_compiles_without_a_graph_break():
+    torch.manual_seed(0)
+    model = DecdModel(tiny_config(num_identities=4, id_weight=0.5, mcm_vocabulary="batch", mcm_fraction=0.5,
+                                  learnable_temperature=True)).train()
+    batch = _mcm_batch(model.config)
+    batch["person_ids"] = torch.arange(8) % 4
+    explanation = torch._dynamo.explain(model)(**batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_and_eager_steps_give_the_same_losses_and_gradients():
+    """A compiled training step (inductor, the batch-vocabulary MCM on half the pairs, an identity loss) against the
+    eager one: losses to 1e-5 and every gradient to 1e-4 in relative norm, 1e-6 absolute (float32; the two sum in different
+    orders). The whole-vocabulary head's fixed-shape form is checked against the eager one above."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = DecdModel(tiny_config(num_identities=4, id_weight=0.5, mcm_vocabulary="batch",
+                                      mcm_fraction=0.5)).train()
+        batch = _mcm_batch(model.config)
+        batch["person_ids"] = torch.arange(8) % 4
+        step = torch.compile(model) if compiled else model
+        torch.manual_seed(3)
+        output = step(**batch)
+        output.loss.backward()
+        results.append((output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for name in ("loss", "loss_sew", "loss_mcm", "loss_id"):
+        assert torch.allclose(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-6), name
+    assert eager_grads.keys() == compiled_grads.keys() and "mcm_head.decoder.weight" in eager_grads
+    for name, grad in eager_grads.items():
+        assert (compiled_grads[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-6, name  # (key biases: zero, noise)

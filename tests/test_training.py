@@ -286,3 +286,18 @@ def test_an_error_inside_a_batch_names_the_file(tmp_path):
     rows = list(without_image_decoding(train_set))
     with pytest.raises(ValueError, match=r"imgs/2\.png: not a readable image"):
         collator(rows)
+
+
+def test_a_non_finite_loss_found_at_a_logging_step_names_the_steps_it_happened_in(tmp_path, tiny_set):
+    """On a GPU the loss parts are summed on the device and read at logging steps only (a read every step would stall
+    the GPU): a NaN summed there stops training, naming the window of steps and the part."""
+    train_set = load_person_search("synthetic", tiny_set, split="train")
+    trainer = _trainer(tmp_path, train_set)
+    trainer.state.global_step = 30
+    trainer._loss_part_sums = {"loss_sew": torch.tensor(12.0), "loss_mcm": torch.tensor(float("nan"))}
+    trainer._loss_part_count = 10
+    with pytest.raises(NonFiniteLossError, match=r"not finite in steps 21 to 30 \(loss_mcm went non-finite\)"):
+        trainer.log({"loss": 1.0})
+    trainer._loss_part_sums = {"loss_sew": torch.tensor(12.0), "loss_mcm": torch.tensor(3.0)}
+    trainer.log({"loss": 1.0})  # finite: logged as means over the window
+    assert trainer.state.log_history[-1]["loss_sew"] == 1.2 and trainer.state.log_history[-1]["loss_mcm"] == 0.3

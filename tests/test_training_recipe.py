@@ -79,6 +79,12 @@ def test_the_papers_recipe_builds_the_method(dataset, tiny_set, tmp_path, monkey
     steps_per_epoch = 1064  # CUHK-PEDES: 68,126 pairs / 64
     assert args.get_warmup_steps(60 * steps_per_epoch) == 5 * steps_per_epoch  # 5 warm-up epochs
     assert args.augment is True and args.metric_for_best_model == "R1"
+    # On a GPU: a compiled step (captions padded to the context, MCM on at most 32 positions per caption), bf16,
+    # the data workers a GPU needs at that rate (benchmarks/README.md), no per-step host synchronisation.
+    assert args.torch_compile is True and args.bf16 is True and config.mcm_max_positions == 32
+    assert args.dataloader_num_workers == 8 and args.dataloader_persistent_workers
+    assert read_recipe(RECIPES / f"{dataset}.json")["dataloader_pin_memory"] is True  # (turned off here: no GPU)
+    assert args.logging_nan_inf_filter is False
 
 
 def test_the_main_jobs_recipe_builds_the_tiny_model_from_random_weights(tiny_set, tmp_path):

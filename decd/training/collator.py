@@ -53,16 +53,19 @@ class DecdTrainingCollator:
 
     `image` may be anything `load_image` opens; `DecdTrainer` hands over the stored path or bytes, so
     the processor opens each image the way every other entry point does. Adds `caption_quality`, and
-    MCM inputs (`masked_input_ids`, `mcm_labels`) when `mask_captions`.
+    MCM inputs (`masked_input_ids`, `mcm_labels`) when `mask_captions`. Captions are padded to the batch's
+    longest, or with `pad_to_context` to the whole context (77 tokens): the fixed shape a compiled step needs.
     """
 
     processor: Any
     augment: bool = True
     mask_captions: bool = True
+    pad_to_context: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.processor(
-            text=[row["caption"] for row in rows], images=[row["image"] for row in rows], return_tensors="pt"
+            text=[row["caption"] for row in rows], images=[row["image"] for row in rows], return_tensors="pt",
+            padding="max_length" if self.pad_to_context else True,
         )
         features = dict(batch)
         if self.augment:

@@ -73,6 +73,11 @@ class ModelArguments:
         metadata={"help": "Share of each batch's pairs that go through MCM, a random subset drawn each step "
                           "(method: 1, every pair)."},
     )
+    mcm_max_positions: int | None = field(
+        default=None,
+        metadata={"help": "Masked positions MCM scores per caption, at most (method: all; a compiled step scores a "
+                          "fixed number, so a cap keeps its whole-vocabulary head small)."},
+    )
     id_weight: float | None = field(default=None, metadata={"help": "Weight of the identity loss (method: 0)."})
     # The detachable decoder's size (default: the model's; 4 x 512 wide with 8 heads for the method's model).
     decoder_layers: int | None = field(default=None, metadata={"help": "Decoder layers."})
@@ -114,7 +119,7 @@ class DataArguments:
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, DecdTrainingArguments)
 # ModelArguments that are DecdConfig fields of the same name: the loss settings, then the decoder's size.
 LOSS_SETTINGS = ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight",
-                 "mcm_vocabulary", "mcm_fraction", "id_weight")
+                 "mcm_vocabulary", "mcm_fraction", "mcm_max_positions", "id_weight")
 DECODER_SETTINGS = ("decoder_layers", "decoder_hidden_size", "decoder_attention_heads", "decoder_intermediate_size")
 
 

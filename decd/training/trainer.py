@@ -16,6 +16,7 @@ from ..retrieval import evaluate_retrieval
 from .sampler import IdentityBalancedSampler
 
 logger = logging.getLogger(__name__)
+LOSS_PARTS = ("loss_sew", "loss_mcm", "loss_id")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -114,22 +115,23 @@ class DecdTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(self._explain_non_finite(outputs))
-            for name in ("loss_sew", "loss_mcm", "loss_id"):
+            # Summed on the loss's device: reading a GPU value every step would make the host wait for the GPU.
+            for name in LOSS_PARTS:
                 value = outputs.get(name)
                 if value is not None:
-                    self._loss_part_sums[name] = self._loss_part_sums.get(name, 0.0) + float(value.detach())
+                    self._loss_part_sums[name] = self._loss_part_sums.get(name, 0.0) + value.detach().float()
             self._loss_part_count += 1
+            if loss.device.type == "cpu" and not torch.isfinite(loss.detach()).all():  # nothing to wait for: now
+                raise NonFiniteLossError(self._explain_non_finite(
+                    {name: outputs.get(name) for name in LOSS_PARTS}, f"at step {self.state.global_step + 1}"))
         return (loss, outputs) if return_outputs else loss
 
-    def _explain_non_finite(self, outputs) -> str:
-        parts = {name: outputs.get(name) for name in ("loss_sew", "loss_mcm", "loss_id")}
+    def _explain_non_finite(self, parts: dict, when: str) -> str:
         bad = [name for name, value in parts.items() if value is not None and not torch.isfinite(value.detach()).all()]
         model = self.accelerator.unwrap_model(self.model)
         weights_bad = any(not torch.isfinite(parameter.detach()).all() for parameter in model.parameters())
         return (
-            f"the training loss is not finite at step {self.state.global_step + 1} "
+            f"the training loss is not finite {when} "
             f"({', '.join(bad) if bad else 'the weighted total'} went non-finite"
             f"{'; the weights already hold NaN or inf' if weights_bad else ''}). Likely causes: a learning rate too "
             f"high for this model (now {self.args.learning_rate:g}), a temperature too low for random weights "
@@ -140,10 +142,13 @@ class DecdTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_part_count:
             names = sorted(self._loss_part_sums)
-            means = torch.tensor([self._loss_part_sums[n] / self._loss_part_count for n in names],
-                                 device=self.args.device)
+            means = torch.stack([self._loss_part_sums[name] for name in names]) / self._loss_part_count
             if self.args.world_size > 1:
                 means = self.accelerator.reduce(means, reduction="mean")
+            if not torch.isfinite(means).all():  # on a GPU, found here: at most logging_steps steps late
+                first = self.state.global_step - self._loss_part_count + 1
+                raise NonFiniteLossError(self._explain_non_finite(
+                    dict(zip(names, means)), f"in steps {first} to {self.state.global_step}"))
             logs.update({name: round(float(value), 4) for name, value in zip(names, means)})
             self._loss_part_sums, self._loss_part_count = {}, 0
         super().log(logs, start_time)
