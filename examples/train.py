@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from decd.data import PersonSearchDataError, load_person_search, num_identities  # noqa: E402
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator, keep_freed_cpu_memory  # noqa: E402
 from decd.training.recipe import RecipeError, build_model, parse_arguments  # noqa: E402
+from decd.training.runs import RunFolderError, prepare_output_dir, resolve_resume  # noqa: E402
 
 logger = logging.getLogger("decd.train")
 
@@ -63,6 +64,14 @@ def main(argv=None):
     # Process-wide, hence here: glibc keeps the memory a CPU step frees for the next step (decd.training.memory).
     if training_args.device.type == "cpu" and training_args.keep_freed_cpu_memory and keep_freed_cpu_memory():
         logger.info("Freed CPU memory is kept for reuse between steps (--keep_freed_cpu_memory).")
+
+    # A finished run is never destroyed: another run's folder is refused unless this run resumes or overwrites it.
+    try:
+        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        if training_args.should_save:
+            prepare_output_dir(training_args.output_dir, resume is not None, training_args.overwrite_output_dir)
+    except RunFolderError as error:
+        raise SystemExit(f"error: {error}") from None
 
     # ---- data -------------------------------------------------------------------------------------
     if data_args.dataset_name == "synthetic" and data_args.data_dir is None:
@@ -115,7 +124,7 @@ def main(argv=None):
                                     pad_to_context=training_args.torch_compile)
     trainer = DecdTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=processor)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
 

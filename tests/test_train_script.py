@@ -132,3 +132,48 @@ def test_train_script_on_cpu_keeps_freed_memory_unless_told_not_to(train_script,
     with pytest.raises(RuntimeError, match="stop"):
         train_script.main(_arguments(tiny_set, tmp_path / "run", "--keep_freed_cpu_memory", str(keep).lower()))
     assert calls == (["called"] if keep else [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# A finished run is never destroyed; a checkpoint is complete or refused
+# ----------------------------------------------------------------------------------------------------
+def test_a_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(train_script, tiny_set, tmp_path):
+    run = tmp_path / "run"
+    train_script.main(_arguments(tiny_set, run, "--save_strategy", "steps", "--save_steps", "2"))
+    (run / "eval-synthetic-test").mkdir()  # what examples/evaluate.py leaves beside the model
+    (run / "my-notes.txt").write_text("mine")
+    before = {path.name: path.stat().st_mtime_ns for path in run.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit, match=r"holds another run; training here would delete or overwrite .*all_results"
+                                         r"\.json.*checkpoint-2.*eval-synthetic-test.*model\.safetensors"):
+        train_script.main(_arguments(tiny_set, run))
+    assert {path.name: path.stat().st_mtime_ns for path in run.iterdir() if path.is_file()} == before  # untouched
+    # Continuing that run is allowed ...
+    train_script.main(_arguments(tiny_set, run, "--resume_from_checkpoint", str(run / "checkpoint-2"),
+                                 "--max_steps", "3"))
+    # ... and so is starting over when asked: the earlier run's files go first, the user's stay.
+    train_script.main(_arguments(tiny_set, run, "--overwrite_output_dir", "true"))
+    assert not (run / "eval-synthetic-test").exists() and not (run / "checkpoint-2").exists()
+    assert (run / "my-notes.txt").read_text() == "mine" and (run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("missing trainer_state.json", r"trainer_state\.json is missing"),
+    ("truncated optimizer.pt", r"optimizer\.pt has [\d,]+ bytes, not the [\d,]+ written"),
+    ("no manifest", r"it has no checkpoint\.json, which is written last"),
+])
+def test_resuming_from_a_half_written_checkpoint_names_the_file_and_the_last_complete_one(
+        train_script, tiny_set, tmp_path, damage, problem):
+    run = tmp_path / "run"
+    train_script.main(_arguments(tiny_set, run, "--save_strategy", "steps", "--save_steps", "1"))
+    last = run / "checkpoint-2"
+    if damage == "missing trainer_state.json":
+        (last / "trainer_state.json").unlink()
+    elif damage == "truncated optimizer.pt":
+        data = (last / "optimizer.pt").read_bytes()
+        (last / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    else:
+        (last / "checkpoint.json").unlink()
+    for resume in (str(last), "true"):
+        with pytest.raises(SystemExit, match=rf"cannot resume from .*checkpoint-2: {problem}.*; the last complete "
+                                             rf"checkpoint there is .*checkpoint-1"):
+            train_script.main(_arguments(tiny_set, run, "--resume_from_checkpoint", resume, "--max_steps", "3"))

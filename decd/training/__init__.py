@@ -5,7 +5,8 @@
 - `trainer`: `DecdTrainer` and `DecdTrainingArguments` (defaults: the method's recipe, docs/method.md);
 - `recipe`: the model and data arguments of a recipe file (`recipes/*.json`), how one is read, and the model
   it builds;
-- `memory`: the CPU allocator setting a CPU run applies.
+- `memory`: the CPU allocator setting a CPU run applies;
+- `runs`: what a run folder holds: another run is never overwritten, a checkpoint is complete or refused.
 """
 
 from .collator import DecdTrainingCollator, augment_person_crops

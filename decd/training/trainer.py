@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -13,6 +14,7 @@ from modeling_decd import NEW_MODULE_PREFIXES
 
 from ..data import without_image_decoding
 from ..retrieval import evaluate_retrieval
+from .runs import resolve_resume, write_manifest
 from .sampler import IdentityBalancedSampler
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,11 @@ class DecdTrainingArguments(TrainingArguments):
     metric_for_best_model: str | None = field(
         default="R1", metadata={"help": "Retrieval metric for model selection (R1, R5, R10, mAP, mINP)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete an earlier run's files in output_dir before training (without it, a folder that "
+                          "holds another run is refused unless the run resumes from one of its checkpoints)."},
+    )
     keep_freed_cpu_memory: bool = field(
         default=True,
         metadata={"help": "Training on a CPU (Linux, glibc): keep freed memory in the process for the next step "
@@ -77,6 +84,16 @@ class DecdTrainer(Trainer):
             self.train_dataset = without_image_decoding(self.train_dataset)
         self._loss_part_sums: dict[str, float] = {}
         self._loss_part_count = 0
+
+    # ---- checkpoints: complete or refused -----------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; a checkpoint to resume from is checked first (decd.training.runs.check_checkpoint)."""
+        return super().train(resolve_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # written last: a checkpoint without it was cut short
+            write_manifest(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
 
     # ---- sampling -----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
