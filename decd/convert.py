@@ -470,6 +470,33 @@ def _build_model(config, state: dict[str, torch.Tensor], path):
     return model.eval()
 
 
+# What a conversion writes into its folder: a model, its processor, the custom code and the card.
+_CONVERSION_FILES = re.compile(r"config\.json|model\.safetensors|(processor_config|preprocessor_config|tokenizer|"
+                               r"tokenizer_config|special_tokens_map|vocab)\.json|merges\.txt|README\.md|\w+_decd\.py")
+
+
+def _check_output_folder(output: Path, overwrite: bool) -> None:
+    """A conversion writes into a new or empty folder only, or with `overwrite` over an earlier conversion's own
+    files (deleted first); anything else is refused naming what is there, before the checkpoint is read."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output} exists and is not a folder.")
+    entries = sorted(entry.name for entry in output.iterdir()) if output.is_dir() else []
+    if not entries:
+        return
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    if not (output / "config.json").is_file():
+        raise ConversionError(f"{output} is not empty ({shown}) and holds no model: decd-convert writes into a new "
+                              "or empty folder only; choose one.")
+    if not overwrite:
+        raise ConversionError(f"{output} already holds a model (config.json): pass --overwrite or another folder.")
+    foreign = [name for name in entries if not _CONVERSION_FILES.fullmatch(name)]
+    if foreign:
+        raise ConversionError(f"{output} holds files a conversion does not write ({', '.join(foreign[:8])}): "
+                              "--overwrite replaces a converted model only; choose a new or empty folder.")
+    for name in entries:
+        (output / name).unlink()
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -493,7 +520,8 @@ def convert_checkpoint(
         dtype: dtype of the saved weights (``float32``, ``float16`` or ``bfloat16``); default float32.
         temperature: ``config.temperature``; default 0.02 (IRRA's and DECD's; not stored in IRRA's files).
         vision_heads, text_heads: attention heads; default width // 64 as OpenAI's ``build_model``.
-        overwrite: replace a model already in ``output_dir``.
+        overwrite: replace a model an earlier conversion wrote in ``output_dir`` (a folder holding nothing else).
+            Otherwise only a new or empty folder is written to.
 
     Returns:
         ConversionReport (``.summary()`` is what the command prints).
@@ -514,10 +542,7 @@ def convert_checkpoint(
     if not path.is_file():
         raise ConversionError(f"{path}: no such file.")
     output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"{output} exists and is not a folder.")
-    if not overwrite and (output / "config.json").exists():
-        raise ConversionError(f"{output} already holds a model (config.json): pass --overwrite or another folder.")
+    _check_output_folder(output, overwrite)
 
     checkpoint = load_checkpoint(path)
     state = find_state_dict(checkpoint, path)

@@ -540,3 +540,21 @@ def test_converted_model_fine_tunes_with_train_py(converted, tmp_path):
     key = "vision_model.encoder.layers.0.mlp.fc1.weight"
     assert not torch.equal(trained[key], start[key])  # the converted encoders were fine-tuned
     assert json.loads((output / "config.json").read_text())["image_size"] == [384, 128]
+
+
+def test_conversion_writes_only_into_a_new_or_empty_folder(converted, tmp_path, capsys):
+    source = converted["root"] / "irra-384x128-fp16.pth"
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "README.md").write_text("my notes")
+    (taken / "tokenizer.json").write_text("{}")
+    assert main([str(source), str(taken)]) == 1
+    assert "is not empty (README.md, tokenizer.json) and holds no model" in capsys.readouterr().err
+    assert main([str(source), str(taken), "--overwrite"]) == 1  # --overwrite replaces a converted model only
+    assert (taken / "README.md").read_text() == "my notes" and (taken / "tokenizer.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    assert main([str(source), str(tmp_path / "empty")]) == 0
+    (tmp_path / "empty" / "mine.txt").write_text("kept")
+    assert main([str(source), str(tmp_path / "empty"), "--overwrite"]) == 1
+    assert "holds files a conversion does not write (mine.txt)" in capsys.readouterr().err
+    assert (tmp_path / "empty" / "mine.txt").read_text() == "kept"
