@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
+    from .image_loading_decd import is_single_image
     from .modeling_decd import DecdModel
     from .processing_decd import DecdProcessor
 except ImportError:  # installed as top-level modules
+    from image_loading_decd import is_single_image
     from modeling_decd import DecdModel
     from processing_decd import DecdProcessor
 
@@ -51,6 +53,9 @@ def load_model(
         ModelLoadError naming the model: missing folder or config, another model type, no safetensors.
     """
     name = str(name_or_path)
+    if os.path.isfile(name):  # e.g. path/to/config.json or model.safetensors: the folder holding it is the model
+        raise ModelLoadError(f"could not load the model {name!r}: it is a file; pass the folder that holds it "
+                             f"({os.path.dirname(os.path.abspath(name))!r})")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise ModelLoadError(f"could not load the model {name!r}: the folder has no config.json; pass a folder "
                              "written by save_pretrained, examples/train.py or decd-convert")
@@ -122,13 +127,13 @@ def embed_images(model, processor, images, batch_size: int = 64, show_progress: 
                  accelerator=None, num_workers: int = 0) -> torch.Tensor:
     """Image embeddings [len(images), projection_dim]: float32, L2-normalised, on the CPU, in input order.
 
-    `images` is a sequence of anything `load_image` opens (paths, bytes, PIL images, `datasets` Image
-    values, arrays); each is opened and preprocessed by `processor`. `show_progress` (default: when
+    `images` is one image or a sequence of anything `load_image` opens (paths, bytes, PIL images, `datasets`
+    Image values, arrays); each is opened and preprocessed by `processor`. `show_progress` (default: when
     there are ten batches or more) shows a tqdm bar; `num_workers` decodes in DataLoader workers; with
     an `accelerate` `accelerator`, each process encodes its share and every process gets them all.
     """
-    return _embed(model, images, partial(_image_batch, processor), model.get_image_features, batch_size, show_progress,
-                  accelerator, num_workers, "Embedding images")
+    return _embed(model, _as_list(images, "images", single=_is_one_image), partial(_image_batch, processor),
+                  model.get_image_features, batch_size, show_progress, accelerator, num_workers, "Embedding images")
 
 
 def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: bool | None = None,
@@ -137,9 +142,23 @@ def embed_texts(model, processor, texts, batch_size: int = 256, show_progress: b
 
     `texts` is a string or a sequence of strings; the rest as for `embed_images`.
     """
-    texts = [texts] if isinstance(texts, str) else texts
-    return _embed(model, texts, partial(_caption_batch, processor), model.get_text_features, batch_size, show_progress,
-                  accelerator, num_workers, "Embedding captions")
+    return _embed(model, _as_list(texts, "texts", single=lambda item: isinstance(item, str)),
+                  partial(_caption_batch, processor), model.get_text_features, batch_size, show_progress, accelerator,
+                  num_workers, "Embedding captions")
+
+
+def _is_one_image(item) -> bool:
+    return is_single_image(item) and not isinstance(item, (list, tuple))
+
+
+def _as_list(items, name: str, single) -> list:
+    """`items` as a list: one item (a path, a caption, an image) becomes a list of one; a list or another sequence
+    stays; anything else is refused naming its type."""
+    if single(items):
+        return [items]
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__") or not hasattr(items, "__getitem__"):
+        raise TypeError(f"{name} must be one item or a sequence of them, got {type(items).__name__}")
+    return items
 
 
 __all__ = ["ModelLoadError", "default_device", "embed_images", "embed_texts", "load_model", "load_processor"]

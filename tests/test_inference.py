@@ -247,6 +247,19 @@ def test_embed_functions_return_normalised_float32_in_input_order(setup):
     model.eval()
 
 
+def test_embed_functions_take_one_item_or_a_sequence_and_name_anything_else(setup, tmp_path):
+    model, processor = setup["model"], setup["processor"]
+    path = tmp_path / "one.png"
+    _person().save(path)
+    assert torch.equal(embed_images(model, processor, str(path)), embed_images(model, processor, [str(path)]))
+    assert torch.equal(embed_images(model, processor, path), embed_images(model, processor, [path]))
+    for bad, kind in ((None, "NoneType"), (3, "int")):
+        with pytest.raises(TypeError, match=rf"texts must be one item or a sequence of them, got {kind}"):
+            embed_texts(model, processor, bad)
+        with pytest.raises(TypeError, match=rf"images must be one item or a sequence of them, got {kind}"):
+            embed_images(model, processor, bad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # One way to load a model
 # ----------------------------------------------------------------------------------------------------
@@ -264,6 +277,9 @@ def test_load_model_checks_type_and_sets_mode_device_and_dtype(setup, tmp_path):
         load_model(tmp_path / "clip")
     with pytest.raises(ModelLoadError, match="could not load the model .*missing"):
         load_model(tmp_path / "missing")
+    # A file of the model (config.json, the weights) names the mistake and the folder to give instead.
+    with pytest.raises(ModelLoadError, match=rf"it is a file; pass the folder that holds it \('{folder}'\)"):
+        load_model(folder / "config.json")
     # A folder with the weights but no processor files gets the default processor, with a warning.
     setup["model"].save_pretrained(tmp_path / "weights-only")
     with pytest.warns(UserWarning, match="no loadable processor"):
