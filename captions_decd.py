@@ -1,5 +1,7 @@
-"""What DECD reads off a caption's text: its quality (information density) and its masked copy for MCM.
+"""What DECD reads off a caption's text: whether it is one, its quality (information density), its masked copy.
 
+- `caption_problem`: the one rule for what a caption must contain (a word that is not a stop word), which the
+  processor, the dataset loader and every search entry point apply;
 - `compute_caption_quality`: q = min(1, distinct informative words / reference), the Sew loss's margin scale.
 - `mask_caption_tokens`: the Masking Caption Modeling rule (15%; 80/10/10; never special tokens; at least
   one per caption), which `DecdProcessor.mask_captions` applies with its tokenizer's special ids.
@@ -44,6 +46,20 @@ STOP_WORDS = frozenset(
 )
 
 _WORD_PATTERN = re.compile(r"[a-z]+")
+_ANY_WORD = re.compile(r"[^\W_]+")  # letters or digits, in any script
+_INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff]")  # zero-width characters, soft hyphen
+
+
+def caption_problem(text: str) -> str | None:
+    """Why `text` is not a caption, or None: a caption holds at least one word (letters or digits, any script)
+    that is not an English function word (`STOP_WORDS`); zero-width characters and whitespace of any kind
+    (non-breaking spaces included) do not count."""
+    visible = _INVISIBLE.sub("", text)
+    if not visible.strip():
+        return "empty or whitespace only"
+    if not set(_ANY_WORD.findall(visible.lower())) - STOP_WORDS:
+        return "made of punctuation or function words only (a, the, with, ...): say what the person looks like"
+    return None
 
 
 def compute_caption_quality(texts: str | Sequence[str], reference_words: int = 12) -> torch.FloatTensor:
@@ -132,4 +148,4 @@ def mask_caption_tokens(
     return {"masked_input_ids": masked_input_ids, "mcm_labels": mcm_labels}
 
 
-__all__ = ["STOP_WORDS", "compute_caption_quality", "mask_caption_tokens"]
+__all__ = ["STOP_WORDS", "caption_problem", "compute_caption_quality", "mask_caption_tokens"]

@@ -20,12 +20,12 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import is_torchvision_available
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
-    from .captions_decd import compute_caption_quality, mask_caption_tokens
+    from .captions_decd import caption_problem, compute_caption_quality, mask_caption_tokens
     from .configuration_decd import CLIP_CONTEXT_LENGTH
     from .image_loading_decd import DEFAULT_MAX_IMAGE_PIXELS, describe_image_source, is_single_image, load_image
     from .tokenization_decd import MASK_TOKEN, default_clip_tokenizer
 except ImportError:  # installed as top-level modules
-    from captions_decd import compute_caption_quality, mask_caption_tokens
+    from captions_decd import caption_problem, compute_caption_quality, mask_caption_tokens
     from configuration_decd import CLIP_CONTEXT_LENGTH
     from image_loading_decd import DEFAULT_MAX_IMAGE_PIXELS, describe_image_source, is_single_image, load_image
     from tokenization_decd import MASK_TOKEN, default_clip_tokenizer
@@ -191,8 +191,9 @@ class DecdProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Caption {index} is a {type(caption).__name__}, not a string: pass each caption as a str."
                 )
-            if not caption.strip():
-                raise ValueError(f"Caption {index} is empty or whitespace only: drop it or give it some words.")
+            problem = caption_problem(caption)
+            if problem is not None:
+                raise ValueError(f"Caption {index} is {problem}: drop it or give it some words.")
         return list(texts)
 
     @property

@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from tqdm.auto import tqdm
 
+from captions_decd import caption_problem
 from image_loading_decd import load_image
 
 logger = logging.getLogger(__name__)
@@ -192,16 +193,77 @@ def _load_records(annotation_file: Path) -> list:
             f"next to the 'imgs/' folder; pass data_dir= (or annotation_file=) pointing at it."
         )
     try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            records = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PersonSearchDataError(f"{annotation_file} is not valid UTF-8 JSON: {error}") from error
+        text = annotation_file.read_bytes().decode("utf-8-sig")  # a byte-order mark (as some editors write) is fine
+    except UnicodeDecodeError as error:
+        raise PersonSearchDataError(f"{annotation_file} is not UTF-8 text ({error}); save it as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        records = _json_lines(annotation_file, text, error)
     if not isinstance(records, list):
         raise PersonSearchDataError(
             f"{annotation_file} must contain a JSON list of records, got a {type(records).__name__}; "
             f"each record is an object with 'id', the image path, 'captions' and 'split'."
         )
     return records
+
+
+def _json_lines(annotation_file: Path, text: str, error: json.JSONDecodeError) -> list:
+    """The records of a JSON Lines file (one JSON object per line, as many annotation tools write), or the error
+    naming the format and the line that is neither."""
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    try:
+        first = json.loads(lines[0][1]) if lines else None
+    except json.JSONDecodeError:
+        first = None
+    if not isinstance(first, dict):
+        raise PersonSearchDataError(f"{annotation_file} is not valid UTF-8 JSON: neither a JSON list of records nor "
+                                    f"JSON Lines (one record object per line): {error}") from None
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as line_error:
+            raise PersonSearchDataError(f"{annotation_file} reads as JSON Lines, but line {number} is not JSON "
+                                        f"({line_error}); fix that line") from None
+    return records
+
+
+def _identity_key(value: Any) -> Any:
+    """An identity as `_check_record` reads it ("0042" and 42 are one identity), or the raw value."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and _INTEGER_ID.fullmatch(str(value).strip()):
+        return int(value)
+    return value
+
+
+def _shared_images(records: list, path_fields: tuple[str, ...]) -> dict[int, str]:
+    """{record index: why} for records whose image another record also names: a repeat of the same record, the
+    same image under another identity, or the same image in another split (test data leaking into training)."""
+    first: dict[str, tuple[int, Any]] = {}
+    found = {}
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            continue
+        image = next((record[name] for name in path_fields if isinstance(record.get(name), str)), None)
+        if image is None:
+            continue
+        key = posixpath.normpath(image.replace("\\", "/"))
+        if key not in first:
+            first[key] = (index, record)
+            continue
+        earlier_index, earlier = first[key]
+        if earlier.get("split") != record.get("split"):
+            leak = "an image in two splits leaks one into the other; remove one of the records (or pass " \
+                   "skip_bad_records to leave it out here)"
+            found.setdefault(earlier_index, f"shows the same image as record {index} of split "
+                                            f"{record.get('split')!r}: {leak}")
+            found[index] = f"shows the same image as record {earlier_index} of split {earlier.get('split')!r}: {leak}"
+        elif _identity_key(earlier.get("id")) != _identity_key(record.get("id")):
+            found[index] = (f"shows the same image as record {earlier_index}, which gives it identity "
+                            f"{earlier.get('id')!r}: one image, one identity")
+        elif earlier.get("captions") == record.get("captions"):
+            found[index] = f"repeats record {earlier_index}: remove the copy"
+    return found
 
 
 def _locate(
@@ -296,6 +358,7 @@ def load_person_search(
         if caption_index is None:
             bad_records.add(index)
 
+    shared = _shared_images(records, dataset_format.path_fields)
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             problem(index, record, f"is a {type(record).__name__}, not an object")
@@ -308,6 +371,9 @@ def load_person_search(
             problem(index, record, f"unknown split {record_split!r} (valid: {list(dataset_format.splits)})")
             continue
         if record_split != split:
+            continue
+        if index in shared:
+            problem(index, record, shared[index])
             continue
         checked = _check_record(index, record, dataset_format, image_root, problem)
         if checked is not None:
@@ -377,6 +443,7 @@ def _check_record(index: int, record: dict, dataset_format: DatasetFormat, image
 
     captions = record.get("captions")
     good_captions: list[str] = []
+    caption_problems: list = []
     if "captions" not in record:
         reasons.append("missing field 'captions'")
     elif not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
@@ -384,16 +451,17 @@ def _check_record(index: int, record: dict, dataset_format: DatasetFormat, image
     elif not captions:
         reasons.append("'captions' is empty")
     elif not reasons:
-        good_captions = [caption for caption in captions if caption.strip()]
+        caption_problems = [caption_problem(caption) for caption in captions]  # the processor's rule
+        good_captions = [caption for caption, bad in zip(captions, caption_problems) if bad is None]
         if not good_captions:
-            reasons.append(f"every caption is empty or whitespace: {_short(captions)}")
+            reasons.append(f"every caption is empty or has no word to search by: {_short(captions)}")
     for reason in reasons:
         problem(index, record, reason)
     if reasons:
         return None
-    for caption_index, caption in enumerate(captions):  # only the empty captions are bad; the record keeps the others
-        if not caption.strip():
-            problem(index, record, f"caption {caption_index} is empty or whitespace", caption_index=caption_index)
+    for caption_index, bad in enumerate(caption_problems):  # only those captions are bad; the record keeps the others
+        if bad is not None:
+            problem(index, record, f"caption {caption_index} is {bad}", caption_index=caption_index)
     return index, person_id, image_path, good_captions
 
 

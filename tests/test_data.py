@@ -373,3 +373,63 @@ def test_identity_ids_from_json_are_mapped_or_refused_by_record(tmp_path):
     message = str(error.value)
     assert f"{len(bad)} problem(s)" in message and "annotations.json" in message
     assert "does not fit in 64 bits" in message and "record 0" in message and f"record {len(bad) - 1}" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Annotation files as annotation tools write them; records that repeat or share an image
+# ------------------------------------------------------------------------------------------------
+def test_a_byte_order_mark_and_json_lines_are_read(tmp_path):
+    records = _cuhk_records()
+    root = _write_dataset(tmp_path / "plain", "reid_raw.json", records).parent
+    expected = load_person_search("cuhk-pedes", root, split="train")
+    (root / "reid_raw.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())  # UTF-8 with a BOM
+    assert load_person_search("cuhk-pedes", root, split="train")["caption"] == expected["caption"]
+    (root / "reid_raw.json").write_text("\n".join(json.dumps(record) for record in records) + "\n")  # JSON Lines
+    assert load_person_search("cuhk-pedes", root, split="train")["caption"] == expected["caption"]
+    lines = (root / "reid_raw.json").read_text().splitlines()
+    (root / "reid_raw.json").write_text("\n".join(lines[:2] + ["{'id': 1}"] + lines[2:]))
+    with pytest.raises(PersonSearchDataError, match=r"reads as JSON Lines, but line 3 is not JSON"):
+        load_person_search("cuhk-pedes", root, split="train")
+
+
+def test_repeated_records_and_images_shared_by_identities_or_splits_are_reported(tmp_path):
+    records = _cuhk_records()
+    train = [index for index, record in enumerate(records) if record["split"] == "train"]
+    test = next(record for record in records if record["split"] == "test")
+    copy = dict(records[train[0]])
+    other_identity = dict(records[train[1]], id=999)
+    leak = dict(test, split="train", id=records[train[2]]["id"])
+    root = _write_dataset(tmp_path, "reid_raw.json", records + [copy, other_identity, leak]).parent
+    with pytest.raises(PersonSearchDataError) as error:
+        load_person_search("cuhk-pedes", root, split="train")
+    message = str(error.value)
+    n = len(records)
+    assert "3 problem(s)" in message
+    assert f"record {n} " in message and f"repeats record {train[0]}" in message
+    assert f"shows the same image as record {train[1]}, which gives it identity" in message
+    assert "of split 'test': an image in two splits leaks one into the other" in message
+    # The test split reports its side of the leak too; skipping is explicit and listed.
+    with pytest.raises(PersonSearchDataError, match=rf"of split 'train': an image in two splits leaks"):
+        load_person_search("cuhk-pedes", root, split="test")
+    dataset, report = load_person_search("cuhk-pedes", root, split="train", skip_bad_records=True, return_report=True)
+    assert report.skipped_record_indices == [n, n + 1, n + 2]
+    clean = _write_dataset(tmp_path / "clean", "reid_raw.json", records).parent
+    assert len(dataset) == len(load_person_search("cuhk-pedes", clean, split="train"))
+
+
+@pytest.mark.parametrize("caption, accepted", [
+    ("a woman in a red coat", True), ("红色外套的女人", True), ("person 42", True),
+    ("...!?", False), ("the a of with", False), ("\u200b\u200b", False), ("\u00a0\u00a0", False), ("", False),
+])
+def test_one_rule_for_what_a_caption_holds_in_the_loader_and_the_processor(tmp_path, processor, caption, accepted):
+    records = [dict(id=1, file_path="train/1_0.jpg", captions=[caption], split="train"),
+               dict(id=2, file_path="train/2_0.jpg", captions=["a man in a blue shirt"], split="train")]
+    root = _write_dataset(tmp_path, "reid_raw.json", records).parent
+    if accepted:
+        assert len(load_person_search("cuhk-pedes", root, split="train")) == 2
+        processor(text=caption)
+        return
+    with pytest.raises(PersonSearchDataError, match=r"record 0 .*every caption is empty or has no word"):
+        load_person_search("cuhk-pedes", root, split="train")
+    with pytest.raises(ValueError, match=r"Caption 0 is (empty|made of punctuation or function words only)"):
+        processor(text=caption)
