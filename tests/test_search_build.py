@@ -40,7 +40,7 @@ def test_build_skips_and_reports_corrupt_file(workspace):
     assert index.paths == sorted(index.paths)
 
     folder = workspace["root"] / "index"
-    assert sorted(path.name for path in folder.iterdir()) == ["embeddings.npy", "meta.json", "paths.json"]
+    assert sorted(path.name for path in folder.iterdir()) == ["embeddings.npy", "files.json", "meta.json", "paths.json"]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["count"] == num_images and meta["num_skipped"] == 1 and meta["num_files"] == num_images + 1
     assert meta["model_checksum"] == model_checksum(workspace["model"])
@@ -194,9 +194,10 @@ def test_rebuild_in_an_index_folder_touches_only_its_own_files(setup, tmp_path):
         _build(setup, output, max_batches=1)
     (output / "README.txt").write_text("notes next to the index")
     first = _build(setup, output)  # resumes the unfinished build
-    assert {path.name for path in output.iterdir()} == {"README.txt", "meta.json", "paths.json", "embeddings.npy"}
+    assert {path.name for path in output.iterdir()} == {"README.txt", "meta.json", "paths.json", "files.json",
+                                                        "embeddings.npy"}
     meta = json.loads((output / "meta.json").read_text())
-    assert meta["format"] == "decd-gallery-index" and meta["format_version"] == 2
+    assert meta["format"] == "decd-gallery-index" and meta["format_version"] == 3
     second = _build(setup, output, resume=False)  # a finished index of ours is replaced
     assert (output / "README.txt").read_text() == "notes next to the index"
     assert second.paths == first.paths
@@ -241,7 +242,7 @@ def _same_index(first: Path, second: Path):
     for key in ("count", "embedding_dim", "embeddings_sha256", "model_checksum", "model_id", "skipped",
                 "num_skipped", "num_files", "backend", "format", "format_version"):
         assert meta_one[key] == meta_two[key], key
-    assert sorted(path.name for path in second.iterdir()) == ["embeddings.npy", "meta.json", "paths.json"]
+    assert sorted(path.name for path in second.iterdir()) == ["embeddings.npy", "files.json", "meta.json", "paths.json"]
 
 
 @pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate's launcher is not installed next to this Python")
@@ -355,3 +356,116 @@ def test_a_landscape_photo_for_a_portrait_input_is_reduced_on_each_axis(tmp_path
     width, height = image.size
     assert 2 * 128 <= width < 4 * 128 and 2 * 384 <= height < 4 * 384, image.size
     assert image.getpixel((5, 5)) == Image.new("RGB", (1, 1), "orange").getpixel((0, 0)) or image_format == "JPEG"
+
+
+# ---------------------------------------------------------------------------------------------
+# A gallery index is what it says it is: one build at a time, changed files re-embedded, an old index
+# replaced only by a complete new one, updates instead of rebuilds, a full disk said in one line
+# ---------------------------------------------------------------------------------------------
+def _gallery_copy(setup, folder: Path) -> Path:
+    folder.mkdir()
+    for path in sorted(setup["gallery"].iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def _png(path: Path, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 20, 3), dtype=np.uint8)).save(path)
+
+
+def _same_content(first: GalleryIndex, second: GalleryIndex) -> None:
+    assert first.paths == second.paths and first.skipped == second.skipped
+    assert np.allclose(np.asarray(first.embeddings), np.asarray(second.embeddings), atol=1e-6)
+
+
+def test_a_second_build_into_the_same_folder_is_refused_naming_the_first(setup, tmp_path, capsys):
+    import fcntl
+
+    output = tmp_path / "index"
+    output.mkdir()
+    with open(output / ".build.lock", "a+") as held:  # a build in progress: it holds the lock and says who it is
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242, host h, gallery /data/other, started 2026-12-04 10:00:00")
+        held.flush()
+        with pytest.raises(GalleryIndexError, match=r"another build is writing .*index.* \(pid 4242, host h, gallery "
+                                                    r"/data/other, started .*\); wait for it to finish"):
+            _build(setup, output)
+        assert main(["index", str(setup["gallery"]), "--model", str(setup["model_dir"]), "--output", str(output),
+                     "--quiet"]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and "another build is writing" in errors[0] and "pid 4242" in errors[0]
+        assert not (output / "meta.json").exists() and not (output / "partial").exists()  # nothing of it touched
+    index = _build(setup, output)  # the first build is over: the folder is free again
+    assert len(index) == 5 and not (output / ".build.lock").exists()
+
+
+def test_a_resume_re_embeds_the_files_that_changed_since_their_shard(setup, tmp_path):
+    gallery = _gallery_copy(setup, tmp_path / "gallery")
+    with pytest.raises(BuildInterrupted):
+        _build(setup, tmp_path / "index", gallery=gallery, max_batches=1)  # the first two files are encoded
+    first = sorted(path.name for path in gallery.iterdir())[0]
+    _png(gallery / first, seed=99)  # replaced before the resume
+    os.utime(gallery / first, ns=(1, 1))  # even with an older time: the size and time no longer match
+    resumed = _build(setup, tmp_path / "index", gallery=gallery)
+    _same_content(resumed, _build(setup, tmp_path / "clean", gallery=gallery))
+
+
+def test_a_rebuild_replaces_the_old_index_only_when_the_new_one_is_complete(setup, tmp_path):
+    old = _build(setup, tmp_path / "index")
+    before = _snapshot(tmp_path / "index")
+    with pytest.raises(BuildInterrupted):
+        _build(setup, tmp_path / "index", resume=False, max_batches=1)
+    loaded = GalleryIndex.load(tmp_path / "index")  # the old index is whole and still searchable
+    assert loaded.paths == old.paths and np.array_equal(loaded.embeddings, old.embeddings)
+    assert {name: data for name, data in _snapshot(tmp_path / "index").items() if "partial" not in name} == before
+
+
+def test_building_an_existing_index_again_updates_it_like_a_clean_build(setup, tmp_path, monkeypatch):
+    import decd.search.build as build
+
+    gallery = _gallery_copy(setup, tmp_path / "gallery")
+    _build(setup, tmp_path / "index", gallery=gallery)
+    names = sorted(path.name for path in gallery.iterdir())
+    (gallery / names[0]).unlink()                     # deleted
+    _png(gallery / names[1], seed=7)                  # replaced
+    _png(gallery / "zz_new.png", seed=8)              # added
+    embedded = []
+    original = build._embed_files
+
+    def counting(model, processor, folder, batch):
+        embedded.extend(batch)
+        return original(model, processor, folder, batch)
+
+    monkeypatch.setattr(build, "_embed_files", counting)
+    updated = _build(setup, tmp_path / "index", gallery=gallery)
+    assert sorted(embedded) == [names[1], "zz_new.png"]  # only what changed is embedded again
+    assert names[0] not in updated.paths and "zz_new.png" in updated.paths
+    monkeypatch.setattr(build, "_embed_files", original)
+    _same_content(updated, _build(setup, tmp_path / "clean", gallery=gallery))
+    embedded.clear()
+    monkeypatch.setattr(build, "_embed_files", counting)
+    assert _build(setup, tmp_path / "index", gallery=gallery).paths == updated.paths and embedded == []  # current
+
+
+def test_a_full_disk_is_one_line_and_the_build_resumes_to_the_same_index(setup, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import decd.search.build as build
+
+    real_save = np.save
+    calls = []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second shard cannot be written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(build.np, "save", full_disk)
+    with pytest.raises(GalleryIndexError, match=r"the disk holding .*index.* is full \(No space left on device\); "
+                                                r"free some space and run the same command again: the build resumes"):
+        _build(setup, tmp_path / "index", shard_batches=1)
+    monkeypatch.setattr(build.np, "save", real_save)
+    resumed = _build(setup, tmp_path / "index", shard_batches=1)
+    clean = _build(setup, tmp_path / "clean", shard_batches=1)
+    assert resumed.paths == clean.paths and np.array_equal(resumed.embeddings, clean.embeddings)

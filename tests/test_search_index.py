@@ -8,6 +8,7 @@ from PIL import Image
 
 from decd.search import StaleIndexError
 from modeling_decd import DecdModel
+from processing_decd import DecdProcessor
 
 from .search_fixtures import _brute_force, _direct, photo_gallery, workspace  # noqa: F401
 
@@ -83,3 +84,25 @@ def test_search_image_refuses_a_stale_index_and_a_bad_image(setup, tmp_path):
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         setup["index"].search_image(setup["model"], setup["processor"], broken)
+
+
+def test_results_whose_file_was_deleted_or_changed_since_indexing_are_flagged(tmp_path):
+    from decd.search import GalleryIndex
+    from inference_decd import embed_texts
+
+    from .helpers import tiny_config
+
+    torch.manual_seed(0)
+    model, processor = DecdModel(tiny_config()).eval(), DecdProcessor(image_size=(128, 64))
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for number in range(4):
+        Image.new("RGB", (20, 40), (60 * number, 20, 200)).save(gallery / f"{number}.png")
+    index = GalleryIndex.build(model, processor, gallery, tmp_path / "index", show_progress=False)
+    query = embed_texts(model, processor, "a person in blue")
+    assert all(state is None for state in index.search(query, top_k=4).status[0])
+    (gallery / "1.png").unlink()
+    Image.new("RGB", (20, 40), (0, 255, 0)).save(gallery / "2.png")  # replaced: another size on disk
+    result = GalleryIndex.load(tmp_path / "index").search(query, top_k=4)
+    flagged = dict(zip(result.paths[0], result.status[0]))
+    assert flagged == {"0.png": None, "1.png": "deleted", "2.png": "changed", "3.png": None}

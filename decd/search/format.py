@@ -15,12 +15,18 @@ Index folder layout (all written by `GalleryIndex.build`, read by `GalleryIndex.
   (unreadable files with the reason), `num_skipped` and `backend` ("exact" or a FAISS index-factory
   string; for the latter also `ann_file`, `ann_sha256`, `ann_bytes`, `ann_train_size`, `ann_nlist`). It is
   written last: a folder without it is an unfinished build.
+- `files.json` (format 3): `{"fingerprints": [[size in bytes, mtime in ns], ...]}` of each image when it was
+  embedded, in `paths` order: a search flags results whose file was deleted or changed since, and a build
+  over an existing index re-embeds only new and changed files.
 - `ann.faiss`: only for an approximate backend, the FAISS index (`faiss.write_index`) whose ids are the
   rows of `embeddings.npy`; `load` checks its size and (verify) its sha256.
 - `partial/` exists only while a build is unfinished: `progress.json` (tagged with `format`; model
-  checksum, listing sha256, batch size) and shards `shard_<start position>.{npy,json}` of whole encoded
-  batches that a new `build` with the same model, file listing and batch size resumes from, with any
-  number of processes.
+  checksum, gallery folder, listing sha256, batch size) and shards `shard_<start position>.{npy,json}` of
+  whole encoded batches (with each file's fingerprint) that a new `build` of the same gallery with the
+  same model, file listing and batch size resumes from, with any number of processes; a shard whose
+  files changed since is encoded again.
+- `.build.lock` while a build runs: one build at a time per folder (an OS lock, released if the build dies;
+  the file names the build holding it).
 
 Ownership: `build` never deletes or overwrites a file it did not write. It refuses (GalleryIndexError,
 nothing changed) an output folder that holds the gallery, or that is not empty and is neither a DECD
@@ -58,16 +64,19 @@ from .display import display_path
 PathLike = Union[str, os.PathLike]
 
 INDEX_FORMAT = "decd-gallery-index"  # the `format` tag of meta.json and partial/progress.json: proof of ownership
-INDEX_FORMAT_VERSION = 2  # 2: meta.json records `format` and `embeddings_sha256`
+INDEX_FORMAT_VERSION = 3  # 2: meta.json records `format` and `embeddings_sha256`; 3: files.json
+READABLE_FORMAT_VERSIONS = (2, 3)
 EMBEDDINGS_FILE = "embeddings.npy"
 PATHS_FILE = "paths.json"
 META_FILE = "meta.json"
 ANN_FILE = "ann.faiss"  # the FAISS index of an approximate backend (meta.json `backend`), next to embeddings.npy
 PARTIAL_DIR = "partial"
 PROGRESS_FILE = "progress.json"
+FILES_FILE = "files.json"
+LOCK_FILE = ".build.lock"
 # Everything a build writes in the index folder besides `partial/` (each first as NAME.tmp, or
 # embeddings.npy.tmp.npy, renamed into place); nothing else there is ever touched.
-_INDEX_FILES = (META_FILE, PATHS_FILE, EMBEDDINGS_FILE, ANN_FILE)
+_INDEX_FILES = (META_FILE, PATHS_FILE, FILES_FILE, EMBEDDINGS_FILE, ANN_FILE)
 # Shards are named by the listing position they start at (12 digits; 5-digit names are format-2 shards).
 _SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
 HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
@@ -106,6 +115,15 @@ def _write_json(path: Path, value: Any) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(value, indent=1))
     os.replace(temporary, path)
+
+
+def file_fingerprint(path: Union[str, os.PathLike]) -> Optional[list[int]]:
+    """[size in bytes, modification time in ns] of a file, or None when it is gone: what tells a changed file."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
@@ -159,7 +177,7 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
         return
     if not output.is_dir():
         raise GalleryIndexError(f"output {display_path(output)!r} is a file, not a folder: {fix}")
-    entries = {entry.name for entry in output.iterdir()}
+    entries = {entry.name for entry in output.iterdir()} - {LOCK_FILE}
     if not entries:
         return
     meta_ours = _is_ours(_read_json(output / META_FILE), ("model_checksum", "count"))
@@ -208,7 +226,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     meta = _read_json(path / META_FILE)
     if not isinstance(meta, dict):
         raise damaged(f"{META_FILE} is not a valid JSON object")
-    if meta.get("format_version") != INDEX_FORMAT_VERSION or meta.get("format") != INDEX_FORMAT:
+    if meta.get("format_version") not in READABLE_FORMAT_VERSIONS or meta.get("format") != INDEX_FORMAT:
         raise GalleryIndexError(f"index {display_path(path)!r} has format version {meta.get('format_version')}, "
                                 f"this code reads version {INDEX_FORMAT_VERSION}; {_REBUILD}")
     count, dim, expected = meta.get("count"), meta.get("embedding_dim"), meta.get("embeddings_sha256")
@@ -220,6 +238,12 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
         raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
     if len(paths) != count:
         raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
+    if meta["format_version"] >= 3:
+        files = _read_json(path / FILES_FILE)
+        fingerprints = files.get("fingerprints") if isinstance(files, dict) else None
+        if not (isinstance(fingerprints, list) and len(fingerprints) == count):
+            raise damaged(f"{FILES_FILE} is missing or does not hold one fingerprint per path")
+        meta = dict(meta, fingerprints=fingerprints)  # kept in memory beside meta.json's own fields
     try:
         embeddings = np.load(path / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:

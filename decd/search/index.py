@@ -21,8 +21,8 @@ from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, _is
                        exact_top_k, import_faiss, rerank_exact)
 from .build import IMAGE_EXTENSIONS, build_index, warn_skipped
 from .display import display_path
-from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, _model_meta, check_model, model_checksum,
-                     read_index)
+from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, _model_meta, check_model, file_fingerprint,
+                     model_checksum, read_index)
 
 
 @dataclass
@@ -31,12 +31,14 @@ class SearchResult:
 
     scores: [num_queries, k] cosine similarities (float32); indices: [num_queries, k] gallery rows (int64);
     paths: per query, the k images' paths relative to the gallery folder (None for an in-memory gallery
-    of PIL images).
+    of PIL images). status: per query and place, None while the image is the one embedded, "deleted" or
+    "changed" when its file is gone or differs since (an index that records its files' fingerprints).
     """
 
     scores: torch.Tensor
     indices: torch.Tensor
     paths: Optional[list[list[str]]]
+    status: Optional[list[list[Optional[str]]]] = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -92,6 +94,17 @@ class GalleryIndex:
     def skipped(self) -> list[dict]:
         """Unreadable files left out of the index: [{"path": relative path, "error": reason}, ...]."""
         return list(self.meta.get("skipped", []))
+
+    def file_status(self, row: int) -> Optional[str]:
+        """"deleted" or "changed" when the image of gallery row `row` is gone or differs from the one embedded (its
+        size or time), None when it is the same or the index records no fingerprints (older indexes)."""
+        fingerprints = self.meta.get("fingerprints")
+        if fingerprints is None or self.paths is None or row < 0:
+            return None
+        current = file_fingerprint(self.image_path(row))
+        if current is None:
+            return "deleted"
+        return None if current == list(fingerprints[row]) else "changed"
 
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of gallery row `index` (None without paths)."""
@@ -290,10 +303,12 @@ class GalleryIndex:
             built = f" or this index's own backend {recorded!r}" if not _is_exact(recorded) else \
                 " (an approximate backend is chosen when the index is built: decd-search index --backend SPEC)"
             raise ValueError(f"backend must be 'exact', 'faiss'{built}, got {backend!r}")
-        paths = None
+        paths = status = None
         if self.paths is not None:
-            paths = [[self.paths[index] if index >= 0 else None for index in row] for row in indices.tolist()]
-        return SearchResult(scores=scores, indices=indices, paths=paths)
+            rows = indices.tolist()
+            paths = [[self.paths[index] if index >= 0 else None for index in row] for row in rows]
+            status = [[self.file_status(index) for index in row] for row in rows]
+        return SearchResult(scores=scores, indices=indices, paths=paths, status=status)
 
     @property
     def backend(self) -> str:
