@@ -106,3 +106,24 @@ def test_results_whose_file_was_deleted_or_changed_since_indexing_are_flagged(tm
     result = GalleryIndex.load(tmp_path / "index").search(query, top_k=4)
     flagged = dict(zip(result.paths[0], result.status[0]))
     assert flagged == {"0.png": None, "1.png": "deleted", "2.png": "changed", "3.png": None}
+
+
+def test_a_model_in_another_dtype_is_told_apart_from_another_model(tmp_path):
+    from PIL import Image
+
+    from decd.search import GalleryIndex
+
+    from .helpers import tiny_config
+
+    torch.manual_seed(0)
+    model, processor = DecdModel(tiny_config()).eval(), DecdProcessor(image_size=(128, 64))
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    Image.new("RGB", (20, 40), (200, 20, 20)).save(gallery / "a.png")
+    index = GalleryIndex.build(model, processor, gallery, tmp_path / "index", show_progress=False)
+    with pytest.raises(StaleIndexError, match=r"in float32, model is .* in float16: the same weights in another "
+                                              r"dtype, .* load the model in float32 \(dtype=torch.float32\)"):
+        index.verify_model(model.half())
+    torch.manual_seed(1)
+    with pytest.raises(StaleIndexError, match=r"in float16: another model in another dtype; rebuild the index"):
+        index.verify_model(DecdModel(tiny_config()).half())

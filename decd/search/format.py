@@ -82,6 +82,7 @@ _SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|prog
 HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
 _ENCODER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
 
 
@@ -298,8 +299,9 @@ def _config_fingerprint(config) -> dict:
     return fields
 
 
-def model_checksum(model: torch.nn.Module) -> str:
-    """sha256 hex digest of a model's encoder weights and encoder configs (see the module docstring)."""
+def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> str:
+    """sha256 hex digest of a model's encoder weights and encoder configs (see the module docstring); with `dtype`,
+    of the weights cast to it (what the same model loaded in that dtype would give)."""
     state = model.state_dict()
     names = sorted(name for name in state if name.startswith(_ENCODER_PREFIXES)) or sorted(state)
     digest = hashlib.sha256()
@@ -307,6 +309,8 @@ def model_checksum(model: torch.nn.Module) -> str:
     digest.update(json.dumps(_config_fingerprint(config), sort_keys=True, default=str).encode())
     for name in names:
         tensor = state[name].detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
         digest.update(memoryview(raw.numpy()))
@@ -331,17 +335,32 @@ def _short(checksum: Optional[str]) -> str:
 
 def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
     """The meta.json fields that say which model made the embeddings, and when."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    # The checksums this model would have loaded in another precision: a query model in another dtype is then
+    # told apart from another model (see check_model).
+    other = {str(cast).removeprefix("torch."): model_checksum(model, cast) for cast in _DTYPES if cast != dtype}
     return dict(format_version=INDEX_FORMAT_VERSION, model_id=model_identifier(model, model_id),
                 model_checksum=checksum, model_class=type(model).__name__,
+                model_dtype=None if dtype is None else str(dtype).removeprefix("torch."), model_checksum_as=other,
                 image_size=list(getattr(processor, "image_size", []) or []) or None,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
-    """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`."""
+    """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`; when only the
+    dtype differs (the same weights loaded in float16 for a float32 index, say), the message says so."""
     checksum = model_checksum(model)
-    if checksum != meta.get("model_checksum"):
+    if checksum == meta.get("model_checksum"):
+        return
+    built = f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))})"
+    given = f"model is {model_identifier(model, model_id)} (checksum {_short(checksum)})"
+    current = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    recorded = meta.get("model_dtype")
+    if recorded and current and current != recorded:
+        same = (meta.get("model_checksum_as") or {}).get(current) == checksum
         raise StaleIndexError(
-            f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))}), model is "
-            f"{model_identifier(model, model_id)} (checksum {_short(checksum)}); rebuild the index"
-        )
+            f"{built} in {recorded}, {given} in {current}: " + (
+                f"the same weights in another dtype, whose embeddings differ slightly from the index's (enough to "
+                f"reorder close results); load the model in {recorded} (dtype=torch.{recorded}) or rebuild the index "
+                "with this one" if same else "another model in another dtype; rebuild the index"))
+    raise StaleIndexError(f"{built}, {given}; rebuild the index")
