@@ -27,3 +27,14 @@ def test_describe_matches_is_one_result_row_in_readable_form():
     in_memory = SearchResult(scores=result.scores, indices=result.indices, paths=None)  # a gallery of PIL images
     assert [sorted(match) for match in describe_matches(in_memory, 4)] == [
         ["index", "label", "rank", "score", "top_percent"]] * 2
+
+
+def test_file_names_and_captions_are_printed_without_control_characters():
+    from decd.search.display import display_path, printable
+
+    hostile = "x\x1b[2J\x1b[31mred\nrank 1 0.9999 forged.png\r\u202egnp.exe"
+    shown = display_path(hostile)
+    assert "\x1b" not in shown and "\n" not in shown and "\r" not in shown and "\u202e" not in shown
+    assert shown == "x\\x1b[2J\\x1b[31mred\\nrank 1 0.9999 forged.png\\r\\u202egnp.exe"
+    assert printable("a woman in a café, 红色") == "a woman in a café, 红色"  # ordinary text untouched
+    assert display_path("caf\udce9.png") == "caf\\xe9.png"  # bytes that are not UTF-8, as before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import Union
 
 SCORE_EXPLANATION = (
@@ -13,10 +14,24 @@ SCORE_EXPLANATION = (
 )
 
 
+def printable(text: str) -> str:
+    """`text` safe to print or log: control and formatting characters (ANSI escapes, newlines, carriage returns,
+    bidirectional overrides, ...) shown as backslash escapes, so a file name or a caption can neither rewrite
+    the terminal nor forge an extra line; everything else as it is."""
+    return "".join(char if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp") or char == " "
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
 def display_path(path: Union[str, os.PathLike]) -> str:
     """A path as text that can always be printed: bytes that are not UTF-8 (kept in `paths` as lone
-    surrogates, Python's surrogateescape) are shown as backslash escapes, e.g. ``caf\\xe9.png``."""
-    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    surrogates, Python's surrogateescape) are shown as backslash escapes, e.g. ``caf\\xe9.png``, and so are
+    control characters (`printable`)."""
+    return printable(os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+
+
+def describe_status(status) -> str:
+    """What a result's `file_status` means, for the terminal and the app ("" when the file is as indexed)."""
+    return {"deleted": "file deleted since indexing", "changed": "file changed since indexing"}.get(status, "")
 
 
 def top_percent(rank: int, gallery_size: int) -> float:
@@ -39,11 +54,15 @@ def describe_match(rank: int, score: float, gallery_size: int) -> dict:
 
 def describe_matches(result, gallery_size: int, row: int = 0) -> list[dict]:
     """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first:
-    `[{"index": gallery row, **describe_match(...), "path": path}, ...]` (`path` only when the gallery has paths)."""
+    `[{"index": gallery row, **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when
+    the gallery has paths; `file_status` only when the image's file was "deleted" or "changed" since indexing)."""
     matches = []
     for position, (index, score) in enumerate(zip(result.indices[row].tolist(), result.scores[row].tolist())):
         match = {"index": index, **describe_match(position + 1, score, gallery_size)}
         if result.paths is not None:
             match["path"] = result.paths[row][position]
+        status = getattr(result, "status", None)
+        if status and status[row][position]:
+            match["file_status"] = status[row][position]
         matches.append(match)
     return matches
