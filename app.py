@@ -12,10 +12,15 @@ option              environment        meaning
 ``--model``         ``DECD_MODEL``     a DECD model folder (``save_pretrained``) or Hub id, loaded
                                        by ``inference_decd.load_model`` like every entry point
 ``--gallery``       ``DECD_GALLERY``   a folder of images (searched recursively, encoded at
-                                       startup), or an index folder written by
-                                       ``decd.search.GalleryIndex.build`` / ``decd-search index``;
-                                       default: the synthetic benchmark's test split (generated
-                                       once, offline, cached), with examples from its captions
+                                       startup), an index folder written by
+                                       ``decd.search.GalleryIndex.build`` / ``decd-search index``,
+                                       or a Milvus collection (``gallery.db/crops``,
+                                       ``http://host:19530/crops``; a filter box appears when it
+                                       has metadata fields); default: the synthetic benchmark's
+                                       test split (generated once, offline, cached), with
+                                       examples from its captions
+``--collection``    ``DECD_COLLECTION``  the Milvus collection, when the URI names none
+(none)              ``DECD_MILVUS_TOKEN``  a token for a Milvus server that needs one
 ``--images-root``   ``DECD_IMAGES``    where an index's images are, if not where it was built
 ``--host``          ``GRADIO_SERVER_NAME``  default 127.0.0.1 (Spaces set 0.0.0.0 themselves)
 ``--port``          ``GRADIO_SERVER_PORT``  default 7860
@@ -62,7 +67,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
-                         describe_match, open_gallery)
+                         describe_match, filter_options, is_milvus_uri, open_gallery)
 from inference_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
 from inference_decd import load_model as spine_load_model  # noqa: E402
 
@@ -118,10 +123,12 @@ def load_model(name: PathLike, device: Optional[Union[str, torch.device]] = None
 
 @dataclass
 class Gallery:
-    """A searchable gallery: absolute image paths and their L2-normalised embeddings, in row order.
+    """A searchable gallery: what `open_gallery` opened (`index`) and where its images are (`root`).
 
-    `index` does the ranking (exact cosine top-k, `decd.search.GalleryIndex`); `paths[i]` is the image of
-    row i and `embeddings` is `index.embeddings` ([count, dim] float32, possibly memory-mapped).
+    `index` does the ranking (a `decd.search.GalleryIndex`: exact cosine top-k, or a `MilvusGallery`); the
+    images of its results are `root / path`. For a local gallery, `paths[i]` is the image of row i and
+    `embeddings` is `index.embeddings` ([count, dim] float32, possibly memory-mapped); a Milvus gallery
+    (possibly more rows than fit in memory) lists none: `paths` is empty.
     """
 
     paths: list[Path]
@@ -129,20 +136,32 @@ class Gallery:
     source: str
     image_roots: list[Path] = field(default_factory=list)  # folders the app serves the images from
     notes: list[str] = field(default_factory=list)
+    root: Optional[Path] = None  # the folder the index's relative paths are under
 
     @property
     def embeddings(self):
         return self.index.embeddings
 
+    @property
+    def filter_fields(self) -> dict:
+        """The metadata fields a filter can use ({} for a gallery without any: no filter box)."""
+        return dict(getattr(self.index, "metadata_fields", None) or {})
+
+    def image(self, relative: str) -> Path:
+        return (self.root / relative).resolve() if self.root is not None else Path(relative).resolve()
+
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.index)
 
 
-def check_gallery_path(gallery: Optional[PathLike]) -> Path:
-    """`gallery` as a Path, or AppConfigError saying what to set when it is missing or not a folder."""
+def check_gallery_path(gallery: Optional[PathLike]) -> Union[Path, str]:
+    """`gallery` as a Path (a Milvus URI as it is), or AppConfigError saying what to set when it is missing or
+    not a folder."""
     if gallery is None or str(gallery).strip() == "":
         raise AppConfigError("no gallery given: set DECD_GALLERY (or --gallery) to a folder of person crops "
                              "or to an index folder built with `decd-search index`")
+    if is_milvus_uri(gallery):  # opened (and checked) by open_gallery
+        return str(gallery)
     path = Path(gallery).expanduser()
     if not path.exists():
         raise AppConfigError(f"gallery {str(path)!r} does not exist (DECD_GALLERY / --gallery): give a folder of "
@@ -160,9 +179,11 @@ def load_gallery(
     images_root: Optional[PathLike] = None,
     show_progress: bool = True,
     verify: bool = True,
+    collection: Optional[str] = None,
 ) -> Gallery:
-    """The gallery to search, opened by `decd.search.open_gallery`: an index folder (loaded) or an image
-    folder (encoded now, tqdm bar; unreadable images are left out and counted in `notes`).
+    """The gallery to search, opened by `decd.search.open_gallery`: an index folder (loaded), an image
+    folder (encoded now, tqdm bar; unreadable images are left out and counted in `notes`) or a Milvus
+    collection (`collection` names it when the URI does not; token: $DECD_MILVUS_TOKEN).
 
     Raises AppConfigError with a readable message when the folder is missing or holds no images, or when
     the index was built with another model (`verify`; False also skips the index's full checksum read).
@@ -172,11 +193,15 @@ def load_gallery(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedImagesWarning)  # reported in the notes below instead
             index = open_gallery(model, processor, path, batch_size=batch_size, show_progress=show_progress,
-                                 verify=verify)
-    except GalleryIndexError as error:  # missing/unfinished/stale index, no readable images, ...
+                                 verify=verify, collection=collection)
+    except GalleryIndexError as error:  # missing/unfinished/stale index, no readable images, Milvus errors...
         raise AppConfigError(str(error)) from error
-    except OSError as error:
+    except (OSError, ImportError) as error:
         raise AppConfigError(f"could not read the gallery {str(path)!r}: {error}") from error
+    if not isinstance(index, GalleryIndex):  # a Milvus collection: its images are listed per search only
+        root = Path(images_root).expanduser() if images_root is not None else index.gallery_dir
+        return Gallery([], index, source=f"Milvus {index.location.describe(index.name)}",
+                       image_roots=[root.resolve()] if root is not None else [], root=root)
     built = index.path is not None  # an index folder, not a folder encoded just now
     root = _index_images_root(index, path, images_root) if built else path
     paths = [(root / relative).resolve() for relative in index.paths]
@@ -189,7 +214,7 @@ def load_gallery(
         notes.append(f"{len(index.skipped)} unreadable image(s) were left out"
                      + (" when the index was built" if built else " (not images, or damaged)"))
     return Gallery(paths, index, source=f"{'index' if built else 'folder'} {path}", image_roots=[root.resolve()],
-                   notes=notes)
+                   notes=notes, root=root)
 
 
 def _index_images_root(index: GalleryIndex, index_folder: Path, images_root: Optional[PathLike]) -> Path:
@@ -212,37 +237,43 @@ def caption(rank: int, score: float, path: PathLike, gallery_size: int) -> str:
     return f"{describe_match(rank, score, gallery_size)['label']} · {Path(path).name}"
 
 
-def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int) -> list[tuple[str, str]]:
+def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int,
+            filter: Optional[str] = None) -> list[tuple[str, str]]:
+    options = filter_options(gallery.index, filter)  # a gallery that cannot filter: a ValueError
     top_k = max(1, min(int(top_k), len(gallery)))
-    result = gallery.index.search(query_embedding, top_k=top_k)
-    scores, indices = result.scores[0].tolist(), result.indices[0].tolist()
-    return [(str(gallery.paths[index]), caption(rank, score, gallery.paths[index], len(gallery)))
-            for rank, (score, index) in enumerate(zip(scores, indices), start=1)]
+    result = gallery.index.search(query_embedding, top_k=top_k, **options)
+    ranked = [(score, gallery.image(relative)) for score, index, relative
+              in zip(result.scores[0].tolist(), result.indices[0].tolist(), result.paths[0]) if index >= 0]
+    return [(str(image), caption(rank, score, image, len(gallery)))
+            for rank, (score, image) in enumerate(ranked, start=1)]
 
 
-def search_gallery(model, processor, gallery: Gallery, description: str, top_k: int = DEFAULT_TOP_K
-                   ) -> list[tuple[str, str]]:
+def search_gallery(model, processor, gallery: Gallery, description: str, top_k: int = DEFAULT_TOP_K,
+                   filter: Optional[str] = None) -> list[tuple[str, str]]:
     """The `top_k` best gallery images for `description`, best first: [(image path, caption), ...].
 
-    Raises ValueError for an empty description. (The gallery was checked against the model when loaded.)
+    `filter`: a Milvus gallery's boolean expression over its fields (only matching images are ranked).
+    Raises ValueError for an empty description or a filter Milvus rejects. (The gallery was checked
+    against the model when loaded.)
     """
     description = (description or "").strip()
     if not description:
         raise ValueError(EMPTY_QUERY_MESSAGE)
-    return _ranked(gallery, embed_texts(model, processor, [description]), top_k)
+    return _ranked(gallery, embed_texts(model, processor, [description]), top_k, filter)
 
 
-def search_gallery_by_image(model, processor, gallery: Gallery, image, top_k: int = DEFAULT_TOP_K
-                            ) -> list[tuple[str, str]]:
+def search_gallery_by_image(model, processor, gallery: Gallery, image, top_k: int = DEFAULT_TOP_K,
+                            filter: Optional[str] = None) -> list[tuple[str, str]]:
     """The `top_k` gallery images most similar to a photo of the person (image-image cosine), best first.
 
     `image` is anything `load_image` opens (the uploaded file's path, a PIL image, ...): opened by the
     processor and encoded by `embed_images`, exactly like the gallery. Raises ValueError when it is
-    missing or unreadable (the message names the problem).
+    missing or unreadable (the message names the problem). `filter` as for `search_gallery`.
     """
     if image is None or (isinstance(image, str) and not image.strip()):
         raise ValueError("Upload or drop a photo (a crop) of the person to search by photo.")
-    return _ranked(gallery, embed_images(model, processor, [image], batch_size=1, show_progress=False), top_k)
+    return _ranked(gallery, embed_images(model, processor, [image], batch_size=1, show_progress=False), top_k,
+                   filter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +348,10 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     API (gradio_client): "/search" (description, top_k) -> gallery and "/search_image" (image, top_k) ->
     gallery; they raise `gr.Error` with the message for an empty query. `examples` default to generic
     descriptions (see `gallery_examples` for ones that match a synthetic gallery).
+
+    A gallery with metadata fields (a Milvus collection built with --metadata) also gets a filter box (a
+    Milvus expression such as `camera == "c12"`): every search ranks only the matching images, and the
+    API's searches take it as a third input.
     """
     gr = _import_gradio()
     examples = list(EXAMPLE_DESCRIPTIONS) if examples is None else list(examples)
@@ -330,45 +365,46 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     def _top_k(top_k) -> int:
         return DEFAULT_TOP_K if top_k is None else int(top_k)
 
-    def search(description: str, top_k: float) -> list[tuple[str, str]]:
+    def search(description: str, top_k: float, filter: str = "") -> list[tuple[str, str]]:
         """Rank the gallery for a description: [(image, "#rank · score · top p% of N · file name"), ...]."""
         try:
-            return search_gallery(model, processor, gallery, description, _top_k(top_k))
+            return search_gallery(model, processor, gallery, description, _top_k(top_k), filter)
         except ValueError as error:  # a message for the API caller, no traceback in the log
             raise gr.Error(str(error), print_exception=False) from None
 
-    def search_image(image, top_k: float) -> list[tuple[str, str]]:
+    def search_image(image, top_k: float, filter: str = "") -> list[tuple[str, str]]:
         """Rank the gallery by similarity to a photo of the person (re-identification)."""
         try:
-            return search_gallery_by_image(model, processor, gallery, image, _top_k(top_k))
+            return search_gallery_by_image(model, processor, gallery, image, _top_k(top_k), filter)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    def _ui(search_fn, query, top_k: float, what: str, mode: str):
+    def _ui(search_fn, query, top_k: float, what: str, mode: str, filter: str = ""):
         """(results, status, mode) for the UI: an error keeps the results and explains itself."""
         started = time.perf_counter()
         try:
-            found = search_fn(model, processor, gallery, query, _top_k(top_k))
-        except ValueError as error:  # a photo's error names its file: escaped
-            return gr.skip(), f"⚠️ {_escape(str(error)) if mode == 'image' else error}", gr.skip()
+            found = search_fn(model, processor, gallery, query, _top_k(top_k), filter)
+        except ValueError as error:  # a photo's or a filter's error quotes user text: escaped
+            return gr.skip(), f"⚠️ {_escape(str(error)) if mode == 'image' or filter else error}", gr.skip()
         seconds = time.perf_counter() - started
-        return found, (f"**{len(found)}** best of {len(gallery)} images for {what} ({seconds:.2f} s). Best first; "
-                       f"see *Reading the results* below."), mode
+        where = f" where {_escape(filter.strip())}" if (filter or "").strip() else ""
+        return found, (f"**{len(found)}** best of {len(gallery)} images for {what}{where} ({seconds:.2f} s). Best "
+                       f"first; see *Reading the results* below."), mode
 
-    def ui_text(description: str, top_k: float):
-        return _ui(search_gallery, description, top_k, f"“{_escape((description or '').strip())}”", "text")
+    def ui_text(description: str, top_k: float, filter: str = ""):
+        return _ui(search_gallery, description, top_k, f"“{_escape((description or '').strip())}”", "text", filter)
 
-    def ui_image(image, top_k: float):
+    def ui_image(image, top_k: float, filter: str = ""):
         if image is None:  # the photo was cleared: keep everything as it is
             return gr.skip(), gr.skip(), gr.skip()
-        return _ui(search_gallery_by_image, image, top_k, "the photo (image similarity)", "image")
+        return _ui(search_gallery_by_image, image, top_k, "the photo (image similarity)", "image", filter)
 
-    def ui_rerun(mode: str, description: str, image, top_k: float):
-        """Top-k changed: run the last kind of search again, if there is one."""
+    def ui_rerun(mode: str, description: str, image, top_k: float, filter: str = ""):
+        """Top-k (or the filter) changed: run the last kind of search again, if there is one."""
         if mode == "image" and image is not None:
-            return ui_image(image, top_k)
+            return ui_image(image, top_k, filter)
         if (description or "").strip():
-            return ui_text(description, top_k)
+            return ui_text(description, top_k, filter)
         return gr.skip(), gr.skip(), gr.skip()
 
     info = f"{len(gallery)} images ({gallery.source})"
@@ -389,6 +425,13 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
                     top_k = gr.Slider(1, max_k, value=min(DEFAULT_TOP_K, max_k), step=1, label="Top-k",
                                       min_width=180, elem_id="decd-top-k")
                     button = gr.Button("Search", variant="primary", min_width=120, elem_id="decd-search")
+                fields = gallery.filter_fields
+                filter_box = gr.Textbox(
+                    label="Filter (a Milvus expression; Enter applies it)", lines=1, max_lines=1,
+                    placeholder=" and ".join(f'{name} == "..."' if kind == "str" else f"{name} >= ..."
+                                             for name, kind in list(fields.items())[:2]),
+                    info="fields: " + ", ".join(f"{name} ({kind})" for name, kind in fields.items()) + ", path (str)",
+                    elem_id="decd-filter") if fields else None
             with gr.Column(scale=2, min_width=240):
                 photo = gr.Image(label="…or search by photo (upload or drop a crop of the person)",
                                  type="filepath", sources=["upload", "clipboard"], height=200,
@@ -399,20 +442,25 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         gr.Markdown(f"**Reading the results.** Each caption is *#rank · score · top p% of N · file*. "
                     f"{SCORE_EXPLANATION}")
         ui_outputs = [results, status, mode]
+        filtered = [filter_box] if filter_box is not None else []  # the handlers' last input, when there is one
         if examples:
             shown = gr.Examples(examples=[[text] for text in examples], inputs=[description],
                                 label="Examples (click one to search)", api_visibility="private")
-            shown.load_input_event.then(ui_text, [description, top_k], ui_outputs, api_visibility="private")
-        button.click(ui_text, [description, top_k], ui_outputs, api_visibility="private")
-        description.submit(ui_text, [description, top_k], ui_outputs, api_visibility="private")  # Enter
-        photo.upload(ui_image, [photo, top_k], ui_outputs, api_visibility="private")
-        top_k.release(ui_rerun, [mode, description, photo, top_k], ui_outputs, api_visibility="private")
+            shown.load_input_event.then(ui_text, [description, top_k, *filtered], ui_outputs,
+                                        api_visibility="private")
+        button.click(ui_text, [description, top_k, *filtered], ui_outputs, api_visibility="private")
+        description.submit(ui_text, [description, top_k, *filtered], ui_outputs, api_visibility="private")  # Enter
+        photo.upload(ui_image, [photo, top_k, *filtered], ui_outputs, api_visibility="private")
+        top_k.release(ui_rerun, [mode, description, photo, top_k, *filtered], ui_outputs, api_visibility="private")
+        if filter_box is not None:
+            filter_box.submit(ui_rerun, [mode, description, photo, top_k, filter_box], ui_outputs,
+                              api_visibility="private")
         # The API: the same searches, raising errors instead of writing a status line. Bound to buttons that
         # are never shown so that they keep the gallery as their output.
         api_text = gr.Button(visible=False)
-        api_text.click(search, [description, top_k], results, api_name="search")
+        api_text.click(search, [description, top_k, *filtered], results, api_name="search")
         api_image = gr.Button(visible=False)
-        api_image.click(search_image, [photo, top_k], results, api_name="search_image")
+        api_image.click(search_image, [photo, top_k, *filtered], results, api_name="search_image")
     # Gradio 6 takes css at launch(): every launch of this demo gets the app's layout rules.
     plain_launch = demo.launch
 
@@ -426,6 +474,7 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     demo.ui_search_fn = ui_text
     demo.ui_search_image_fn = ui_image
     demo.ui_rerun_fn = ui_rerun
+    demo.filter_box = filter_box  # None unless the gallery has metadata fields
     return demo
 
 
@@ -470,6 +519,9 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gallery", default=environ.get("DECD_GALLERY") or published.get("gallery"),
                         help="folder of person crops, or an index folder (env DECD_GALLERY; default: the "
                              "synthetic benchmark's test split)")
+    parser.add_argument("--collection", default=environ.get("DECD_COLLECTION"),
+                        help="the Milvus collection, when the --gallery URI names none (env DECD_COLLECTION; token: "
+                             "env DECD_MILVUS_TOKEN)")
     parser.add_argument("--images-root", default=environ.get("DECD_IMAGES"),
                         help="folder holding an index's images if they moved since the build (env DECD_IMAGES)")
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
@@ -494,8 +546,8 @@ def prepare(arguments: argparse.Namespace):
         gallery_path = default_gallery()
     model, processor = load_model(arguments.model, arguments.device)
     gallery = load_gallery(model, processor, gallery_path, batch_size=arguments.batch_size,
-                           images_root=arguments.images_root)
-    return model, processor, gallery, gallery_examples(gallery_path)
+                           images_root=arguments.images_root, collection=arguments.collection)
+    return model, processor, gallery, gallery_examples(None if is_milvus_uri(gallery_path) else gallery_path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,13 +18,16 @@ Images are base64-encoded files (PNG, JPEG, ...), optionally as ``data:image/...
 Bad requests raise ``ValueError`` with a message naming what is wrong.
 
 Gallery search (optional): ``EndpointHandler(path, gallery=...)``, or the environment variable
-``DECD_GALLERY``, names a gallery (an index folder written by ``decd-search index``, or a folder of images,
-encoded at start-up), opened once by ``decd.search.open_gallery`` and checked against the model. A request
-with captions and no images, ``{"inputs": {"text": ...}, "parameters": {"top_k": 5}}``, then ranks the
-gallery for each caption: ``[{"index", "score", "rank", "top_percent", "label", "path"}, ...]`` best first
-(``decd.search.describe_matches``, as the ``text-based-person-search`` pipeline returns; ``top_k`` default
-10). This mode needs the ``decd`` package installed next to the handler (``pip install decd``); requests
-with images work without it.
+``DECD_GALLERY``, names a gallery (an index folder written by ``decd-search index``, a folder of images,
+encoded at start-up, or a Milvus collection: ``http://host:19530/crops`` or ``gallery.db/crops``, with a
+token from ``DECD_MILVUS_TOKEN`` if the server needs one), opened once by ``decd.search.open_gallery`` and
+checked against the model. A request with captions and no images, ``{"inputs": {"text": ...},
+"parameters": {"top_k": 5}}``, then ranks the gallery for each caption: ``[{"index", "score", "rank",
+"top_percent", "label", "path"}, ...]`` best first (``decd.search.describe_matches``, as the
+``text-based-person-search`` pipeline returns; ``top_k`` default 10; places no image fills are left out).
+For a Milvus gallery, ``parameters.filter`` (e.g. ``"camera == \"c12\""``) ranks only the matching images.
+This mode needs the ``decd`` package installed next to the handler (``pip install decd``); requests with
+images work without it.
 
 Limits (``EndpointHandler(path, max_images=..., max_texts=..., max_image_bytes=..., max_text_chars=...)``,
 defaults below) are checked before anything is decoded: the number of images and captions, each
@@ -139,13 +142,17 @@ class EndpointHandler:
         top_k = parameters.get("top_k")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r}.")
+        expression = parameters.get("filter")
+        if expression is not None and (not isinstance(expression, str) or not missing):
+            raise ValueError("parameters.filter must be a string (a Milvus expression), and goes with a gallery search "
+                             "(captions without images).")
 
         texts = _as_list(inputs["text"], "text", self.max_texts)
         if missing:
             if mode != "text-to-image":
                 raise ValueError(f"parameters.mode {mode!r} needs images (\"image\"); without them the captions "
                                  f"search the gallery (text-to-image).")
-            return self._search_gallery(texts, GALLERY_TOP_K if top_k is None else top_k)
+            return self._search_gallery(texts, GALLERY_TOP_K if top_k is None else top_k, expression)
         encoded = _as_list(inputs["image"], "image", self.max_images)
         self._check_lengths(texts)
         raw = [_decode_base64(item, index, self.max_image_bytes) for index, item in enumerate(encoded)]
@@ -174,11 +181,13 @@ class EndpointHandler:
                 raise ValueError(f"inputs.text[{index}] has {len(text):,} characters, more than the limit of "
                                  f"{self.max_text_chars:,} (max_text_chars): shorten it.")
 
-    def _search_gallery(self, texts: list, top_k: int) -> list:
+    def _search_gallery(self, texts: list, top_k: int, expression: str | None = None) -> list:
         """Each caption's `top_k` best gallery images, described as the search pipeline describes them."""
-        from decd.search import describe_matches  # importable: the gallery was opened with it
+        from decd.search import describe_matches, filter_options  # importable: the gallery was opened with it
 
         self._check_lengths(texts)
-        result = self.gallery.search(self.spine.embed_texts(self.model, self.processor, texts), top_k=top_k)
-        answers = [describe_matches(result, len(self.gallery), row) for row in range(len(texts))]
+        options = filter_options(self.gallery, expression)  # a gallery that cannot filter: before any encoding
+        result = self.gallery.search(self.spine.embed_texts(self.model, self.processor, texts), top_k=top_k, **options)
+        answers = [[match for match in describe_matches(result, len(self.gallery), row) if match["index"] >= 0]
+                   for row in range(len(texts))]
         return answers[0] if len(answers) == 1 else answers

@@ -2,16 +2,21 @@
 
     decd-search index GALLERY_DIR --model MODEL --output INDEX [--batch_size 64] [--no-resume]
                       [--backend exact|HNSW32|IVF4096,Flat|IVF4096,PQ64|...]
+    decd-search index GALLERY_DIR --model MODEL --store URI [--collection NAME] [--token T]
+                      [--metadata crops.csv] [--backend exact|HNSW|IVF_FLAT|IVF1024,PQ64|...]
     accelerate launch [--cpu] --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
                       [--backend exact|faiss] [--nprobe 32] [--ef_search 256] [--rerank 100]
+    decd-search query URI [--collection NAME] "a woman in a red coat" [--filter 'camera == "c12"'] [...]
     decd-search query INDEX --image query_crop.png [...]     (search by photo: re-identification)
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
 interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
 (same index, bit for bit, as one process). `--backend` also builds an approximate FAISS index
-(index-factory string) that `query` then uses. `query` prints the ranked images with their cosine
+(index-factory string) that `query` then uses. `--store URI` writes a Milvus collection instead of a
+folder (`decd.search.MilvusGallery`: a Milvus Lite path `gallery.db` or `http://host:19530`); a re-run
+inserts only what is missing or changed and deletes what is gone. `query` prints the ranked images with their cosine
 similarity (with the rank as a share of the gallery, `decd.search.describe_match`) and optionally
 draws them (`--grid`); `--image PATH` ranks the gallery by image-image similarity to a photo of the
 person instead of (or besides) a description. By default `query` loads the model recorded in the
@@ -27,8 +32,9 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, check_output_folder, describe_match,
-                     display_path, import_faiss, open_gallery)
+from .search import (SCORE_EXPLANATION, TOKEN_ENV, GalleryIndex, GalleryIndexError, MilvusGallery,
+                     check_output_folder, describe_match, display_path, filter_options, import_faiss, is_milvus_uri,
+                     open_gallery)
 
 EXIT_USER_ERROR = 1
 
@@ -46,20 +52,34 @@ def _build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="encode a folder of images into a search index")
     index.add_argument("gallery_dir", metavar="GALLERY_DIR", help="folder of person crops (searched recursively)")
     index.add_argument("--model", required=True, help="DECD model folder or Hub id")
-    index.add_argument("--output", required=True, metavar="INDEX", help="index folder to write")
+    where = index.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", metavar="INDEX", help="index folder to write")
+    where.add_argument("--store", metavar="URI",
+                       help="write a Milvus collection instead: a Milvus Lite path ending in .db, or http://HOST:19530 "
+                            "(docs/milvus.md)")
+    index.add_argument("--collection", default=None,
+                       help="--store: the collection (default: the gallery folder's name, made a valid Milvus name)")
+    index.add_argument("--token", default=None, help=f"--store: a token for a server that needs one (env {TOKEN_ENV})")
+    index.add_argument("--metadata", default=None, metavar="CSV",
+                       help="--store: a CSV with a `path` column and one column per field to filter on (camera, ...)")
     index.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
     index.add_argument("--no-resume", dest="resume", action="store_false",
-                       help="start over instead of resuming an unfinished build in INDEX")
+                       help="start over instead of resuming an unfinished build in INDEX (--store: drop and rebuild "
+                            "the collection)")
     index.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
-    index.add_argument("--backend", default="exact", metavar="SPEC",
+    index.add_argument("--backend", default=None, metavar="SPEC",
                        help="exact (default), or a FAISS index-factory string built for approximate search: "
-                            "HNSW32, IVF4096,Flat, IVF4096,PQ64, ... (needs faiss; see docs/large-galleries.md)")
+                            "HNSW32, IVF4096,Flat, IVF4096,PQ64, ... (needs faiss; see docs/large-galleries.md). "
+                            "--store: the Milvus index: exact (FLAT), HNSW, IVF_FLAT, IVF1024,PQ64, ... (default: "
+                            "the collection's, FLAT for a new one)")
     index.add_argument("--train_size", type=int, default=None,
                        help="gallery vectors that train an IVF/PQ backend (default: 64 per IVF list, at least 65536)")
 
     query = commands.add_parser("query", help="rank the indexed images for a description")
-    query.add_argument("index", metavar="INDEX", help="index folder written by `decd-search index`")
+    query.add_argument("index", metavar="INDEX",
+                       help="index folder written by `decd-search index`, or a Milvus store (gallery.db[/COLLECTION], "
+                            "http://HOST:19530[/COLLECTION])")
     query.add_argument("descriptions", metavar="DESCRIPTION", nargs="*", help="what the person looks like")
     query.add_argument("--image", dest="images", action="append", default=[], metavar="PATH",
                        help="a photo (crop) of the person: rank the gallery by image similarity (repeatable)")
@@ -76,6 +96,11 @@ def _build_parser() -> argparse.ArgumentParser:
                             "(e.g. 100 for a PQ index)")
     query.add_argument("--ef_search", type=int, default=None,
                        help="HNSW backends: candidate list size (default 256; more: slower, closer to exact)")
+    query.add_argument("--collection", default=None, help="Milvus: the collection (default: the store's only one)")
+    query.add_argument("--token", default=None, help=f"Milvus: a token for a server that needs one (env {TOKEN_ENV})")
+    query.add_argument("--filter", default=None, metavar="EXPRESSION",
+                       help="Milvus: rank only the rows matching a Milvus boolean expression over the collection's "
+                            "fields, e.g. 'camera == \"c12\" and timestamp >= 1700000000'")
     query.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     query.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the full read that checks the embeddings' checksum and values (faster for a "
@@ -107,8 +132,26 @@ def _run_index(arguments) -> int:
         raise _UserError(f"--batch_size must be at least 1, got {arguments.batch_size}")
     if not Path(arguments.gallery_dir).is_dir():
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
-    check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
-    _require_faiss(arguments.backend)
+    if arguments.store is None:
+        given = [f"--{name}" for name in ("collection", "token", "metadata") if getattr(arguments, name) is not None]
+        if given:
+            raise _UserError(f"{', '.join(given)} go with --store (a Milvus collection), not --output")
+        check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
+        _require_faiss(arguments.backend)
+    elif arguments.train_size is not None:
+        raise _UserError("--train_size trains a local FAISS index (--output); Milvus trains its own index")
+    else:  # what can be checked before the (slow) model load: the URI, the index type, the CSV, pymilvus
+        from .search.milvus import import_pymilvus, milvus_index, parse_location, read_metadata
+
+        location = parse_location(arguments.store, arguments.collection)
+        if arguments.backend is not None:
+            milvus_index(arguments.backend, location.lite)
+        if arguments.metadata is not None:
+            read_metadata(arguments.metadata)
+        try:
+            import_pymilvus(arguments.store)
+        except ImportError as error:
+            raise _UserError(str(error)) from error
     try:
         from accelerate import PartialState
     except ImportError:
@@ -118,12 +161,14 @@ def _run_index(arguments) -> int:
     device = arguments.device if arguments.device is not None or state is None or state.num_processes == 1 \
         else state.device  # under `accelerate launch`: this process's GPU (or the CPU with --cpu)
     model, processor = _load_model(arguments.model, device)
+    if arguments.store is not None:
+        return _run_index_milvus(arguments, model, processor, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
         index = GalleryIndex.build(
             model, processor, arguments.gallery_dir, arguments.output, batch_size=arguments.batch_size,
             model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
-            backend=arguments.backend, train_size=arguments.train_size, distributed=state,
+            backend=arguments.backend or "exact", train_size=arguments.train_size, distributed=state,
         )
     if state is not None and not state.is_main_process:
         return 0  # the main process reports
@@ -136,6 +181,35 @@ def _run_index(arguments) -> int:
             print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
         if len(index.skipped) > 20:
             print(f"  ... and {len(index.skipped) - 20} more")
+    return 0
+
+
+def _run_index_milvus(arguments, model, processor, state) -> int:
+    """`index --store`: write the gallery into a Milvus collection (`MilvusGallery.build`)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
+            gallery = MilvusGallery.build(
+                model, processor, arguments.gallery_dir, arguments.store, collection=arguments.collection,
+                token=arguments.token, metadata=arguments.metadata, batch_size=arguments.batch_size,
+                model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
+                backend=arguments.backend, distributed=state,
+            )
+    except ImportError as error:  # pymilvus / milvus-lite missing: what to install
+        raise _UserError(str(error)) from error
+    if gallery is None:
+        return 0  # the main process reports
+    changes = gallery.changes
+    print(f"Indexed {display_path(arguments.gallery_dir)} into Milvus {gallery.location.describe(gallery.name)} "
+          f"(model {gallery.model_id}, checksum {gallery.model_checksum[:12]}, index {gallery.backend}): "
+          f"{len(gallery)} images; {changes['new']} new, {changes['changed']} changed, {changes['updated']} "
+          f"rewritten without re-encoding, {changes['removed']} removed, {changes['unchanged']} unchanged.")
+    if gallery.skipped:
+        print(f"Skipped {len(gallery.skipped)} file(s) (tried again on the next run):")
+        for item in gallery.skipped[:20]:
+            print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
+        if len(gallery.skipped) > 20:
+            print(f"  ... and {len(gallery.skipped) - 20} more")
     return 0
 
 
@@ -178,20 +252,29 @@ def _run_query(arguments) -> int:
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
     if arguments.top_k < 1:
         raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
-    _require_faiss(arguments.backend)  # before the index is read
-    index = open_gallery(None, None, arguments.index, verify=arguments.verify)  # the model: below
-    backend = arguments.backend or index.backend
-    if backend not in ("exact", "faiss", index.backend):
-        raise _UserError(f"--backend must be exact, faiss or {index.backend} (the backend {display_path(arguments.index)!r} "
-                         f"was built with), got {backend!r}")
-    _require_faiss(backend)
+    if not is_milvus_uri(arguments.index):
+        _require_faiss(arguments.backend)  # before the index is read
+    try:
+        index = open_gallery(None, None, arguments.index, verify=arguments.verify,  # the model: below
+                             collection=arguments.collection, token=arguments.token)
+    except ImportError as error:  # a Milvus store without pymilvus / milvus-lite: what to install
+        raise _UserError(str(error)) from error
+    search_options = filter_options(index, arguments.filter)
+    backend = arguments.backend
+    if isinstance(index, GalleryIndex):  # a local index: exact, faiss, or the FAISS index it was built with
+        backend = backend or index.backend
+        if backend not in ("exact", "faiss", index.backend):
+            raise _UserError(f"--backend must be exact, faiss or {index.backend} (the backend "
+                             f"{display_path(arguments.index)!r} was built with), got {backend!r}")
+        _require_faiss(backend)
     model_name = arguments.model or index.model_id
     if not model_name or model_name.startswith("<in-memory"):
         raise _UserError(f"the index {display_path(arguments.index)!r} records no loadable model ({model_name}); pass --model")
     model, processor = _load_model(model_name, arguments.device)
     index.verify_model(model, model_name)  # the stale-model check, for text and image queries alike
     queries, rows = [], []  # (label, SearchResult, row) per query, in the order given
-    ann_options = dict(nprobe=arguments.nprobe, ef_search=arguments.ef_search, rerank=arguments.rerank)
+    ann_options = dict(nprobe=arguments.nprobe, ef_search=arguments.ef_search, rerank=arguments.rerank,
+                       **search_options)
     if descriptions:
         result = index.search_text(model, processor, descriptions, top_k=arguments.top_k, backend=backend,
                                    verify=False, **ann_options)
@@ -210,6 +293,8 @@ def _run_query(arguments) -> int:
         if number:
             print()
         _print_table(query, result.paths[row], result.scores[row].tolist(), len(index))
+        if not result.paths[row] or result.paths[row][0] is None:
+            print(f"(no image matches --filter {arguments.filter})" if arguments.filter else "(no image)")
     if arguments.grid:
         from .visualize import retrieval_grid
 

@@ -15,8 +15,11 @@ Importing this module registers the task with `transformers.pipelines.PIPELINE_R
 `gallery` is an index folder written by `GalleryIndex.build` / `decd-search index` (the model must be
 the one that built it, else `StaleIndexError`), a folder of images (encoded in memory when the
 pipeline is created, unreadable images left out with a warning; build an index for anything large), a
-list of image paths and/or PIL images, or a `GalleryIndex`: whatever `decd.search.open_gallery` opens.
-A list of queries gives a list of result lists.
+list of image paths and/or PIL images, a `GalleryIndex`, or a Milvus collection: `gallery="gallery.db/crops"`
+(Milvus Lite) or `gallery="http://host:19530/crops"` (a server; `gallery_collection=` names the collection
+when the URI does not, `gallery_token=` for a server that needs one): whatever
+`decd.search.open_gallery` opens. A list of queries gives a list of result lists. A Milvus gallery also
+takes `filter='camera == "c12" and timestamp >= 1700000000'` per call (a Milvus boolean expression).
 
 A query is a description (str), a photo of the person (a PIL image, or `{"image": path / PIL / bytes}`:
 opened by the processor's `load_image` and encoded by `embed_images`, like the gallery), or
@@ -34,7 +37,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from inference_decd import embed_images, embed_texts
 
-from .search import DEFAULT_CHUNK_SIZE, describe_matches, open_gallery
+from .search import DEFAULT_CHUNK_SIZE, describe_matches, filter_options, open_gallery
 
 TASK = "text-based-person-search"
 
@@ -43,14 +46,17 @@ class TextBasedPersonSearchPipeline(Pipeline):
     """Rank a gallery of pedestrian crops for a text description (cosine similarity of DECD embeddings).
 
     Args (in addition to `Pipeline`'s):
-        gallery: index folder, image folder, list of image paths / PIL images, or a `GalleryIndex`.
+        gallery: index folder, image folder, list of image paths / PIL images, a `GalleryIndex`, or a Milvus
+            store / collection (`gallery.db/crops`, `http://host:19530/crops`).
         gallery_batch_size: images per forward pass when the gallery has to be encoded (default 64).
+        gallery_collection, gallery_token: the Milvus collection (when the URI names none) and a token.
 
     Call arguments:
         top_k: results per description (default 10, clamped to the gallery size).
         backend: default the one the index was built with (exact, or its FAISS index); "exact" forces
             the exact search (see `GalleryIndex.search`).
         chunk_size: gallery rows scored at once by the exact backend.
+        filter: a Milvus gallery: a boolean expression over its fields; only matching images are ranked.
 
     Returns, per query (a description, or a photo: PIL image or `{"image": ...}`): a list of
     `{"index": gallery row, "score": cosine similarity, "rank", "top_percent", "label", "path": path}`
@@ -66,7 +72,8 @@ class TextBasedPersonSearchPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, *args, gallery: Any = None, gallery_batch_size: int = 64, **kwargs):
+    def __init__(self, *args, gallery: Any = None, gallery_batch_size: int = 64, gallery_collection: str | None = None,
+                 gallery_token: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.processor is None:
             self.processor = self._default_processor()
@@ -77,7 +84,8 @@ class TextBasedPersonSearchPipeline(Pipeline):
             )
         # An index is checked against the model once here (not on every call); a folder's unreadable images
         # are left out with one warning and listed in `.gallery_index.skipped`.
-        self.gallery_index = open_gallery(self.model, self.processor, gallery, batch_size=gallery_batch_size)
+        self.gallery_index = open_gallery(self.model, self.processor, gallery, batch_size=gallery_batch_size,
+                                          collection=gallery_collection, token=gallery_token)
 
     def _default_processor(self):
         from inference_decd import load_processor
@@ -87,12 +95,16 @@ class TextBasedPersonSearchPipeline(Pipeline):
             raise ValueError("the model has no name_or_path to load its DecdProcessor from; pass processor=...")
         return load_processor(name, self.model)
 
-    def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, **unused):
+    def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, filter=None, **unused):
         if unused:
             raise TypeError(f"unexpected argument(s) for the {TASK!r} pipeline: {', '.join(sorted(unused))}")
         given = {"top_k": top_k, "backend": backend, "chunk_size": chunk_size}
-        return {}, {}, {name: value if name == "backend" else int(value) for name, value in given.items()
-                         if value is not None}
+        postprocess = {name: value if name == "backend" else int(value) for name, value in given.items()
+                       if value is not None}
+        # Checked here, once per call, so that a gallery that cannot filter fails before anything is encoded.
+        if not hasattr(self, "gallery_index"):  # called by Pipeline.__init__, before the gallery is opened
+            return {}, {}, dict(postprocess, **({"filter": filter} if filter else {}))
+        return {}, {}, dict(postprocess, **filter_options(self.gallery_index, filter))
 
     def preprocess(self, query: Any) -> dict:
         if isinstance(query, dict):
@@ -122,9 +134,10 @@ class TextBasedPersonSearchPipeline(Pipeline):
         return {"text_embeds": embed_texts(self.model, self.processor, [model_inputs["description"]])}
 
     def postprocess(self, model_outputs: dict, top_k: int = 10, backend: str | None = None,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, **search_options) -> list[dict]:
         query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
-        result = self.gallery_index.search(query, top_k=top_k, backend=backend, chunk_size=chunk_size)
+        result = self.gallery_index.search(query, top_k=top_k, backend=backend, chunk_size=chunk_size,
+                                           **search_options)
         return describe_matches(result, len(self.gallery_index))
 
 

@@ -32,6 +32,8 @@ from decd.synthetic import generate_synthetic_person_search  # noqa: E402
 from modeling_decd import DecdModel  # noqa: E402
 from processing_decd import DecdProcessor  # noqa: E402
 
+from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: E402,F401
+
 HOST = "127.0.0.1"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 DESCRIPTION = "A woman in a red coat and black trousers carrying a white bag."
@@ -283,3 +285,35 @@ def test_space_defaults_model_from_config_and_synthetic_gallery(model_dir, tmp_p
     assert len(gallery) == 4 and gallery.image_roots == [small.resolve()]
     assert "synthetic benchmark's test split" in capsys.readouterr().err
     assert examples and examples != list(app.EXAMPLE_DESCRIPTIONS)
+
+
+# ------------------------------------------------------------------------------------------------
+# A Milvus collection as the gallery: the same ranking, and a filter box for its metadata fields
+# ------------------------------------------------------------------------------------------------
+
+
+def test_milvus_gallery_ranks_like_the_index_and_gets_a_filter_box(milvus_gallery, loaded, tmp_path):
+    from decd.search import MilvusGallery
+
+    model, processor, local = milvus_gallery["model"], milvus_gallery["processor"], milvus_gallery["index"]
+    store = f"{tmp_path / 'gallery.db'}/crops"
+    MilvusGallery.build(model, processor, milvus_gallery["gallery"], store, show_progress=False,
+                        metadata=milvus_gallery["metadata"], model_id=str(milvus_gallery["model_dir"]))
+    gallery = app.load_gallery(model, processor, store)
+    assert gallery.source.startswith("Milvus collection 'crops'") and len(gallery) == 12 and gallery.paths == []
+    assert gallery.image_roots == [milvus_gallery["gallery"].resolve()]
+    expected = local.search_text(model, processor, DESCRIPTION, top_k=12)
+    ranked = app.search_gallery(model, processor, gallery, DESCRIPTION, 4)
+    assert [image for image, _ in ranked] == [str((milvus_gallery["gallery"] / path).resolve())
+                                              for path in expected.paths[0][:4]]
+    assert ranked[0][1] == app.caption(1, expected.scores[0, 0].item(), ranked[0][0], 12)
+    cameras = {path: row["camera"] for path, row in read_metadata_rows(milvus_gallery["metadata"]).items()}
+    demo = app.build_demo(model, processor, gallery)
+    assert demo.filter_box is not None and "camera (str)" in demo.filter_box.info
+    found, status, mode = demo.ui_search_fn(DESCRIPTION, 10, 'camera == "c3"')
+    assert [Path(image).name for image, _ in found] == [Path(path).name for path in expected.paths[0]
+                                                        if cameras[path] == "c3"]
+    assert "where camera" in status and mode == "text"
+    _, status, _ = demo.ui_search_fn(DESCRIPTION, 10, "camra == 1")
+    assert status.startswith("⚠️") and "camera \\(str\\)" in status  # Milvus's message, the fields, escaped
+    assert app.build_demo(*loaded).filter_box is None  # a local gallery has no fields to filter on

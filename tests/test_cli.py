@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from decd.cli import main
-from decd.search import ANN_FILE, SCORE_EXPLANATION, GalleryIndex, GalleryIndexError
+from decd.search import ANN_FILE, SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery
 
+from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: F401
 from .search_fixtures import _index_command, _table_paths, gallery_and_model, photo_gallery, workspace  # noqa: F401
 
 QUERY = "a man in a red shirt and blue trousers"
@@ -183,3 +184,64 @@ def test_cli_index_with_an_ann_backend_but_no_faiss_says_how_to_install(gallery_
     error = capsys.readouterr().err
     assert "backend='HNSW32' needs the optional FAISS package: `pip install faiss-cpu`" in error
     assert not (tmp_path / "index").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A Milvus collection (--store): Milvus Lite here; both engines are tested in test_search_milvus.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_index_into_milvus_then_query_with_a_filter_and_a_grid(milvus_gallery, tmp_path, capsys):
+    gallery, model_dir, local = milvus_gallery["gallery"], milvus_gallery["model_dir"], milvus_gallery["index"]
+    store = tmp_path / "gallery.db"
+    command = ["index", str(gallery), "--model", str(model_dir), "--store", str(store), "--metadata",
+               str(milvus_gallery["metadata"]), "--batch_size", "5", "--quiet"]
+    assert main(command) == 0
+    output = capsys.readouterr().out
+    assert "collection 'imgs'" in output and "12 images; 12 new" in output  # named after the gallery folder
+    grid = tmp_path / "grid.png"
+    assert main(["query", str(store), QUERY, "--top_k", "3", "--grid", str(grid)]) == 0  # its only collection
+    expected = local.search_text(milvus_gallery["model"], milvus_gallery["processor"], QUERY, top_k=12)
+    assert _table_paths(capsys.readouterr().out) == expected.paths[0][:3]
+    with Image.open(grid) as picture:
+        assert picture.format == "PNG" and picture.width > 3 * 64
+    cameras = {path: row["camera"] for path, row in read_metadata_rows(milvus_gallery["metadata"]).items()}
+    assert main(["query", f"{store}/imgs", QUERY, "--filter", 'camera == "c2"', "--image",
+                 str(gallery / local.paths[4])]) == 0
+    printed = _table_paths(capsys.readouterr().out)
+    by_text = [path for path in expected.paths[0] if cameras[path] == "c2"]
+    assert printed[:len(by_text)] == by_text and len(printed) == 2 * len(by_text)
+    assert {cameras[path] for path in printed} == {"c2"}
+    assert main(command) == 0 and "0 new, 0 changed, 0 rewritten without re-encoding, 0 removed, 12 unchanged" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["query", "{store}", QUERY, "--filter", 'camra == "c1"'], "camera (str), timestamp (int), score (float)"),
+        (["query", "{store}", QUERY, "--backend", "exact"], "its own FLAT index"),
+        (["query", "{index}", QUERY, "--filter", 'camera == "c1"'], "needs a gallery in Milvus"),
+        (["query", "http://127.0.0.1:{port}/crops", QUERY], "does not answer"),
+        (["query", "{root}", QUERY, "--collection", "nothing"], "there is no collection 'nothing'"),
+        (["index", "{gallery}", "--model", "{model}", "--output", "{missing}", "--collection", "c"], "go with --store"),
+        (["index", "{gallery}", "--model", "{other}", "--store", "{store}"], "--no-resume"),
+        (["index", "{gallery}", "--model", "{missing}", "--store", "{root}", "--backend", "IVF1024,PQ64"],
+         "Milvus Lite has no IVF_PQ index"),  # refused before the model (here a missing one) is loaded
+    ],
+)
+def test_cli_milvus_errors_are_one_line(milvus_gallery, tmp_path, capsys, arguments, message):
+    store = tmp_path / "gallery.db" / "imgs"
+    MilvusGallery.build(milvus_gallery["model"], milvus_gallery["processor"], milvus_gallery["gallery"], store,
+                        metadata=milvus_gallery["metadata"], model_id=str(milvus_gallery["model_dir"]),
+                        show_progress=False)
+    with __import__("socket").socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    values = dict(store=store, root=store.parent, index=milvus_gallery["index"].path, port=port,
+                  gallery=milvus_gallery["gallery"], model=milvus_gallery["model_dir"],
+                  other=milvus_gallery["other_dir"], missing=tmp_path / "new")
+    assert main([argument.format(**values) for argument in arguments]) == 1
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if line.strip() and "Loading weights" not in line]  # the loading bar
+    assert len(lines) == 1 and lines[0].startswith("decd-search") and message in lines[0], error

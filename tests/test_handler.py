@@ -11,6 +11,7 @@ from PIL import Image
 from decd.search import GalleryIndex, StaleIndexError, describe_match
 
 from .helpers import save_tiny_model
+from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: F401
 from .search_fixtures import _build, five_images  # noqa: F401
 
 QUERY = "a man in a red shirt"
@@ -129,3 +130,29 @@ def test_handler_names_the_bad_image(setup):
     truncated = base64.b64encode(broken.getvalue()[:-200]).decode()
     with pytest.raises(ValueError, match=r"inputs\.image\[1\]: (not a readable image|the image data cannot)"):
         endpoint({"inputs": {"text": QUERY, "image": [_png_base64(), truncated]}})
+
+
+def test_handler_searches_a_milvus_gallery_named_by_decd_gallery_with_a_filter(milvus_gallery, tmp_path, monkeypatch):
+    import handler as checkout_handler
+
+    from decd.search import MilvusGallery
+
+    model, processor, local = milvus_gallery["model"], milvus_gallery["processor"], milvus_gallery["index"]
+    store = f"{tmp_path / 'gallery.db'}/crops"
+    MilvusGallery.build(model, processor, milvus_gallery["gallery"], store, show_progress=False,
+                        metadata=milvus_gallery["metadata"], model_id=str(milvus_gallery["model_dir"]))
+    monkeypatch.setenv("DECD_GALLERY", store)
+    endpoint = checkout_handler.EndpointHandler(str(milvus_gallery["model_dir"]))
+    expected = local.search_text(model, processor, [QUERY, "a woman"], top_k=12)
+    matches = endpoint({"inputs": {"text": QUERY}, "parameters": {"top_k": 3}})
+    assert [match["path"] for match in matches] == expected.paths[0][:3]
+    assert matches[0]["score"] == pytest.approx(expected.scores[0, 0].item(), abs=1e-5)
+    cameras = {path: row["camera"] for path, row in read_metadata_rows(milvus_gallery["metadata"]).items()}
+    both = endpoint({"inputs": {"text": [QUERY, "a woman"]}, "parameters": {"filter": 'camera == "c3"'}})
+    for row, found in enumerate(both):  # only the matching images, none padded
+        assert [match["path"] for match in found] == [path for path in expected.paths[row] if cameras[path] == "c3"]
+    with pytest.raises(ValueError, match=r"camra.*camera \(str\)") as rejected:
+        endpoint({"inputs": {"text": QUERY}, "parameters": {"filter": "camra == 1"}})
+    assert "\n" not in str(rejected.value)
+    with pytest.raises(ValueError, match="parameters.filter must be a string"):
+        endpoint({"inputs": {"text": QUERY, "image": _png_base64()}, "parameters": {"filter": 'camera == "c3"'}})

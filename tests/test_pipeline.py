@@ -8,6 +8,7 @@ from PIL import Image
 import decd.pipeline  # noqa: F401  (registers the task)
 from decd.search import StaleIndexError, describe_match
 
+from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: F401
 from .search_fixtures import photo_gallery, workspace  # noqa: F401
 
 QUERY = "a man in a red shirt and blue trousers"
@@ -57,3 +58,32 @@ def test_pipeline_accepts_a_photo_besides_a_description(setup):
     assert [match["rank"] for match in by_text] == [1, 2] and "top_percent" in by_text[0]
     with pytest.raises(ValueError, match="query dict"):
         search({"picture": str(query)})
+
+
+def test_pipeline_searches_a_milvus_collection_with_a_filter(milvus_gallery, tmp_path):
+    from transformers import pipeline
+
+    from decd.search import GalleryIndexError, MilvusGallery
+
+    model, processor, local = milvus_gallery["model"], milvus_gallery["processor"], milvus_gallery["index"]
+    store = tmp_path / "gallery.db"
+    MilvusGallery.build(model, processor, milvus_gallery["gallery"], f"{store}/crops", show_progress=False,
+                        metadata=milvus_gallery["metadata"], model_id=str(milvus_gallery["model_dir"]))
+    search = pipeline("text-based-person-search", model=str(milvus_gallery["model_dir"]), gallery=f"{store}/crops",
+                      device="cpu")
+    expected = local.search_text(model, processor, QUERY, top_k=12)
+    matches = search(QUERY, top_k=5)
+    assert [match["path"] for match in matches] == expected.paths[0][:5]
+    np.testing.assert_allclose([match["score"] for match in matches], expected.scores[0, :5].numpy(), atol=1e-5)
+    assert matches[0]["label"] == describe_match(1, matches[0]["score"], 12)["label"]
+    cameras = {path: row["camera"] for path, row in read_metadata_rows(milvus_gallery["metadata"]).items()}
+    named = pipeline("text-based-person-search", model=model, processor=processor, gallery=store,
+                     gallery_collection="crops")  # the collection given apart from the store
+    filtered = named(QUERY, top_k=10, filter='camera == "c1"')
+    assert [match["path"] for match in filtered] == [path for path in expected.paths[0] if cameras[path] == "c1"]
+    photo = milvus_gallery["gallery"] / local.paths[2]
+    by_photo = named({"image": str(photo)}, top_k=3)
+    assert [match["path"] for match in by_photo] == local.search_image(model, processor, photo, top_k=3).paths[0]
+    on_disk = pipeline("text-based-person-search", model=model, processor=processor, gallery=local.path)
+    with pytest.raises(GalleryIndexError, match="needs a gallery in Milvus"):
+        on_disk(QUERY, filter='camera == "c1"')

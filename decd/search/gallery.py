@@ -1,4 +1,5 @@
-"""`open_gallery`: the one place that turns what a user calls "the gallery" into a searchable `GalleryIndex`."""
+"""`open_gallery`: the one place that turns what a user calls "the gallery" into a searchable `GalleryIndex` (or,
+for a Milvus URI, a `MilvusGallery` with the same search interface); `filter_options`: passing a filter on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .build import IMAGE_EXTENSIONS, _embed_files, _gallery_files, _gallery_meta
 from .display import display_path
 from .format import META_FILE, GalleryIndexError, IndexNotFoundError, is_index_folder, model_checksum
 from .index import GalleryIndex
+from .milvus import MilvusGallery, is_milvus_uri
 
 
 def open_gallery(
@@ -26,9 +28,14 @@ def open_gallery(
     verify: bool = True,
     model_id: Optional[str] = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
-) -> GalleryIndex:
-    """A `GalleryIndex` for `source`, checked against `model`:
+    collection: Optional[str] = None,
+    token: Optional[str] = None,
+) -> GalleryIndex | MilvusGallery:
+    """A `GalleryIndex` (or a `MilvusGallery`) for `source`, checked against `model`:
 
+    - a Milvus store: `http(s)://host:port[/COLLECTION]` or a Milvus Lite path `gallery.db[/COLLECTION]`
+      (`collection=` names the collection otherwise; `token=` for a server that needs one, default
+      $DECD_MILVUS_TOKEN): `MilvusGallery.open`, whose `search` also takes `filter=` (see `filter_options`);
     - an index folder (it holds meta.json, or partial/ of an unfinished build), or a path that does not
       exist: `GalleryIndex.load` (memory-mapped), which says what is wrong, if anything (one line); a
       file is refused;
@@ -38,7 +45,7 @@ def open_gallery(
       `index.paths` are relative to the folder (`index.gallery_dir`); `index.path` is None;
     - a list (or tuple) of image paths and/or PIL images: `GalleryIndex.from_images` (an unreadable
       item raises: a list is expected to be valid);
-    - a `GalleryIndex`: returned as it is.
+    - a `GalleryIndex` or a `MilvusGallery`: returned as it is.
 
     Args:
         model, processor: the DECD model and its processor. `model=None` is allowed for an index only
@@ -52,11 +59,19 @@ def open_gallery(
 
     Raises:
         IndexNotFoundError / GalleryIndexError: one line naming the path and what to do (a missing
-            folder, an unfinished or damaged index, a folder without images or with none readable).
+            folder, an unfinished or damaged index, a folder without images or with none readable; for
+            Milvus, `MilvusStoreError`: a server that does not answer, a Lite store held by another process).
         StaleIndexError: the index was built by another model.
         TypeError: `source` is none of the above.
     """
-    if isinstance(source, (str, os.PathLike)):
+    if collection is not None and not (is_milvus_uri(source) or isinstance(source, MilvusGallery)):
+        raise GalleryIndexError(f"collection {collection!r} names a Milvus collection, but the gallery {source!r} is "
+                                f"not a Milvus store (a path ending in .db, or http://host:port)")
+    if is_milvus_uri(source):
+        index = MilvusGallery.open(source, collection=collection, token=token)
+    elif isinstance(source, MilvusGallery):
+        index = source
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.is_file():
             raise GalleryIndexError(f"the gallery {display_path(path)!r} is a file: give an index folder (built with "
@@ -75,8 +90,8 @@ def open_gallery(
             raise ValueError("a gallery given as a list of images is encoded now: it needs the model and its processor")
         return GalleryIndex.from_images(model, processor, source, batch_size, model_id, show_progress)
     else:
-        raise TypeError(f"the gallery must be an index folder, a folder of images, a list of images or a "
-                        f"GalleryIndex, not {type(source).__name__}")
+        raise TypeError(f"the gallery must be an index folder, a folder of images, a list of images, a Milvus URI, "
+                        f"a GalleryIndex or a MilvusGallery, not {type(source).__name__}")
     if verify and model is not None:  # checked once here, not on every search
         index.verify_model(model, model_id)
     return index
@@ -113,3 +128,15 @@ def _encode_folder(model, processor, gallery_dir: Path, extensions: Sequence[str
     meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths), skipped=skipped,
                 num_skipped=len(skipped))
     return embeddings, paths, meta
+
+
+def filter_options(gallery, filter: Optional[str]) -> dict:
+    """The keyword arguments that pass a Milvus `filter` expression to `gallery.search`: {} when there is none,
+    and a GalleryIndexError when the gallery cannot filter (a local index or folder: only a Milvus collection
+    has fields to filter on)."""
+    if filter is None or not str(filter).strip():
+        return {}
+    if not getattr(gallery, "filter_fields", None):
+        raise GalleryIndexError(f"a filter ({filter!r}) needs a gallery in Milvus with fields to filter on (built with "
+                                f"`decd-search index --store URI [--metadata CSV]`); this gallery is a local index")
+    return {"filter": str(filter).strip()}
