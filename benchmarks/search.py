@@ -38,6 +38,17 @@ Approximate backends (FAISS index-factory strings, what `decd-search index --bac
     Gaussians around random unit centres (then L2-normalised), so that neighbours are meaningful; with
     uniformly random unit vectors (`--data uniform`) every ANN index degrades to a near-full scan.
 
+Milvus (`--milvus lite server`, rows beside the local ones in the same run)
+    For each engine (Milvus Lite in this process; a standalone server started per case from the PyPI
+    `milvus` package, `decd.search.LocalMilvusServer`, in a temporary folder) and each `--milvus_indexes`
+    type (FLAT, HNSW, IVF_FLAT: `decd.search.milvus_index`), the same clustered gallery is written into a
+    collection of `decd-search index --store`'s schema with `decd.search.milvus.insert_rows` (insert
+    throughput: rows/s), then flushed and indexed as a build finishes it (index seconds: until every row is
+    indexed), and searched through `MilvusGallery.search` (what `decd-search query` runs; Strong consistency,
+    and Bounded for comparison) at each `--nprobe` / `--ef_search`. recall@10 against the exact top-10, peak
+    RSS of the benchmark process (the client; with Lite, the engine too; it holds the generated gallery) and
+    of the server process. Milvus Lite runs at sizes up to `--lite_max_size` (it scans in Python).
+
 How to run (from the repo root)
     .venv/bin/python benchmarks/search.py                          # 10^5 and 10^6; ~1-2 min on 2 CPU cores
     .venv/bin/python benchmarks/search.py --sizes 100000 --repeats 3
@@ -45,7 +56,12 @@ How to run (from the repo root)
     nice -n 10 .venv/bin/python benchmarks/search.py --sizes 1000000 --repeats 3 \
         --backends exact HNSW32 IVF4096,Flat IVF4096,PQ64 --output-json benchmarks/results/search_ann_cpu.json
 
-    `pip install faiss-cpu` adds the faiss rows (optional; skipped with a note otherwise).
+    nice -n 10 .venv/bin/python benchmarks/search.py --sizes 100000 --repeats 3 --backends exact \
+        --milvus lite server --nprobe 16 32 64 --ef_search 64 256 \
+        --output-json benchmarks/results/search_milvus_cpu.json
+
+    `pip install faiss-cpu` adds the faiss rows (optional; skipped with a note otherwise);
+    `pip install 'decd[milvus]'` the Milvus rows.
 """
 
 from __future__ import annotations
@@ -225,6 +241,111 @@ def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, npro
     return rows
 
 
+def _process_peak_mb(pid: int | None) -> float | None:
+    """Peak resident set size (VmHWM) of another process, in MiB."""
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_queries: int, top_k: int, repeats: int,
+                    data: str, clusters: int, recall_queries: int, truth_file: str | None, nprobes: tuple,
+                    ef_searches: tuple, scratch: str) -> list:
+    """One (engine, index type, gallery size) Milvus measurement in this process: insert, index, search."""
+    import numpy as np
+
+    from decd.search import LocalMilvusServer, MilvusGallery, milvus_index, recall_at_k
+    from decd.search.milvus import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, _finish, _vector_index,
+                                    connect, create_collection, insert_rows)
+
+    centres = _centres(data, clusters, dim)
+    generator, query_generator = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(99)
+    queries = _random_rows(num_queries, dim, query_generator, centres=centres).numpy()
+    many = _random_rows(recall_queries, dim, query_generator, centres=centres).numpy() if recall_queries else None
+    gallery = torch.empty(gallery_size, dim)
+    for start in range(0, gallery_size, 100_000):
+        _random_rows(0, dim, generator, out=gallery[start:start + 100_000], centres=centres)
+    gallery = gallery.numpy()
+    server = None
+    if engine == "server":
+        server = LocalMilvusServer(Path(scratch) / "server").start()
+        location = MilvusLocation(server.uri, "bench")
+    else:
+        location = MilvusLocation(os.path.join(scratch, "bench.db"), "bench")
+    try:
+        client = connect(location, create=True)
+        index_type, params = milvus_index(kind, lite=engine == "lite")
+        meta = dict(format=MILVUS_FORMAT, format_version=MILVUS_FORMAT_VERSION, model_checksum="benchmark",
+                    model_id="benchmark", embedding_dim=dim, gallery_dir=None, updated=None, num_files=gallery_size)
+        create_collection(client, location, "bench", dim, {}, index_type, params, meta)
+        paths = [str(row) for row in range(gallery_size)]
+        empty = [""] * gallery_size
+        begin = time.perf_counter()
+        for start in tqdm_range(gallery_size, 10_000, f"{engine} {kind}: inserting"):
+            insert_rows(client, location, "bench", gallery[start:start + 10_000], paths[start:start + 10_000],
+                        empty[:10_000], empty[:10_000], [{}] * min(10_000, gallery_size - start))
+        insert_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        _finish(client, location, "bench", meta, (index_type, params), True, show_progress=False)
+        deadline = time.monotonic() + 3600
+        while index_type != "FLAT" and time.monotonic() < deadline:  # every sealed row indexed
+            info = _vector_index(client, location, "bench")
+            if int(info.get("indexed_rows") or 0) >= int(info.get("total_rows") or 0) > 0 \
+                    and not int(info.get("pending_index_rows") or 0) or str(info.get("state")) == "Failed":
+                break
+            time.sleep(2)
+        index_s = time.perf_counter() - begin
+        collection = MilvusGallery(client, location, "bench", dict(meta, backend=index_type, index_params=params), {})
+        settings = ([dict(nprobe=value) for value in nprobes] if index_type.startswith("IVF") else
+                    [dict(ef_search=value) for value in ef_searches] if index_type.startswith("HNSW") else [{}])
+        truth = np.load(truth_file) if truth_file and os.path.exists(truth_file) else None
+        rows = []
+        for setting in settings:
+            timings = {}
+            for consistency in ("Strong", "Bounded"):
+                collection.consistency = consistency
+                collection.search(queries, top_k=top_k, **setting)  # warm-up
+                times = []
+                for _ in range(repeats):
+                    begin = time.perf_counter()
+                    collection.search(queries, top_k=top_k, **setting)
+                    times.append(time.perf_counter() - begin)
+                timings[consistency] = times
+            collection.consistency = "Strong"
+            recall = None
+            if truth is not None and many is not None:
+                found = []
+                for start in range(0, len(many), 256):
+                    result = collection.search(many[start:start + 256], top_k=top_k, **setting)
+                    found += [[int(path) if path is not None else -1 for path in row] for row in result.paths]
+                recall = recall_at_k(np.array(found), truth)
+            rows.append(dict(backend=f"milvus-{engine}", index=index_type, setting=setting, gallery_size=gallery_size,
+                             insert_s=insert_s, insert_rows_per_s=gallery_size / insert_s, build_s=index_s,
+                             median_s=statistics.median(timings["Strong"]), min_s=min(timings["Strong"]),
+                             median_bounded_s=statistics.median(timings["Bounded"]), recall_at_k=recall,
+                             peak_rss_mb=peak_rss_mb(), server_peak_rss_mb=_process_peak_mb(
+                                 server.server_pid() if server else None),
+                             index_bytes=gallery_size * dim * 4))
+        client.close()
+        return rows
+    finally:
+        if server is not None:
+            server.stop()
+        else:  # Milvus Lite runs in this process: close it now, not at exit, after its folder is removed
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_all()
+
+
+def tqdm_range(total: int, step: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(0, total, step), desc=description, file=sys.stderr, mininterval=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -246,6 +367,12 @@ def main() -> None:
                         help="ANN candidates re-scored exactly (decd.search.rerank_exact); 0: none")
     parser.add_argument("--train_size", type=int, default=None,
                         help="training sample of IVF/PQ indexes (default: decd.search.ann_train_size)")
+    parser.add_argument("--milvus", nargs="*", default=[], choices=("lite", "server"),
+                        help="Milvus engines to measure beside the local backends (needs decd[milvus])")
+    parser.add_argument("--milvus_indexes", nargs="+", default=["FLAT", "HNSW", "IVF_FLAT"],
+                        help="Milvus index types (--backend names: FLAT, HNSW, IVF_FLAT, IVF1024,Flat, ...)")
+    parser.add_argument("--lite_max_size", type=int, default=100_000,
+                        help="largest gallery measured on Milvus Lite")
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # "backend|gallery_size" (subprocess)
     parser.add_argument("--truth_file", default=None, help=argparse.SUPPRESS)
@@ -256,6 +383,17 @@ def main() -> None:
 
     chunk_size = arguments.chunk_size or DEFAULT_CHUNK_SIZE
 
+    if arguments.case and arguments.case.startswith("milvus:"):
+        import tempfile
+
+        _, engine, kind, size = arguments.case.replace("|", ":").split(":")
+        with tempfile.TemporaryDirectory(prefix="milvus-bench-") as scratch:
+            result = run_milvus_case(engine, kind, int(size), arguments.dim, arguments.queries, arguments.top_k,
+                                     arguments.repeats, arguments.data, arguments.clusters, arguments.recall_queries,
+                                     arguments.truth_file, tuple(arguments.nprobe), tuple(arguments.ef_search),
+                                     scratch)
+        print(json.dumps(result))
+        return
     if arguments.case:
         backend, size = arguments.case.split("|")
         result = run_case(backend, int(size), arguments.dim, arguments.queries, arguments.top_k, arguments.repeats,
@@ -285,7 +423,7 @@ def main() -> None:
           + (f" ({arguments.clusters} clusters)" if arguments.data == "clustered" else "")
           + f", recall over {arguments.recall_queries} queries")
 
-    rows = []
+    rows, milvus_rows = [], []
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     if arguments.threads:
         environment["OMP_NUM_THREADS"] = str(arguments.threads)
@@ -296,10 +434,12 @@ def main() -> None:
             reference = exact_qps = None
             truth_file = os.path.join(scratch, f"truth_{size}.npy")
             ordered = ["unchunked"] if "unchunked" in backends or "exact" in backends else []
-            needs_truth = any(name not in special for name in backends)
+            milvus_cases = [f"milvus:{engine}:{kind}" for engine in arguments.milvus
+                            for kind in arguments.milvus_indexes if engine != "lite" or size <= arguments.lite_max_size]
+            needs_truth = any(name not in special for name in backends) or bool(milvus_cases)
             if "exact" in backends or needs_truth:
                 ordered.append("exact")
-            ordered += [name for name in backends if name not in ordered]
+            ordered += [name for name in backends if name not in ordered] + milvus_cases
             for backend in ordered:
                 command = [sys.executable, __file__, "--case", f"{backend}|{size}", "--dim", str(arguments.dim),
                            "--queries", str(arguments.queries), "--top_k", str(arguments.top_k),
@@ -317,6 +457,13 @@ def main() -> None:
                     print(f"{backend} at {size}: failed\n{completed.stderr[-2000:]}")
                     continue
                 result = json.loads(completed.stdout.strip().splitlines()[-1])
+                if backend.startswith("milvus:"):
+                    for row in result:
+                        row["queries_per_s"] = arguments.queries / row["median_s"]
+                        row["speedup_vs_exact"] = row["queries_per_s"] / exact_qps if exact_qps else None
+                        milvus_rows.append(row)
+                        print(_format_milvus_row(row), flush=True)
+                    continue
                 for row in result if isinstance(result, list) else [result]:
                     row["queries_per_s"] = arguments.queries / row["median_s"]
                     if row["backend"] in special:
@@ -339,15 +486,45 @@ def main() -> None:
     print("-" * len(HEADER))
     for row in rows:
         print(_format_row(row))
+    if milvus_rows:
+        print()
+        print(MILVUS_HEADER)
+        print("-" * len(MILVUS_HEADER))
+        for row in milvus_rows:
+            print(_format_milvus_row(row))
     if arguments.output_json:
+        versions = {}
+        for package in ("pymilvus", "milvus-lite", "milvus"):
+            try:
+                from importlib.metadata import version
+
+                versions[package] = version(package)
+            except Exception:  # noqa: BLE001 - not installed
+                versions[package] = None
         Path(arguments.output_json).write_text(json.dumps(dict(
-            machine=machine, matmul_gflops=gflops, search_shape_gflops=shape_gflops,
+            machine=machine, matmul_gflops=gflops, search_shape_gflops=shape_gflops, milvus_versions=versions,
+            date=time.strftime("%Y-%m-%d"),
             settings={key: value for key, value in vars(arguments).items() if key not in ("case", "truth_file")},
-            rows=rows), indent=1))
+            rows=rows, milvus_rows=milvus_rows), indent=1))
 
 
 HEADER = (f"{'gallery':>9}  {'backend':<13}  {'setting':<22}  {'build s':>7}  {'ms/batch':>9}  {'queries/s':>10}  "
           f"{'x exact':>7}  {'recall@k':>8}  {'peak RSS MiB':>12}  {'B/vector':>8}  {'GB/1e8':>7}")
+
+
+MILVUS_HEADER = (f"{'gallery':>9}  {'engine':<13}  {'index':<9}  {'setting':<12}  {'insert rows/s':>13}  "
+                 f"{'index s':>7}  {'ms/64 Strong':>12}  {'ms/64 Bounded':>13}  {'recall@k':>8}  {'client MiB':>10}  "
+                 f"{'server MiB':>10}")
+
+
+def _format_milvus_row(row: dict) -> str:
+    setting = ",".join(f"{key}={value}" for key, value in (row.get("setting") or {}).items()) or "-"
+    recall = row.get("recall_at_k")
+    server = row.get("server_peak_rss_mb")
+    return (f"{row['gallery_size']:>9,}  {row['backend']:<13}  {row['index']:<9}  {setting:<12}  "
+            f"{row['insert_rows_per_s']:>13,.0f}  {row['build_s']:>7.1f}  {row['median_s'] * 1e3:>12.1f}  "
+            f"{row['median_bounded_s'] * 1e3:>13.1f}  {recall if recall is not None else float('nan'):>8.3f}  "
+            f"{row['peak_rss_mb']:>10.0f}  {server if server is not None else float('nan'):>10.0f}")
 
 
 def _format_row(row: dict) -> str:
