@@ -67,7 +67,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
-                         describe_match, filter_options, is_milvus_uri, open_gallery)
+                         check_top_k, describe_match, filter_options, is_milvus_uri, open_gallery)
 from inference_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
 from inference_decd import load_model as spine_load_model  # noqa: E402
 
@@ -218,13 +218,18 @@ def load_gallery(
 
 
 def _index_images_root(index: GalleryIndex, index_folder: Path, images_root: Optional[PathLike]) -> Path:
-    """Where the index's relative paths live: `images_root`, else the build folder, else the index's parent."""
+    """Where the index's relative paths live: `images_root`, else the folder it was built from, which must exist
+    (an AppConfigError at start otherwise: no other folder is guessed, and so none is served by mistake)."""
     if images_root is not None:
-        return Path(images_root).expanduser()
+        root = Path(images_root).expanduser()
+        if not root.is_dir():
+            raise AppConfigError(f"images root {str(root)!r} (DECD_IMAGES / --images-root) is not a folder")
+        return root
     built_from = index.gallery_dir
     if built_from is not None and built_from.is_dir():
         return built_from
-    return index_folder.resolve().parent  # an index shipped inside (or next to) its gallery folder
+    raise AppConfigError(f"the images of index {str(index_folder)!r} were in {str(built_from)!r}, which does not "
+                         "exist here: set DECD_IMAGES / --images-root to the folder that holds them now")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +245,12 @@ def caption(rank: int, score: float, path: PathLike, gallery_size: int) -> str:
 def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int,
             filter: Optional[str] = None) -> list[tuple[str, str]]:
     options = filter_options(gallery.index, filter)  # a gallery that cannot filter: a ValueError
-    top_k = max(1, min(int(top_k), len(gallery)))
+    top_k = min(check_top_k(top_k, "Top-k"), len(gallery))  # ValueError for 0, -5, NaN, "abc", ...
     result = gallery.index.search(query_embedding, top_k=top_k, **options)
     ranked = [(score, gallery.image(relative)) for score, index, relative
               in zip(result.scores[0].tolist(), result.indices[0].tolist(), result.paths[0]) if index >= 0]
+    if not gallery.paths:  # a Milvus gallery: serve the images it named, as they are shown
+        _import_gradio().set_static_paths([str(image) for _, image in ranked if Path(image).is_file()])
     return [(str(image), caption(rank, score, image, len(gallery)))
             for rank, (score, image) in enumerate(ranked, start=1)]
 
@@ -356,14 +363,13 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     gr = _import_gradio()
     examples = list(EXAMPLE_DESCRIPTIONS) if examples is None else list(examples)
     max_k = max(1, min(MAX_TOP_K, len(gallery)))
-    # Serve the gallery images in place: no copy into Gradio's cache per search, and images outside the
-    # working and temp folders are allowed (Gradio refuses those otherwise). Everything under these
-    # folders becomes downloadable from the app, so point DECD_GALLERY at the crops, not at a home folder.
-    if gallery.image_roots:
-        gr.set_static_paths([str(root) for root in gallery.image_roots])
+    # Serve the gallery's images in place (no copy into Gradio's cache per search), and exactly those: the files
+    # the index names, never their folder (other files beside them stay private). A Milvus gallery's images are
+    # added as results show them (`_ranked`).
+    gr.set_static_paths([str(path) for path in gallery.paths if path.is_file()])
 
-    def _top_k(top_k) -> int:
-        return DEFAULT_TOP_K if top_k is None else int(top_k)
+    def _top_k(top_k):  # checked where it is used (_ranked): one rule, one message, for the UI and the API
+        return DEFAULT_TOP_K if top_k is None else top_k
 
     def search(description: str, top_k: float, filter: str = "") -> list[tuple[str, str]]:
         """Rank the gallery for a description: [(image, "#rank · score · top p% of N · file name"), ...]."""

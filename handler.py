@@ -80,10 +80,24 @@ def _open_gallery(model, processor, gallery):
     return open_gallery(model, processor, gallery)
 
 
+REQUEST_KEYS = ("inputs", "parameters")
+INPUT_KEYS = ("text", "image")
+PARAMETER_KEYS = ("mode", "top_k", "filter")
+
+
+def _no_unknown_keys(value: dict, known: tuple[str, ...], where: str) -> None:
+    """Refuse keys a request would otherwise have ignored (a misspelt "paramters" or "topk"), naming the accepted ones."""
+    unknown = sorted(set(value) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {', '.join(repr(key) for key in unknown)}; the accepted ones "
+                         f"are {', '.join(repr(key) for key in known)}.")
+
+
 def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes:
     if not isinstance(item, str):
         raise ValueError(f"inputs.image[{index}] is a {type(item).__name__}: send each image as a base64 string.")
     data = item.split(",", 1)[1] if item.startswith("data:") else item
+    data = "".join(data.split())  # line breaks (GNU base64, base64.encodebytes) and a final newline are standard
     if max_bytes is not None and len(data) // 4 * 3 > max_bytes:  # the decoded size, known before decoding
         raise ValueError(f"inputs.image[{index}] is about {len(data) // 4 * 3:,} bytes, more than the limit of "
                          f"{max_bytes:,} (max_image_bytes): send a smaller (e.g. JPEG or resized) image.")
@@ -96,7 +110,10 @@ def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes
 def _as_list(value, name: str, limit: int | None = None) -> list:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values:
-        raise ValueError(f"inputs.{name} must be a string or a non-empty list of strings.")
+        raise ValueError(f"inputs.{name} must be a string or a non-empty list of strings, got {type(value).__name__}.")
+    for index, item in enumerate(values):
+        if not isinstance(item, str):
+            raise ValueError(f"inputs.{name}[{index}] is a {type(item).__name__}: send each as a string.")
     if limit is not None and len(values) > limit:
         raise ValueError(f"inputs.{name} has {len(values)} items, more than the limit of {limit} per request "
                          f"(max_{name}s): split the request.")
@@ -127,21 +144,26 @@ class EndpointHandler:
     def __call__(self, data: dict) -> list | dict:
         if not isinstance(data, dict):
             raise ValueError(f"The request body must be a JSON object, got {type(data).__name__}.")
+        _no_unknown_keys(data, REQUEST_KEYS, "the request")
         inputs = data.get("inputs")
         if not isinstance(inputs, dict):
             raise ValueError('The request needs "inputs": {"text": [...], "image": <base64 or list of base64>}.')
+        _no_unknown_keys(inputs, INPUT_KEYS, "inputs")
         missing = [key for key in ("text", "image") if key not in inputs]
         if missing and not (missing == ["image"] and self.gallery is not None):  # captions alone: gallery search
             raise ValueError(f"inputs lacks {missing}: send both captions (\"text\") and images (\"image\").")
-        parameters = data.get("parameters") or {}
+        parameters = data.get("parameters", {})
         if not isinstance(parameters, dict):
-            raise ValueError('"parameters" must be a JSON object, e.g. {"mode": "text-to-image"}.')
+            raise ValueError(f'"parameters" must be a JSON object, e.g. {{"mode": "text-to-image"}}, got '
+                             f"{parameters!r}.")
+        _no_unknown_keys(parameters, PARAMETER_KEYS, "parameters")
         mode = parameters.get("mode", "text-to-image")
         if mode not in MODES:
             raise ValueError(f"parameters.mode must be one of {MODES}, got {mode!r}.")
         top_k = parameters.get("top_k")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"parameters.top_k must be a positive integer, got {top_k!r} "
+                             f"({type(top_k).__name__}).")
         expression = parameters.get("filter")
         if expression is not None and (not isinstance(expression, str) or not missing):
             raise ValueError("parameters.filter must be a string (a Milvus expression), and goes with a gallery search "

@@ -32,9 +32,11 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from captions_decd import caption_problem
+
 from .search import (SCORE_EXPLANATION, TOKEN_ENV, GalleryIndex, GalleryIndexError, MilvusGallery,
-                     check_output_folder, describe_match, display_path, filter_options, import_faiss, is_milvus_uri,
-                     open_gallery)
+                     check_output_folder, describe_match, describe_status, display_path, filter_options, import_faiss,
+                     is_milvus_uri, open_gallery, printable)
 
 EXIT_USER_ERROR = 1
 
@@ -213,16 +215,22 @@ def _run_index_milvus(arguments, model, processor, state) -> int:
     return 0
 
 
-def _print_table(query: str, paths: Sequence[str], scores: Sequence[float], gallery_size: int) -> None:
-    # names that are not UTF-8 are shown escaped; None: a place an approximate backend could not fill
+def _print_table(query: str, paths: Sequence[str], scores: Sequence[float], gallery_size: int,
+                 status: Optional[Sequence[Optional[str]]] = None) -> None:
+    # names are shown escaped (not UTF-8, control characters); None: a place an approximate backend could not fill
     paths = [display_path(path) if path is not None else "-" for path in paths]
-    print(f"Query: {query}")
+    print(f"Query: {printable(query)}")
     width = max([len("path")] + [len(path) for path in paths])
     print(f"{'rank':>4}  {'score':>7}  {'top %':>7}  path")
     print(f"{'-' * 4}  {'-' * 7}  {'-' * 7}  {'-' * width}")
     for rank, (path, score) in enumerate(zip(paths, scores), start=1):
         match = describe_match(rank, score, gallery_size)
-        print(f"{rank:>4}  {score:>7.4f}  {match['top_percent']:>6.3g}%  {path}")
+        note = describe_status(status[rank - 1]) if status else ""
+        print(f"{rank:>4}  {score:>7.4f}  {match['top_percent']:>6.3g}%  {path}" + (f"  ({note})" if note else ""))
+    flagged = sum(1 for state in status or () if state)
+    if flagged:
+        print(f"{flagged} of these images were deleted or changed since indexing: run `decd-search index` again "
+              "to update the index")
 
 
 def _decode_argument(text: str) -> str:
@@ -250,6 +258,10 @@ def _run_query(arguments) -> int:
             raise _UserError(f"query image {display_path(image)!r} does not exist")
     if not all(descriptions):
         raise _UserError("the description is empty: say what the person looks like, e.g. \"a woman in a red coat\"")
+    for description in descriptions:  # the processor's rule for a caption, said before the model loads
+        problem = caption_problem(description)
+        if problem is not None:
+            raise _UserError(f"the description {printable(description)!r} is {problem}")
     if arguments.top_k < 1:
         raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
     if not is_milvus_uri(arguments.index):
@@ -292,7 +304,8 @@ def _run_query(arguments) -> int:
     for number, (query, (result, row)) in enumerate(zip(queries, rows)):
         if number:
             print()
-        _print_table(query, result.paths[row], result.scores[row].tolist(), len(index))
+        _print_table(query, result.paths[row], result.scores[row].tolist(), len(index),
+                     result.status[row] if getattr(result, "status", None) else None)
         if not result.paths[row] or result.paths[row][0] is None:
             print(f"(no image matches --filter {arguments.filter})" if arguments.filter else "(no image)")
     if arguments.grid:

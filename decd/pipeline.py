@@ -37,7 +37,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from inference_decd import embed_images, embed_texts
 
-from .search import DEFAULT_CHUNK_SIZE, describe_matches, filter_options, open_gallery
+from .search import DEFAULT_CHUNK_SIZE, check_top_k, describe_matches, filter_options, open_gallery
 
 TASK = "text-based-person-search"
 
@@ -98,13 +98,20 @@ class TextBasedPersonSearchPipeline(Pipeline):
     def _sanitize_parameters(self, top_k=None, backend=None, chunk_size=None, filter=None, **unused):
         if unused:
             raise TypeError(f"unexpected argument(s) for the {TASK!r} pipeline: {', '.join(sorted(unused))}")
-        given = {"top_k": top_k, "backend": backend, "chunk_size": chunk_size}
-        postprocess = {name: value if name == "backend" else int(value) for name, value in given.items()
-                       if value is not None}
+        postprocess = {"backend": backend} if backend is not None else {}
+        for name, value in (("top_k", top_k), ("chunk_size", chunk_size)):
+            if value is not None:
+                postprocess[name] = check_top_k(value, name)  # positive whole numbers, named otherwise
         # Checked here, once per call, so that a gallery that cannot filter fails before anything is encoded.
         if not hasattr(self, "gallery_index"):  # called by Pipeline.__init__, before the gallery is opened
             return {}, {}, dict(postprocess, **({"filter": filter} if filter else {}))
         return {}, {}, dict(postprocess, **filter_options(self.gallery_index, filter))
+
+    def __call__(self, queries, *args, **kwargs):
+        if isinstance(queries, (list, tuple)) and not queries:  # no query, no result (checked like any call)
+            self._sanitize_parameters(**kwargs)
+            return []
+        return super().__call__(queries, *args, **kwargs)
 
     def preprocess(self, query: Any) -> dict:
         if isinstance(query, dict):

@@ -317,3 +317,39 @@ def test_milvus_gallery_ranks_like_the_index_and_gets_a_filter_box(milvus_galler
     _, status, _ = demo.ui_search_fn(DESCRIPTION, 10, "camra == 1")
     assert status.startswith("⚠️") and "camera \\(str\\)" in status  # Milvus's message, the fields, escaped
     assert app.build_demo(*loaded).filter_box is None  # a local gallery has no fields to filter on
+
+
+# ------------------------------------------------------------------------------------------------
+# The app serves the gallery's images and nothing else; one rule for Top-k
+# ------------------------------------------------------------------------------------------------
+def test_only_the_indexed_images_are_served_and_a_moved_gallery_is_refused(loaded, gallery_dir, tmp_path):
+    import shutil
+
+    model, processor, _ = loaded
+    home = tmp_path / "home"
+    gallery = home / "crops"
+    shutil.copytree(gallery_dir, gallery)
+    (gallery / "secret.txt").write_text("not an image")
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    GalleryIndex.build(model, processor, gallery, home / "gal.index", batch_size=5, show_progress=False)
+    opened = app.load_gallery(model, processor, home / "gal.index")
+    app.build_demo(model, processor, opened)
+    assert all(gr.utils.is_static_file(path) for path in opened.paths)
+    for private in (gallery / "secret.txt", home / ".ssh" / "id_rsa", home / "gal.index" / "meta.json"):
+        assert not gr.utils.is_static_file(private), private
+    shutil.move(str(gallery), str(tmp_path / "moved"))  # the gallery moved: the index's folder is not guessed
+    with pytest.raises(app.AppConfigError, match=r"were in .*crops.*which does not exist here: set DECD_IMAGES"):
+        app.load_gallery(model, processor, home / "gal.index")
+    assert len(app.load_gallery(model, processor, home / "gal.index", images_root=tmp_path / "moved")) == 10
+
+
+def test_top_k_that_is_not_a_positive_whole_number_is_one_clear_message(server):
+    demo, client = server
+    for bad in (0, -5, 2.5, "abc", float("nan")):
+        with pytest.raises(gr.Error, match=r"Top-k must be a positive whole number, got"):
+            demo.search_fn(DESCRIPTION, bad)
+    for bad in (0, -5):  # through the API: Gradio's own slider check, or ours, in words
+        with pytest.raises(Exception, match=r"Top-k must be a positive whole number|less than minimum value 1"):
+            client.predict(DESCRIPTION, bad, api_name="/search")
+    assert len(demo.search_fn(DESCRIPTION, 2.0)) == 2  # a slider's float is a whole number

@@ -3,6 +3,7 @@ user errors as one line with exit status 1."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,3 +246,31 @@ def test_cli_milvus_errors_are_one_line(milvus_gallery, tmp_path, capsys, argume
     error = capsys.readouterr().err
     lines = [line for line in error.splitlines() if line.strip() and "Loading weights" not in line]  # the loading bar
     assert len(lines) == 1 and lines[0].startswith("decd-search") and message in lines[0], error
+
+
+def test_query_output_is_safe_and_flags_what_changed_since_indexing(setup, tmp_path, capsys):
+    """File names with ANSI escapes or newlines are printed escaped (no cleared screen, no forged row); results
+    whose file was deleted or changed since indexing say so; a description without a word is refused before
+    the model loads."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for number, path in enumerate(sorted(setup["gallery"].rglob("*.png"))):
+        name = ["plain.png", "x\x1b[2J\x1b[31mred.png", "two\nrank 1  0.9999  0.1%  forged.png"][number % 3]
+        shutil.copy(path, gallery / f"{number}-{name}")
+    index_dir = tmp_path / "index"
+    assert main(["index", str(gallery), "--model", str(setup["model_dir"]), "--output", str(index_dir),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    names = sorted(path.name for path in gallery.iterdir())
+    (gallery / names[0]).unlink()
+    Image.new("RGB", (30, 60), (0, 255, 0)).save(gallery / names[1])
+    assert main(["query", str(index_dir), QUERY, "--top_k", str(len(names))]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2J" in out
+    table = out.split("path\n", 1)[1]
+    assert sum(1 for line in table.splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{4}\s", line)) == len(names)
+    assert "forged" in out and "two\\nrank 1" in out  # one row, its newline escaped
+    assert "(file deleted since indexing)" in out and "(file changed since indexing)" in out
+    assert "2 of these images were deleted or changed since indexing" in out
+    assert main(["query", str(index_dir), "the with of"]) == 1
+    assert "made of punctuation or function words only" in capsys.readouterr().err

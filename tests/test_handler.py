@@ -156,3 +156,27 @@ def test_handler_searches_a_milvus_gallery_named_by_decd_gallery_with_a_filter(m
     assert "\n" not in str(rejected.value)
     with pytest.raises(ValueError, match="parameters.filter must be a string"):
         endpoint({"inputs": {"text": QUERY, "image": _png_base64()}, "parameters": {"filter": 'camera == "c3"'}})
+
+
+def test_handler_refuses_wrong_types_and_unknown_keys_and_reads_base64_with_line_breaks(setup):
+    import handler as checkout_handler
+
+    endpoint = checkout_handler.EndpointHandler(str(setup["model_dir"]))
+    image = _png_base64()
+    good = {"inputs": {"text": QUERY, "image": image}}
+    for request, message in [
+        ({**good, "parameters": {"top_k": True}}, r"parameters\.top_k must be a positive integer, got True \(bool\)"),
+        ({**good, "parameters": {"top_k": "3"}}, r"parameters\.top_k must be a positive integer, got '3' \(str\)"),
+        ({**good, "paramters": {"top_k": 1}}, r"the request has unknown key\(s\) 'paramters'; the accepted ones are "
+                                             r"'inputs', 'parameters'"),
+        ({**good, "parameters": {"topk": 1}}, r"parameters has unknown key\(s\) 'topk'; the accepted ones are 'mode'"),
+        ({"inputs": {"text": QUERY, "images": [image]}}, r"inputs has unknown key\(s\) 'images'"),
+        ({**good, "parameters": 0}, r'"parameters" must be a JSON object.*got 0'),
+        ({"inputs": {"text": [QUERY, 7], "image": image}}, r"inputs\.text\[1\] is a int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            endpoint(request)
+    wrapped = base64.encodebytes(base64.b64decode(image)).decode()  # 76-character lines, as GNU base64 writes
+    assert "\n" in wrapped
+    answer = endpoint({"inputs": {"text": QUERY, "image": [wrapped, image + "\n"]}})
+    assert answer[0]["score"] == pytest.approx(answer[1]["score"])

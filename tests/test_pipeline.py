@@ -3,6 +3,7 @@ index folder or a list of images, with the ranking and wording of `GalleryIndex`
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import decd.pipeline  # noqa: F401  (registers the task)
@@ -87,3 +88,17 @@ def test_pipeline_searches_a_milvus_collection_with_a_filter(milvus_gallery, tmp
     on_disk = pipeline("text-based-person-search", model=model, processor=processor, gallery=local.path)
     with pytest.raises(GalleryIndexError, match="needs a gallery in Milvus"):
         on_disk(QUERY, filter='camera == "c1"')
+
+
+def test_pipeline_top_k_rule_and_an_empty_list_of_queries(setup):
+    from transformers import pipeline
+
+    import decd.pipeline  # noqa: F401
+
+    search = pipeline("text-based-person-search", model=str(setup["model_dir"]), gallery=setup["index"])
+    assert search([]) == []
+    for bad in (0, -5, 1.5, "3"):
+        with pytest.raises(ValueError, match=r"top_k must be a positive whole number"):
+            search("a man in a red shirt", top_k=bad)
+    with pytest.raises(ValueError, match=r"top_k must be a positive whole number, got 0"):
+        setup["index"].search(torch.zeros(setup["index"].embedding_dim), top_k=0, backend="faiss")

@@ -27,7 +27,8 @@ from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, DEFAULT_NPROBE, DE
                        ann_num_lists, ann_search, ann_train_size, build_ann_index, exact_top_k, import_faiss,
                        new_ann_index, recall_at_k, rerank_exact, set_ann_parameters)
 from .build import IMAGE_EXTENSIONS, BuildInterrupted, SkippedImagesWarning, list_images
-from .display import SCORE_EXPLANATION, describe_match, describe_matches, display_path, top_percent
+from .display import (SCORE_EXPLANATION, check_top_k, describe_match, describe_matches, describe_status, display_path, printable,
+                      top_percent)
 from .format import (ANN_FILE, EMBEDDINGS_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION, META_FILE, PATHS_FILE,
                      GalleryIndexError, IndexNotFoundError, StaleIndexError, check_output_folder, file_sha256,
                      model_checksum, model_identifier)
@@ -70,7 +71,10 @@ __all__ = [
     "default_collection_name",
     "describe_match",
     "describe_matches",
+    "check_top_k",
+    "describe_status",
     "display_path",
+    "printable",
     "exact_top_k",
     "file_sha256",
     "filter_options",

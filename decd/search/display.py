@@ -34,6 +34,15 @@ def describe_status(status) -> str:
     return {"deleted": "file deleted since indexing", "changed": "file changed since indexing"}.get(status, "")
 
 
+def check_top_k(top_k, name: str = "top_k") -> int:
+    """`top_k` as an int: a positive whole number (an int, or a float such as a slider's 5.0), else ValueError naming
+    the value and its type. One rule for the pipeline, the app, `GalleryIndex.search` and `decd-search`."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not float(top_k).is_integer() \
+            or top_k < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {top_k!r} ({type(top_k).__name__})")
+    return int(top_k)
+
+
 def top_percent(rank: int, gallery_size: int) -> float:
     """The share of the gallery (in percent) ranked at or above `rank` (1-based): 1 of 400 -> 0.25."""
     if gallery_size < 1 or rank < 1:

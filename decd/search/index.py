@@ -20,7 +20,7 @@ from inference_decd import embed_images, embed_texts
 from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, _is_exact, ann_search, build_ann_index,
                        exact_top_k, import_faiss, rerank_exact)
 from .build import IMAGE_EXTENSIONS, build_index, warn_skipped
-from .display import display_path
+from .display import check_top_k, display_path
 from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, _model_meta, check_model, file_fingerprint,
                      model_checksum, read_index)
 
@@ -269,6 +269,7 @@ class GalleryIndex:
             return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
                                     backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
                                     rerank=rerank)
+        top_k = check_top_k(top_k)
         queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
         if queries.ndim == 1:
             queries = queries[None]
@@ -288,8 +289,6 @@ class GalleryIndex:
             found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
             scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
         elif backend == recorded:
-            if top_k < 1:
-                raise ValueError(f"top_k must be at least 1, got {top_k}")
             top_k = min(top_k, len(self))
             fetch = min(max(int(rerank or 0), top_k), len(self))
             query_array = queries.cpu().numpy()
