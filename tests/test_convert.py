@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from captions_decd import caption_problem
 from decd.convert import ConversionError, convert_checkpoint, main
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
@@ -124,7 +125,8 @@ def _captions(count=300, seed=0):
         caption = separator.join(tokens)
         if rng.random() < 0.2:
             caption = caption.replace(" ,", ",").replace(" .", ".") + rng.choice(["", ".", "!!", " "])
-        captions.append(caption if caption.strip() else "a person")
+        # The processor refuses what is not a caption (`caption_problem`), as every entry point does.
+        captions.append(caption if caption_problem(caption) is None else "a person")
     return captions
 
 

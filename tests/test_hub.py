@@ -276,7 +276,7 @@ def test_handler_from_a_downloaded_snapshot(published, tmp_path):
         handler({"inputs": {"text": CAPTIONS, "image": base64.b64encode(b"hello").decode()}})
     with pytest.raises(ValueError, match="mode"):
         handler({"inputs": {"text": CAPTIONS, "image": images}, "parameters": {"mode": "text-to-video"}})
-    with pytest.raises(ValueError, match='"inputs"'):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'text'; the accepted ones are 'inputs', 'parameters'"):
         handler({"text": CAPTIONS})
 
 

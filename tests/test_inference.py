@@ -6,6 +6,7 @@ handler, app) must see the same pixels and give the same embeddings for the same
 
 import base64
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -71,13 +72,19 @@ def _awkward_files(folder):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("spine")
-    files = _awkward_files(root / "imgs")
+    files = _awkward_files(root / "gallery")
     torch.manual_seed(0)
     built = DecdModel(tiny_config(num_identities=len(files)))
     built.save_pretrained(root / "model")
     DecdProcessor(image_size=built.config.image_size).save_pretrained(root / "model")
     model, processor = load_model(root / "model", device="cpu")  # as every entry point loads it
-    records = [dict(id=index + 1, file_path=name, captions=[f"{CAPTION} number {index}"], split=split)
+    # Each split names its own byte-identical copies: one file in two splits would leak test data into training.
+    for split in ("train", "test"):
+        (root / "imgs" / split).mkdir(parents=True)
+        for name, path in files.items():
+            shutil.copyfile(path, root / "imgs" / split / name)
+    records = [dict(id=index + 1, file_path=f"{split}/{name}",
+                    captions=[f"{CAPTION} number {index}"], split=split)
                for split in ("train", "test") for index, name in enumerate(sorted(files))]
     (root / "annotations.json").write_text(json.dumps(records))
     return dict(root=root, files=files, names=sorted(files), model=model, processor=processor)
@@ -130,7 +137,7 @@ def _through_evaluation(setup):
 
 def _through_index(setup, tmp_path):
     with _RecordingModel(setup["model"]) as recorder:
-        index = GalleryIndex.build(setup["model"], setup["processor"], setup["root"] / "imgs", tmp_path / "index",
+        index = GalleryIndex.build(setup["model"], setup["processor"], setup["root"] / "gallery", tmp_path / "index",
                                    batch_size=1, show_progress=False)
     assert index.paths == setup["names"] and index.skipped == []
     return list(recorder.rows()), index
@@ -202,7 +209,7 @@ def test_pixel_limit_is_one_clear_error_everywhere(setup, tmp_path):
         small_limit.load_image(setup["files"]["large.jpg"].read_bytes(), name="large.jpg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        index = GalleryIndex.build(setup["model"], small_limit, setup["root"] / "imgs", tmp_path / "index",
+        index = GalleryIndex.build(setup["model"], small_limit, setup["root"] / "gallery", tmp_path / "index",
                                    show_progress=False)
     assert [(item["path"], "more than the limit" in item["error"]) for item in index.skipped] == [("large.jpg", True)]
 
