@@ -371,6 +371,11 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     def _top_k(top_k):  # checked where it is used (_ranked): one rule, one message, for the UI and the API
         return DEFAULT_TOP_K if top_k is None else top_k
 
+    def _photo(photo):
+        # The photo's events take Gradio's upload record as it comes (preprocess=False): Gradio's own decoding
+        # answers an unreadable or oversized file with a bare "Error", `load_image` names the file and the problem.
+        return photo.get("path") if isinstance(photo, dict) else photo
+
     def search(description: str, top_k: float, filter: str = "") -> list[tuple[str, str]]:
         """Rank the gallery for a description: [(image, "#rank · score · top p% of N · file name"), ...]."""
         try:
@@ -381,7 +386,7 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     def search_image(image, top_k: float, filter: str = "") -> list[tuple[str, str]]:
         """Rank the gallery by similarity to a photo of the person (re-identification)."""
         try:
-            return search_gallery_by_image(model, processor, gallery, image, _top_k(top_k), filter)
+            return search_gallery_by_image(model, processor, gallery, _photo(image), _top_k(top_k), filter)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
@@ -401,13 +406,14 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         return _ui(search_gallery, description, top_k, f"“{_escape((description or '').strip())}”", "text", filter)
 
     def ui_image(image, top_k: float, filter: str = ""):
+        image = _photo(image)
         if image is None:  # the photo was cleared: keep everything as it is
             return gr.skip(), gr.skip(), gr.skip()
         return _ui(search_gallery_by_image, image, top_k, "the photo (image similarity)", "image", filter)
 
     def ui_rerun(mode: str, description: str, image, top_k: float, filter: str = ""):
         """Top-k (or the filter) changed: run the last kind of search again, if there is one."""
-        if mode == "image" and image is not None:
+        if mode == "image" and _photo(image) is not None:
             return ui_image(image, top_k, filter)
         if (description or "").strip():
             return ui_text(description, top_k, filter)
@@ -456,17 +462,19 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
                                         api_visibility="private")
         button.click(ui_text, [description, top_k, *filtered], ui_outputs, api_visibility="private")
         description.submit(ui_text, [description, top_k, *filtered], ui_outputs, api_visibility="private")  # Enter
-        photo.upload(ui_image, [photo, top_k, *filtered], ui_outputs, api_visibility="private")
-        top_k.release(ui_rerun, [mode, description, photo, top_k, *filtered], ui_outputs, api_visibility="private")
+        raw = dict(preprocess=False)  # every event that takes the photo: see _photo
+        photo.upload(ui_image, [photo, top_k, *filtered], ui_outputs, api_visibility="private", **raw)
+        top_k.release(ui_rerun, [mode, description, photo, top_k, *filtered], ui_outputs, api_visibility="private",
+                      **raw)
         if filter_box is not None:
             filter_box.submit(ui_rerun, [mode, description, photo, top_k, filter_box], ui_outputs,
-                              api_visibility="private")
+                              api_visibility="private", **raw)
         # The API: the same searches, raising errors instead of writing a status line. Bound to buttons that
         # are never shown so that they keep the gallery as their output.
         api_text = gr.Button(visible=False)
         api_text.click(search, [description, top_k, *filtered], results, api_name="search")
         api_image = gr.Button(visible=False)
-        api_image.click(search_image, [photo, top_k, *filtered], results, api_name="search_image")
+        api_image.click(search_image, [photo, top_k, *filtered], results, api_name="search_image", **raw)
     # Gradio 6 takes css at launch(): every launch of this demo gets the app's layout rules.
     plain_launch = demo.launch
 

@@ -177,13 +177,19 @@ def _run_index(arguments) -> int:
     print(f"Indexed {len(index)} images from {display_path(arguments.gallery_dir)} into {display_path(arguments.output)} "
           f"(model {index.model_id}, checksum {index.model_checksum[:12]}"
           + (f", backend {index.backend}" if index.backend != "exact" else "") + ").")
-    if index.skipped:
-        print(f"Skipped {len(index.skipped)} unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'}):")
-        for item in index.skipped[:20]:
-            print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
-        if len(index.skipped) > 20:
-            print(f"  ... and {len(index.skipped) - 20} more")
+    _print_skipped(index.skipped, f"unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'})")
     return 0
+
+
+def _print_skipped(skipped: Sequence[dict], what: str, shown: int = 20) -> None:
+    """List the files a build left out (the first `shown`, then a count), names and reasons escaped for the terminal."""
+    if not skipped:
+        return
+    print(f"Skipped {len(skipped)} {what}:")
+    for item in skipped[:shown]:
+        print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more")
 
 
 def _run_index_milvus(arguments, model, processor, state) -> int:
@@ -206,12 +212,7 @@ def _run_index_milvus(arguments, model, processor, state) -> int:
           f"(model {gallery.model_id}, checksum {gallery.model_checksum[:12]}, index {gallery.backend}): "
           f"{len(gallery)} images; {changes['new']} new, {changes['changed']} changed, {changes['updated']} "
           f"rewritten without re-encoding, {changes['removed']} removed, {changes['unchanged']} unchanged.")
-    if gallery.skipped:
-        print(f"Skipped {len(gallery.skipped)} file(s) (tried again on the next run):")
-        for item in gallery.skipped[:20]:
-            print(f"  {display_path(item['path'])}: {display_path(item['error'])}")
-        if len(gallery.skipped) > 20:
-            print(f"  ... and {len(gallery.skipped) - 20} more")
+    _print_skipped(gallery.skipped, "file(s) (tried again on the next run)")
     return 0
 
 

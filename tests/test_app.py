@@ -224,6 +224,24 @@ def test_search_by_photo_through_api_ranks_by_image_similarity(server, loaded, o
     assert outbound == []
 
 
+def test_unreadable_or_oversized_photo_is_named_through_the_api(server, tmp_path):
+    # Gradio's own image decoding answers these with a bare "Error"; the photo events hand the upload to
+    # load_image, whose message names the file and the problem, as the CLI's does.
+    _, client = server
+    broken = tmp_path / "broken-photo.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"broken-photo\.png: not a readable image"):
+        client.predict(gradio_client.handle_file(str(broken)), 3, api_name="/search_image")
+    huge = tmp_path / "huge-photo.png"
+    Image.new("1", (12_000, 9_000)).save(huge)  # 108 megapixels in a small file
+    with pytest.raises(gradio_client.exceptions.AppError,
+                       match=r"huge-photo\.png has 12000x9000 = 108,000,000 pixels, more than"):
+        client.predict(gradio_client.handle_file(str(huge)), 3, api_name="/search_image")
+    demo, _ = server
+    ui = {fn.name: fn for fn in demo.fns.values()}
+    assert all(not ui[name].preprocess for name in ("ui_image", "ui_rerun", "search_image"))
+
+
 def test_ui_errors_are_a_status_line_and_keep_the_results(server, loaded, tmp_path):
     demo, _ = server
     found, status, mode = demo.ui_search_fn(DESCRIPTION, 3)

@@ -1,7 +1,8 @@
 """The demo in a real browser: headless Chromium driven through the DevTools protocol (tests/cdp.py).
 
 Types a description, presses Enter, and finds the ranked results in the page, at desktop width and at
-phone width (412 px), where every result must lie inside the viewport. Chromium is required (the
+phone width (412 px), where every result must lie inside the viewport; drops an unreadable file on the
+photo box and finds the loader's message in the status line. Chromium is required (the
 Makefile's test target installs Debian's `chromium`): without it this test FAILS, it does not skip.
 Set DECD_UPDATE_SCREENSHOT=1 to also write docs/app_screenshot.png.
 """
@@ -116,3 +117,18 @@ def test_phone_width_every_result_visible(browser, url):
     for item in page["items"]:
         assert item["left"] >= 0 and item["right"] <= 412 and item["width"] > 100, item
         assert not item["cut"], item  # the whole caption is readable
+
+
+def test_unreadable_photo_is_named_in_the_status_line(browser, url, tmp_path):
+    broken = tmp_path / "broken-photo.png"
+    broken.write_bytes(b"not an image")
+    _search_with_enter(browser, url, 1280, 900, False)  # results on the page, which an error leaves in place
+    file_input = "#decd-photo input[type=file]"
+    browser.wait_for(f"!!document.querySelector({json.dumps(file_input)})")
+    root = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", nodeId=root, selector=file_input)["nodeId"]
+    browser.send("DOM.setFileInputFiles", files=[str(broken)], nodeId=node)
+    browser.wait_for("document.querySelector('#decd-status').innerText.includes('not a readable image')")
+    status = browser.evaluate("document.querySelector('#decd-status').innerText")
+    assert status.startswith("⚠️") and "broken-photo.png" in status, status
+    assert browser.evaluate(f"document.querySelectorAll({json.dumps(ITEMS)}).length") == 10

@@ -346,6 +346,25 @@ def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dic
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
+class RecordedModel:
+    """What a gallery's metadata record (`self.meta`, a dict) says about how it was built: shared by the local index
+    and the Milvus collection."""
+
+    meta: dict
+
+    @property
+    def model_id(self) -> Optional[str]:
+        return self.meta.get("model_id")
+
+    @property
+    def model_checksum(self) -> Optional[str]:
+        return self.meta.get("model_checksum")
+
+    @property
+    def gallery_dir(self) -> Optional[Path]:
+        return Path(self.meta["gallery_dir"]) if self.meta.get("gallery_dir") else None
+
+
 def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
     """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`; when only the
     dtype differs (the same weights loaded in float16 for a float32 index, say), the message says so."""

@@ -21,8 +21,8 @@ from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, _is
                        exact_top_k, import_faiss, rerank_exact)
 from .build import IMAGE_EXTENSIONS, build_index, warn_skipped
 from .display import check_top_k, display_path
-from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, _model_meta, check_model, file_fingerprint,
-                     model_checksum, read_index)
+from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, RecordedModel, _model_meta, check_model,
+                     file_fingerprint, model_checksum, read_index)
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SearchResult:
         return int(self.indices.shape[0])
 
 
-class GalleryIndex:
+class GalleryIndex(RecordedModel):
     """L2-normalised image embeddings of a gallery, their paths and the model that made them.
 
     Attributes:
@@ -77,18 +77,6 @@ class GalleryIndex:
     @property
     def embedding_dim(self) -> int:
         return int(self.embeddings.shape[1])
-
-    @property
-    def model_id(self) -> Optional[str]:
-        return self.meta.get("model_id")
-
-    @property
-    def model_checksum(self) -> Optional[str]:
-        return self.meta.get("model_checksum")
-
-    @property
-    def gallery_dir(self) -> Optional[Path]:
-        return Path(self.meta["gallery_dir"]) if self.meta.get("gallery_dir") else None
 
     @property
     def skipped(self) -> list[dict]:

@@ -65,8 +65,8 @@ from tqdm.auto import tqdm
 from .backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND
 from .build import IMAGE_EXTENSIONS, BuildInterrupted, _embed_files, _gallery_files, warn_skipped
 from .display import display_path
-from .format import (GalleryIndexError, IndexNotFoundError, PathLike, StaleIndexError, _model_meta, check_model,
-                     file_fingerprint, file_sha256, model_checksum)
+from .format import (GalleryIndexError, IndexNotFoundError, PathLike, RecordedModel, StaleIndexError, _model_meta,
+                     check_model, file_fingerprint, file_sha256, model_checksum)
 from .index import GalleryIndex, SearchResult
 
 MILVUS_FORMAT = "decd-milvus-gallery"  # the `format` of the decd.meta property: proof that a DECD build made it
@@ -588,7 +588,7 @@ class _SingleProcess:
         pass
 
 
-class MilvusGallery:
+class MilvusGallery(RecordedModel):
     """A gallery in a Milvus collection, searched like a `GalleryIndex`: `search` / `search_text` / `search_image`
     return a `SearchResult` whose `indices` are the rows' Milvus keys (int64) and `paths` their paths relative
     to `gallery_dir`; `len`, `image_path(key)`, `model_id`, `model_checksum`, `verify_model`, `backend` (the
@@ -669,18 +669,6 @@ class MilvusGallery:
     @property
     def embedding_dim(self) -> int:
         return int(self.meta["embedding_dim"])
-
-    @property
-    def model_id(self) -> Optional[str]:
-        return self.meta.get("model_id")
-
-    @property
-    def model_checksum(self) -> Optional[str]:
-        return self.meta.get("model_checksum")
-
-    @property
-    def gallery_dir(self) -> Optional[Path]:
-        return Path(self.meta["gallery_dir"]) if self.meta.get("gallery_dir") else None
 
     @property
     def filter_fields(self) -> dict:
