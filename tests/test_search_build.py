@@ -4,6 +4,7 @@ input size rather than the photos'."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,30 @@ def test_each_rank_encodes_a_contiguous_share_and_the_main_one_assembles_in_list
     assert index.paths == reference.paths and index.skipped == reference.skipped
     np.testing.assert_array_equal(np.asarray(index.embeddings), np.asarray(reference.embeddings))
     assert not (output / "partial").exists()
+
+
+def test_a_process_that_sees_another_listing_model_or_batch_size_stops_naming_itself(gallery_and_model, tmp_path):
+    _, shared, model_dir = gallery_and_model
+    gallery = Path(shutil.copytree(shared, tmp_path / "gallery"))  # a file is added to it below
+    model = DecdModel.from_pretrained(model_dir).eval()
+    processor = DecdProcessor.from_pretrained(model_dir)
+    output = tmp_path / "index"
+    options = dict(batch_size=3, shard_batches=1, show_progress=False)
+    with pytest.raises(BuildInterrupted, match="another process"):  # the main process wrote progress.json
+        GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(0, 2), **options)
+    other = DecdModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    shutil.copy(gallery / "bad.png", gallery / "added.png")
+    cases = [(model, dict(options, batch_size=4)), (other, options)]  # another batch size; another model
+    for seen_model, seen_options in cases:
+        with pytest.raises(GalleryIndexError, match="process 1 of 2 sees another gallery listing, model or batch "
+                                                    "size than the main process; every process must see the same"):
+            GalleryIndex.build(seen_model, processor, gallery, output, distributed=_FakeState(1, 2), **seen_options)
+    # another listing: the file added after the main process listed the folder
+    with pytest.raises(GalleryIndexError, match="process 1 of 2 sees another gallery listing"):
+        GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(1, 2), **options)
+    assert not (output / "meta.json").exists()  # nothing was assembled from mismatched shares
 
 
 # ---------------------------------------------------------------------------------------------
