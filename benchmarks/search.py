@@ -144,7 +144,7 @@ def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k:
     """One (backend, gallery size) measurement in this process (a list of rows for an ANN backend)."""
     import numpy as np
 
-    from decd.search import ann_search, build_ann_index, exact_top_k, recall_at_k
+    from decd.search import exact_top_k
 
     centres = _centres(data, clusters, dim)
     generator = torch.Generator().manual_seed(1234)

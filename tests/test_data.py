@@ -409,7 +409,7 @@ def test_repeated_records_and_images_shared_by_identities_or_splits_are_reported
     assert f"shows the same image as record {train[1]}, which gives it identity" in message
     assert "of split 'test': an image in two splits leaks one into the other" in message
     # The test split reports its side of the leak too; skipping is explicit and listed.
-    with pytest.raises(PersonSearchDataError, match=rf"of split 'train': an image in two splits leaks"):
+    with pytest.raises(PersonSearchDataError, match=r"of split 'train': an image in two splits leaks"):
         load_person_search("cuhk-pedes", root, split="test")
     dataset, report = load_person_search("cuhk-pedes", root, split="train", skip_bad_records=True, return_report=True)
     assert report.skipped_record_indices == [n, n + 1, n + 2]
