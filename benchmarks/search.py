@@ -258,8 +258,10 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
     import numpy as np
 
     from decd.search import LocalMilvusServer, MilvusGallery, milvus_index, recall_at_k
-    from decd.search.milvus import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, _finish, _vector_index,
-                                    connect, create_collection, insert_rows)
+    from decd.search.milvus import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, connect, create_collection,
+                                    insert_rows)
+    from decd.search.milvus.build import _finish
+    from decd.search.milvus.store import _vector_index
 
     centres = _centres(data, clusters, dim)
     generator, query_generator = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(99)

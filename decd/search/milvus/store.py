@@ -1,0 +1,429 @@
+"""Reaching a Milvus store and its collection: the URI, the connection, the schema, the rows and the index
+type a `--backend` names (the collection's layout is described in `decd/search/milvus/__init__.py`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND
+from ..display import display_path
+from ..format import GalleryIndexError, IndexNotFoundError, PathLike, file_fingerprint, is_index_folder
+
+MILVUS_FORMAT = "decd-milvus-gallery"  # the `format` of the decd.meta property: proof that a DECD build made it
+MILVUS_FORMAT_VERSION = 1
+META_PROPERTY = "decd.meta"
+KEY_FIELD, VECTOR_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD = "id", "embedding", "path", "sha256", "file_stat"
+OWN_FIELDS = (KEY_FIELD, VECTOR_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD)
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX; a longer relative path is skipped and reported
+MAX_TEXT_BYTES = 65535  # the largest VARCHAR Milvus allows (storage follows the values, not this bound)
+TOKEN_ENV = "DECD_MILVUS_TOKEN"
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a server to answer before saying it does not
+DEFAULT_CONSISTENCY = "Strong"
+ROWS_PER_CALL = 2000  # rows per insert / read call: ~4 MB at dim 512, far below gRPC's 64 MB message limit
+MAX_TOP_K = 16384  # Milvus's largest search limit
+# Milvus Lite's own list (milvus_lite.index.factory); it accepts other names at creation and fails only when
+# a segment is indexed, so they are refused here, before anything is encoded.
+LITE_INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
+DEFAULT_HNSW_M = 32  # links per node, as the local backend HNSW32
+DEFAULT_EF_CONSTRUCTION = 200  # hnswlib's default build-time candidate list
+DEFAULT_NLIST = 1024  # IVF lists when the backend names none (IVF_FLAT); IVF4096,Flat names its own
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for collection and field names
+
+
+class MilvusStoreError(GalleryIndexError):
+    """A problem with a Milvus store or collection that the user can fix (one line naming the URI and what to do)."""
+
+# --------------------------------------------------------------------------------------------
+# pymilvus, quietly
+# --------------------------------------------------------------------------------------------
+
+
+def import_pymilvus(uri: str = ""):
+    """The `pymilvus` module, or an ImportError that says what to install (milvus-lite too for a .db path)."""
+    try:
+        import pymilvus
+    except ImportError as error:
+        raise ImportError(f"the Milvus gallery {uri!r} needs pymilvus: pip install 'decd[milvus]' (or pip install "
+                          f"pymilvus milvus-lite)") from error
+    return pymilvus
+
+
+class _OwnCalls(logging.Filter):
+    """Drops pymilvus's log records (tracebacks of the errors it raises) while this thread is inside one of our
+    calls: those errors are re-raised here as one line, and other pymilvus users in the process keep their logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "depth", 0)
+
+
+_QUIET = _OwnCalls()
+_PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator",
+                     "pymilvus.milvus_client.milvus_client", "pymilvus.client.grpc_handler")
+
+
+@contextmanager
+def _quiet():
+    for name in _PYMILVUS_LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+    _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _QUIET.local.depth -= 1
+
+
+def _reason(error: BaseException) -> str:
+    """A Milvus error message on one line (Lite points at the column with a line of carets: dropped)."""
+    message = str(getattr(error, "message", "") or error)
+    lines = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return "; ".join(lines) or type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Naming a store and a collection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MilvusLocation:
+    """Where a collection is: `uri` as MilvusClient takes it, the collection (None: not named) and the database."""
+
+    uri: str
+    collection: Optional[str] = None
+    db_name: str = ""
+
+    @property
+    def lite(self) -> bool:
+        return not self.uri.startswith(("http://", "https://"))
+
+    def describe(self, collection: Optional[str] = None) -> str:
+        """'collection 'crops' in http://host:19530' (the database too when it is not the default)."""
+        name = collection or self.collection
+        store = self.uri + (f" (database {self.db_name})" if self.db_name else "")
+        return f"collection {name!r} in {store}" if name else store
+
+
+def _lite_candidate(path: Path) -> bool:
+    """A path meant as a Milvus Lite store: it ends in .db and is not some other existing folder."""
+    if path.suffix != ".db" or path.name == ".db":
+        return False
+    return not path.is_dir() or not any(path.iterdir()) or (path / "LOCK").exists() or (path / "collections").is_dir()
+
+
+def is_milvus_uri(source: Any) -> bool:
+    """Whether `source` names a Milvus store: `http(s)://...`, or a path ending in `.db` (Milvus Lite), optionally
+    followed by `/COLLECTION`. A local index folder (it holds meta.json) never is one."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    text = os.fspath(source)
+    if not isinstance(text, str) or not text.strip():
+        return False
+    if text.startswith(("http://", "https://")):
+        return True
+    # a local index folder named *.db stays a local index (is_index_folder)
+    path = Path(text).expanduser()
+    return (_lite_candidate(path) or _lite_candidate(path.parent)) and not is_index_folder(path)
+
+
+def check_collection_name(name: str) -> str:
+    """`name` if it is a valid Milvus collection (or field) name, else MilvusStoreError saying the rule."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
+                               f"only letters, digits and '_' (at most 255)")
+    return name
+
+
+def default_collection_name(gallery_dir: PathLike) -> str:
+    """The gallery folder's name as a valid Milvus collection name: other characters become '_', and a name
+    that starts with a digit gets the prefix 'g_' ('my-crops' -> 'my_crops', '2024 cam' -> 'g_2024_cam')."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(gallery_dir).resolve().name) or "gallery"
+    return ("g_" + name if not re.match(r"[A-Za-z_]", name) else name)[:255]
+
+
+def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = None) -> MilvusLocation:
+    """The store, collection and database that `source` (+ `collection`) name; see the module docstring."""
+    text = os.fspath(source)
+    db_name, named = "", None
+    if text.startswith(("http://", "https://")):
+        split = urllib.parse.urlsplit(text)
+        parts = [part for part in split.path.split("/") if part]
+        if split.query or split.fragment or len(parts) > 2 or not split.netloc:
+            raise MilvusStoreError(f"{text!r} is not a Milvus URI of the form http://HOST:PORT[/COLLECTION] or "
+                                   f"http://HOST:PORT/DATABASE/COLLECTION")
+        uri = f"{split.scheme}://{split.netloc}"
+        if len(parts) == 2:
+            db_name = parts[0]
+        named = parts[-1] if parts else None
+    else:
+        path = Path(text).expanduser()
+        if _lite_candidate(path):
+            uri = os.path.abspath(path)
+        elif _lite_candidate(path.parent):
+            uri, named = os.path.abspath(path.parent), path.name
+        else:
+            raise MilvusStoreError(f"{text!r} is not a Milvus store: give a Milvus Lite path ending in .db "
+                                   f"(optionally /COLLECTION) or http://HOST:PORT")
+    if collection and named and collection != named:
+        raise MilvusStoreError(f"two collection names: {named!r} in {text!r} and {collection!r} (--collection); "
+                               f"give one")
+    name = collection or named
+    if name is not None:
+        check_collection_name(name)
+    return MilvusLocation(uri, name, db_name)
+
+
+def _lite_locked(folder: Path) -> bool:
+    """Whether another process holds the Milvus Lite folder's lock (a flock on its LOCK file)."""
+    import fcntl
+
+    try:
+        descriptor = os.open(folder / "LOCK", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def connect(location: MilvusLocation, token: Optional[str] = None, create: bool = False,
+            timeout: float = CONNECT_TIMEOUT):
+    """A `MilvusClient` for `location`; every failure is one line (MilvusStoreError / IndexNotFoundError /
+    ImportError) naming the URI and what to do. A Milvus Lite store that does not exist is created only
+    with `create` (a build); opening one for a search says to build it."""
+    pymilvus = import_pymilvus(location.uri)
+    if location.lite:
+        path = Path(location.uri)
+        if not create and not path.exists():
+            raise IndexNotFoundError(f"Milvus Lite store {display_path(path)!r} does not exist; build it with "
+                                     f"`decd-search index GALLERY --model M --store {display_path(path)}`")
+        if not path.parent.is_dir():
+            raise MilvusStoreError(f"the folder of the Milvus Lite store {display_path(path)!r} does not exist")
+        try:
+            import milvus_lite  # noqa: F401
+        except ImportError as error:
+            raise ImportError(f"the Milvus Lite store {display_path(path)!r} needs milvus-lite: pip install "
+                              f"'decd[milvus]' (or pip install milvus-lite)") from error
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    with _quiet():
+        try:
+            return pymilvus.MilvusClient(uri=location.uri, token=token or "", db_name=location.db_name,
+                                         timeout=timeout)
+        except pymilvus.exceptions.MilvusException as error:
+            reason = _reason(error)
+            if location.lite:
+                if _lite_locked(Path(location.uri)):
+                    raise MilvusStoreError(
+                        f"Milvus Lite store {display_path(location.uri)!r} is held by another process (Milvus Lite "
+                        f"lets one process open a store: a running app, endpoint or build may hold it); stop that "
+                        f"process, or serve the gallery from a Milvus server (docs/milvus.md)") from None
+                raise MilvusStoreError(f"Milvus Lite could not open {display_path(location.uri)!r}: {reason}") from None
+            host = urllib.parse.urlsplit(location.uri).netloc
+            raise MilvusStoreError(
+                f"Milvus at {location.uri} does not answer (tried a gRPC connection to {host} for up to "
+                f"{timeout:g} s: {reason}); start the server, or check the URI and the token (--token / "
+                f"{TOKEN_ENV})") from None
+
+
+def _call(location: MilvusLocation, what: str, function, *args, **kwargs):
+    """`function(*args, **kwargs)` (a MilvusClient method) with Milvus's errors as one MilvusStoreError line."""
+    pymilvus = import_pymilvus(location.uri)
+    with _quiet():
+        try:
+            return function(*args, **kwargs)
+        except pymilvus.exceptions.MilvusException as error:
+            raise MilvusStoreError(f"Milvus refused {what} ({location.describe()}): {_reason(error)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Index types (--backend) and their search parameters
+# --------------------------------------------------------------------------------------------
+
+
+def milvus_index(backend: Optional[str], lite: bool = False) -> tuple[str, dict]:
+    """(Milvus index type, build parameters) for a `--backend` string (inner-product metric).
+
+    exact / FLAT: exact search. The local FAISS-style strings map to their Milvus kind: HNSW32 -> HNSW (M 32),
+    IVF4096,Flat -> IVF_FLAT (nlist 4096), IVF4096,SQ8 -> IVF_SQ8, IVF4096,PQ64 -> IVF_PQ (m 64). Milvus names
+    are taken as they are (HNSW, IVF_FLAT, IVF_SQ8 with default parameters; AUTOINDEX, DISKANN, SCANN, ... where
+    the engine has them). Milvus Lite has only `LITE_INDEX_TYPES`: others are refused here.
+    """
+    spec = EXACT_BACKEND if backend is None else str(backend).strip()
+    upper = spec.upper()
+    if spec == EXACT_BACKEND or upper == "FLAT":
+        kind, params = "FLAT", {}
+    elif match := re.fullmatch(r"HNSW(\d*)", upper):
+        kind, params = "HNSW", dict(M=int(match[1] or DEFAULT_HNSW_M), efConstruction=DEFAULT_EF_CONSTRUCTION)
+    elif match := re.fullmatch(r"IVF(\d+),(FLAT|SQ8|PQ(\d+))", upper):
+        kind = {"FLAT": "IVF_FLAT", "SQ8": "IVF_SQ8"}.get(match[2], "IVF_PQ")
+        params = dict(nlist=int(match[1]), **(dict(m=int(match[3]), nbits=8) if match[3] else {}))
+    elif upper in ("IVF_FLAT", "IVF_SQ8"):
+        kind, params = upper, dict(nlist=DEFAULT_NLIST)
+    elif upper == "IVF_PQ":
+        raise MilvusStoreError("backend IVF_PQ needs its sub-quantizer count: e.g. IVF1024,PQ64 (nlist 1024, m 64)")
+    elif re.fullmatch(r"[A-Z][A-Z0-9_]*", upper):
+        kind, params = upper, {}
+    else:
+        raise MilvusStoreError(f"backend {spec!r} is not a Milvus index: use exact (FLAT), HNSW / HNSW32, IVF_FLAT / "
+                               f"IVF1024,Flat, IVF_SQ8, IVF1024,PQ64 or another Milvus index type")
+    if lite and kind not in LITE_INDEX_TYPES:
+        raise MilvusStoreError(f"Milvus Lite has no {kind} index (it has {', '.join(LITE_INDEX_TYPES)}); use one of "
+                               f"those, or a Milvus server (http://...) for {kind}")
+    return kind, params
+
+
+def search_parameters(kind: str, params: dict, top_k: int, nprobe: Optional[int] = None,
+                      ef_search: Optional[int] = None) -> dict:
+    """The search-time knobs of an index kind: HNSW `ef` (`ef_search`, default DEFAULT_EF_SEARCH, raised to
+    top_k), IVF `nprobe` (default DEFAULT_NPROBE, at most nlist); none for the others."""
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if kind.startswith("HNSW"):
+        return dict(ef=max(int(ef_search or DEFAULT_EF_SEARCH), top_k))
+    if kind.startswith("IVF"):
+        nlist = int(params.get("nlist") or DEFAULT_NLIST)
+        return dict(nprobe=min(int(nprobe or DEFAULT_NPROBE), nlist))
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# The collection: schema, meta, rows
+# --------------------------------------------------------------------------------------------
+
+
+def _data_types(pymilvus) -> dict:
+    return {"int": pymilvus.DataType.INT64, "float": pymilvus.DataType.DOUBLE, "str": pymilvus.DataType.VARCHAR}
+
+
+def create_collection(client, location: MilvusLocation, name: str, dim: int, metadata_types: dict, kind: str,
+                      params: dict, meta: dict) -> None:
+    """Create the collection (schema above, the vector index `kind` with `params`, the `decd.meta` property), loaded."""
+    pymilvus = import_pymilvus(location.uri)
+    schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    schema.add_field(KEY_FIELD, pymilvus.DataType.INT64, is_primary=True)
+    schema.add_field(VECTOR_FIELD, pymilvus.DataType.FLOAT_VECTOR, dim=int(dim))
+    schema.add_field(PATH_FIELD, pymilvus.DataType.VARCHAR, max_length=MAX_PATH_BYTES)
+    schema.add_field(SHA_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
+    schema.add_field(STAT_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
+    for field, kind_of_value in metadata_types.items():
+        options = dict(max_length=MAX_TEXT_BYTES) if kind_of_value == "str" else {}
+        schema.add_field(field, _data_types(pymilvus)[kind_of_value], **options)
+    _call(location, "creating the collection", client.create_collection, name, schema=schema,
+          properties={META_PROPERTY: json.dumps(meta)})
+    # sync=False: pymilvus's own wait for the index asks for a timestamp Milvus Lite cannot give (its server
+    # thread then logs a traceback); an empty collection's index is ready at once, and `_finish` waits for others.
+    _call(location, "creating the index", client.create_index, name, _index_params(client, kind, params), sync=False)
+    _call(location, "loading the collection", client.load_collection, name)
+
+
+def _index_params(client, kind: str, params: dict):
+    index_params = client.prepare_index_params()
+    index_params.add_index(field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", index_name=VECTOR_FIELD,
+                           params=dict(params))
+    return index_params
+
+
+def _describe(client, location: MilvusLocation, name: str) -> tuple[Optional[dict], dict]:
+    """(the decd.meta object or None, {metadata field: "int"|"float"|"str"}) of a collection."""
+    pymilvus = import_pymilvus(location.uri)
+    description = _call(location, "describing the collection", client.describe_collection, name)
+    try:
+        meta = json.loads((description.get("properties") or {}).get(META_PROPERTY) or "null")
+    except ValueError:
+        meta = None
+    names = {value: key for key, value in _data_types(pymilvus).items()}
+    fields = {field["name"]: names.get(field["type"], "str") for field in description.get("fields", [])
+              if field["name"] not in OWN_FIELDS}
+    return (meta if isinstance(meta, dict) and meta.get("format") == MILVUS_FORMAT else None), fields
+
+
+def _vector_index(client, location: MilvusLocation, name: str) -> dict:
+    """describe_index of the embedding field: index_type, its build parameters, state and row counts."""
+    return _call(location, "describing the index", client.describe_index, name, VECTOR_FIELD) or {}
+
+
+def _index_settings(info: dict, meta: Optional[dict] = None) -> tuple[str, dict]:
+    """(index type, build parameters as numbers) from describe_index (a server returns them as strings; Milvus
+    Lite returns none: then those that decd.meta recorded for that type)."""
+    kind = str(info.get("index_type") or "FLAT")
+    params = {key: int(info[key]) for key in ("M", "efConstruction", "nlist", "m", "nbits") if key in info}
+    if not params and meta and meta.get("backend") == kind:
+        params = dict(meta.get("index_params") or {})
+    return kind, params
+
+
+def insert_rows(client, location: MilvusLocation, name: str, embeddings: np.ndarray, paths: Sequence[str],
+                sha256s: Sequence[str], stats: Sequence[str], metadata: Sequence[dict]) -> list[int]:
+    """Insert one row per embedding (ROWS_PER_CALL per call); returns the keys Milvus assigned, in order."""
+    keys = []
+    for start in range(0, len(paths), ROWS_PER_CALL):
+        rows = [{VECTOR_FIELD: np.asarray(embeddings[position], dtype=np.float32), PATH_FIELD: paths[position],
+                 SHA_FIELD: sha256s[position], STAT_FIELD: stats[position], **metadata[position]}
+                for position in range(start, min(start + ROWS_PER_CALL, len(paths)))]
+        done = _call(location, "inserting rows", client.insert, name, rows)
+        keys += [int(key) for key in done["ids"]]
+    return keys
+
+
+def _delete(client, location: MilvusLocation, name: str, keys: Sequence[int]) -> None:
+    keys = [int(key) for key in keys]
+    for start in range(0, len(keys), ROWS_PER_CALL):
+        _call(location, "deleting rows", client.delete, name, ids=keys[start:start + ROWS_PER_CALL])
+
+
+def _read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str]) -> dict[str, list[dict]]:
+    """Every row's key, path, sha256, stat and metadata, grouped by path: one Strong read of the collection, a
+    page of ROWS_PER_CALL keys at a time in key order. (pymilvus's query_iterator is not used: against a 2.3
+    server it falls back to a client-side timestamp and can miss rows written just before.)"""
+    stored: dict[str, list[dict]] = {}
+    last, total = None, 0
+    while True:
+        rows = _call(location, "reading the collection", client.query, name,
+                     filter="" if last is None else f"{KEY_FIELD} > {last}", limit=ROWS_PER_CALL,
+                     output_fields=[KEY_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields],
+                     consistency_level="Strong")  # a query with a limit returns the smallest keys, in order
+        if not rows:
+            break
+        for row in rows:
+            stored.setdefault(row[PATH_FIELD], []).append(row)
+        last, total = max(int(row[KEY_FIELD]) for row in rows), total + len(rows)
+    expected = _count(client, location, name, "Strong")
+    if total != expected:  # a page that was not the next keys in order would leave rows out
+        raise MilvusStoreError(f"reading {location.describe(name)} returned {total} of its {expected} rows; "
+                               f"run the build again")
+    return stored
+
+
+def _count(client, location: MilvusLocation, name: str, consistency: str) -> int:
+    rows = _call(location, "counting rows", client.query, name, filter="", output_fields=["count(*)"],
+                 consistency_level=consistency)
+    return int(rows[0]["count(*)"]) if rows else 0
+
+
+def _file_stat(path: Path) -> Optional[str]:
+    """`file_fingerprint` (size, mtime) as the text of the file_stat field; None when the file is gone."""
+    fingerprint = file_fingerprint(path)
+    return None if fingerprint is None else ":".join(map(str, fingerprint))
