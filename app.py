@@ -251,7 +251,7 @@ def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int,
               in zip(result.scores[0].tolist(), result.indices[0].tolist(), result.paths[0]) if index >= 0]
     if not gallery.paths:  # a Milvus gallery: serve the images it named, as they are shown
         _import_gradio().set_static_paths([str(image) for _, image in ranked if Path(image).is_file()])
-    return [(str(image), caption(rank, score, image, len(gallery)))
+    return [(str(image), caption(rank, score, image, result.searched))  # with a filter: of the images it lets through
             for rank, (score, image) in enumerate(ranked, start=1)]
 
 
@@ -399,7 +399,8 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
             return gr.skip(), f"⚠️ {_escape(str(error)) if mode == 'image' or filter else error}", gr.skip()
         seconds = time.perf_counter() - started
         where = f" where {_escape(filter.strip())}" if (filter or "").strip() else ""
-        return found, (f"**{len(found)}** best of {len(gallery)} images for {what}{where} ({seconds:.2f} s). Best "
+        among = f" of {len(gallery)} images" if not where else " matches"  # captions count the filtered images
+        return found, (f"**{len(found)}** best{among} for {what}{where} ({seconds:.2f} s). Best "
                        f"first; see *Reading the results* below."), mode
 
     def ui_text(description: str, top_k: float, filter: str = ""):

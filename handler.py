@@ -210,6 +210,6 @@ class EndpointHandler:
         self._check_lengths(texts)
         options = filter_options(self.gallery, expression)  # a gallery that cannot filter: before any encoding
         result = self.gallery.search(self.spine.embed_texts(self.model, self.processor, texts), top_k=top_k, **options)
-        answers = [[match for match in describe_matches(result, len(self.gallery), row) if match["index"] >= 0]
+        answers = [[match for match in describe_matches(result, row=row) if match["index"] >= 0]
                    for row in range(len(texts))]
         return answers[0] if len(answers) == 1 else answers

@@ -305,7 +305,7 @@ def _run_query(arguments) -> int:
     for number, (query, (result, row)) in enumerate(zip(queries, rows)):
         if number:
             print()
-        _print_table(query, result.paths[row], result.scores[row].tolist(), len(index),
+        _print_table(query, result.paths[row], result.scores[row].tolist(), result.searched,
                      result.status[row] if getattr(result, "status", None) else None)
         if not result.paths[row] or result.paths[row][0] is None:
             print(f"(no image matches --filter {arguments.filter})" if arguments.filter else "(no image)")
@@ -319,7 +319,8 @@ def _run_query(arguments) -> int:
         try:
             grid = retrieval_grid(
                 [query.strip('"') for query in queries], shown, ranked, None, arguments.grid, top_k=arguments.top_k,
-                title=f"Top {len(ranked[0])} of {len(index)} images",
+                title=f"Top {len(ranked[0])} of {rows[0][0].searched} images"
+                      + (f" where {printable(arguments.filter)}" if arguments.filter else ""),
                 scores=[result.scores[row].tolist() for result, row in rows],
             )
         except ValueError as error:  # load_image names the missing or unreadable file

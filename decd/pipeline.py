@@ -145,7 +145,7 @@ class TextBasedPersonSearchPipeline(Pipeline):
         query = model_outputs["text_embeds"] if "text_embeds" in model_outputs else model_outputs["image_embeds"]
         result = self.gallery_index.search(query, top_k=top_k, backend=backend, chunk_size=chunk_size,
                                            **search_options)
-        return describe_matches(result, len(self.gallery_index))
+        return describe_matches(result)
 
 
 if TASK not in PIPELINE_REGISTRY.get_supported_tasks():

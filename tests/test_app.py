@@ -331,7 +331,9 @@ def test_milvus_gallery_ranks_like_the_index_and_gets_a_filter_box(milvus_galler
     found, status, mode = demo.ui_search_fn(DESCRIPTION, 10, 'camera == "c3"')
     assert [Path(image).name for image, _ in found] == [Path(path).name for path in expected.paths[0]
                                                         if cameras[path] == "c3"]
-    assert "where camera" in status and mode == "text"
+    assert "where camera" in status and mode == "text" and "of 12 images" not in status
+    in_c3 = sum(camera == "c3" for camera in cameras.values())
+    assert found[-1][1].startswith(f"#{in_c3} ") and f"top 100% of {in_c3} · " in found[-1][1]
     _, status, _ = demo.ui_search_fn(DESCRIPTION, 10, "camra == 1")
     assert status.startswith("⚠️") and "camera \\(str\\)" in status  # Milvus's message, the fields, escaped
     assert app.build_demo(*loaded).filter_box is None  # a local gallery has no fields to filter on

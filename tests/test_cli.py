@@ -209,9 +209,13 @@ def test_cli_index_into_milvus_then_query_with_a_filter_and_a_grid(milvus_galler
     cameras = {path: row["camera"] for path, row in read_metadata_rows(milvus_gallery["metadata"]).items()}
     assert main(["query", f"{store}/imgs", QUERY, "--filter", 'camera == "c2"', "--image",
                  str(gallery / local.paths[4])]) == 0
-    printed = _table_paths(capsys.readouterr().out)
+    output = capsys.readouterr().out
+    printed = _table_paths(output)
     by_text = [path for path in expected.paths[0] if cameras[path] == "c2"]
     assert printed[:len(by_text)] == by_text and len(printed) == 2 * len(by_text)
+    shares = [float(line.split()[2].rstrip("%")) for line in output.splitlines()
+              if line.split() and line.split()[0].isdigit() and len(line.split()) >= 4]
+    assert shares[len(by_text) - 1] == 100.0  # the last of the filtered images: "top %" counts only those
     assert {cameras[path] for path in printed} == {"c2"}
     assert main(command) == 0 and "0 new, 0 changed, 0 rewritten without re-encoding, 0 removed, 12 unchanged" \
         in capsys.readouterr().out

@@ -151,6 +151,8 @@ def test_handler_searches_a_milvus_gallery_named_by_decd_gallery_with_a_filter(m
     both = endpoint({"inputs": {"text": [QUERY, "a woman"]}, "parameters": {"filter": 'camera == "c3"'}})
     for row, found in enumerate(both):  # only the matching images, none padded
         assert [match["path"] for match in found] == [path for path in expected.paths[row] if cameras[path] == "c3"]
+        assert found[-1]["top_percent"] == 100.0  # of the images the filter lets through
+        assert found[0]["label"].endswith(f"of {sum(camera == 'c3' for camera in cameras.values())}")
     with pytest.raises(ValueError, match=r"camra.*camera \(str\)") as rejected:
         endpoint({"inputs": {"text": QUERY}, "parameters": {"filter": "camra == 1"}})
     assert "\n" not in str(rejected.value)

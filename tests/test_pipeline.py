@@ -82,6 +82,10 @@ def test_pipeline_searches_a_milvus_collection_with_a_filter(milvus_gallery, tmp
                      gallery_collection="crops")  # the collection given apart from the store
     filtered = named(QUERY, top_k=10, filter='camera == "c1"')
     assert [match["path"] for match in filtered] == [path for path in expected.paths[0] if cameras[path] == "c1"]
+    in_c1 = sum(camera == "c1" for camera in cameras.values())  # "top p% of N" counts the images the filter lets in
+    assert [match["label"] for match in filtered] == [describe_match(rank, match["score"], in_c1)["label"]
+                                                      for rank, match in enumerate(filtered, start=1)]
+    assert filtered[-1]["top_percent"] == 100.0 and f"of {in_c1}" in filtered[0]["label"]
     photo = milvus_gallery["gallery"] / local.paths[2]
     by_photo = named({"image": str(photo)}, top_k=3)
     assert [match["path"] for match in by_photo] == local.search_image(model, processor, photo, top_k=3).paths[0]

@@ -33,12 +33,15 @@ class SearchResult:
     paths: per query, the k images' paths relative to the gallery folder (None for an in-memory gallery
     of PIL images). status: per query and place, None while the image is the one embedded, "deleted" or
     "changed" when its file is gone or differs since (an index that records its files' fingerprints).
+    searched: how many gallery images were ranked: the whole gallery, or those a filter let through (what a
+    match's "top p% of N" counts).
     """
 
     scores: torch.Tensor
     indices: torch.Tensor
     paths: Optional[list[list[str]]]
     status: Optional[list[list[Optional[str]]]] = None
+    searched: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -295,7 +298,7 @@ class GalleryIndex(RecordedModel):
             rows = indices.tolist()
             paths = [[self.paths[index] if index >= 0 else None for index in row] for row in rows]
             status = [[self.file_status(index) for index in row] for row in rows]
-        return SearchResult(scores=scores, indices=indices, paths=paths, status=status)
+        return SearchResult(scores=scores, indices=indices, paths=paths, status=status, searched=len(self))
 
     @property
     def backend(self) -> str:

@@ -218,8 +218,11 @@ class MilvusGallery(RecordedModel):
                 scores[row, place], keys[row, place], paths[row][place] = hit["distance"], key, path
                 status[row][place] = self._file_status(path, hit["entity"][STAT_FIELD])
                 self._paths[key] = path
+        # "top p% of N" counts the images the filter lets through (at least those found, should rows arrive between
+        # the search and the count)
+        searched = _count(self.client, self.location, self.name, self.consistency, filter) if filter else len(self)
         return SearchResult(scores=torch.from_numpy(scores), indices=torch.from_numpy(keys), paths=paths,
-                            status=status)
+                            status=status, searched=max(searched, width))
 
     def _file_status(self, path: str, stat: str) -> Optional[str]:
         """"deleted" or "changed" when the image's file is gone or has another size or time than when its row was

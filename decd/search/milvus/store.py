@@ -417,8 +417,8 @@ def _read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str
     return stored
 
 
-def _count(client, location: MilvusLocation, name: str, consistency: str) -> int:
-    rows = _call(location, "counting rows", client.query, name, filter="", output_fields=["count(*)"],
+def _count(client, location: MilvusLocation, name: str, consistency: str, filter: str = "") -> int:
+    rows = _call(location, "counting rows", client.query, name, filter=filter, output_fields=["count(*)"],
                  consistency_level=consistency)
     return int(rows[0]["count(*)"]) if rows else 0
 
