@@ -332,13 +332,13 @@ def test_a_process_that_sees_another_listing_model_or_batch_size_stops_naming_it
     other = DecdModel.from_pretrained(model_dir).eval()
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
-    shutil.copy(gallery / "bad.png", gallery / "added.png")
     cases = [(model, dict(options, batch_size=4)), (other, options)]  # another batch size; another model
     for seen_model, seen_options in cases:
         with pytest.raises(GalleryIndexError, match="process 1 of 2 sees another gallery listing, model or batch "
                                                     "size than the main process; every process must see the same"):
             GalleryIndex.build(seen_model, processor, gallery, output, distributed=_FakeState(1, 2), **seen_options)
-    # another listing: the file added after the main process listed the folder
+    # another listing: a file added after the main process listed the folder
+    shutil.copy(gallery / "bad.png", gallery / "added.png")
     with pytest.raises(GalleryIndexError, match="process 1 of 2 sees another gallery listing"):
         GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(1, 2), **options)
     assert not (output / "meta.json").exists()  # nothing was assembled from mismatched shares
