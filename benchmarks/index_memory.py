@@ -5,9 +5,10 @@ What it measures
     indexed with the default batch size (64: the whole gallery is one batch) by a DECD model built in
     code (default: the full-size configuration, `DecdConfig()`, ViT-B/16 at 384 x 128, random weights:
     the weights do not change memory). Each build runs in its own subprocess; the number is that
-    process's peak resident memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which counts PIL's
-    pixel buffers, unlike tracemalloc), with the peak before the build (Python, torch, the model) given
-    separately.
+    process's peak resident memory (VmHWM of /proc/self/status, which counts PIL's pixel buffers, unlike
+    tracemalloc), with the peak before the build (Python, torch, the model) given separately. Not
+    `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that across exec, so a subprocess of a large
+    process (a long pytest session) would report its parent's peak.
 
     `load_image` decodes a JPEG in draft mode (libjpeg's DCT scaling) and reduces any other format one
     image at a time to no less than twice the model's input size, so a batch holds 64 small images,
@@ -37,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -81,6 +81,7 @@ def _child(arguments) -> None:
     from modeling_decd import DecdModel
     from image_loading_decd import load_image
     from processing_decd import DecdProcessor
+    from search import peak_rss_mb  # benchmarks/search.py, beside this script
 
     torch.manual_seed(0)
     if arguments.model == "tiny":
@@ -95,10 +96,10 @@ def _child(arguments) -> None:
     processor = DecdProcessor(image_size=config.image_size)
     if arguments.full_decode:  # no reduction: every image at full size until the batch is processed
         processor.load_image = lambda image, name=None: load_image(image, size=None, max_pixels=None, name=name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = int(peak_rss_mb() * 1024**2)
     index = GalleryIndex.build(model, processor, arguments.gallery, arguments.output, batch_size=arguments.batch_size,
                                show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = int(peak_rss_mb() * 1024**2)
     print(json.dumps(dict(count=len(index), before_build_bytes=before, peak_bytes=peak)))
 
 
