@@ -19,13 +19,13 @@ def test_describe_match_is_rank_share_and_cosine():
 
 def test_describe_matches_is_one_result_row_in_readable_form():
     result = SearchResult(scores=torch.tensor([[0.5, 0.25], [0.75, 0.125]]), indices=torch.tensor([[3, 1], [0, 2]]),
-                          paths=[["d.png", "b.png"], ["a.png", "c.png"]])
-    assert describe_matches(result, 4, row=1) == [
+                          paths=[["d.png", "b.png"], ["a.png", "c.png"]], searched=4)
+    assert describe_matches(result, row=1) == [
         dict(index=0, path="a.png", **describe_match(1, 0.75, 4)),
         dict(index=2, path="c.png", **describe_match(2, 0.125, 4)),
     ]
-    in_memory = SearchResult(scores=result.scores, indices=result.indices, paths=None)  # a gallery of PIL images
-    assert [sorted(match) for match in describe_matches(in_memory, 4)] == [
+    in_memory = SearchResult(scores=result.scores, indices=result.indices, paths=None, searched=4)  # PIL images
+    assert [sorted(match) for match in describe_matches(in_memory)] == [
         ["index", "label", "rank", "score", "top_percent"]] * 2
 
 

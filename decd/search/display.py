@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from typing import Optional, Union
+from typing import Union
 
 SCORE_EXPLANATION = (
     "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
@@ -61,16 +61,15 @@ def describe_match(rank: int, score: float, gallery_size: int) -> dict:
                 label=f"#{int(rank)} · {float(score):.3f} · top {percent:.3g}% of {int(gallery_size)}")
 
 
-def describe_matches(result, gallery_size: Optional[int] = None, row: int = 0) -> list[dict]:
+def describe_matches(result, row: int = 0) -> list[dict]:
     """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first:
     `[{"index": gallery row, **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when
     the gallery has paths; `file_status` only when the image's file was "deleted" or "changed" since indexing).
-    The share "top p% of N" counts `gallery_size` images, by default those the search ranked (`result.searched`:
-    with a filter, the images it let through)."""
-    gallery_size = gallery_size if gallery_size is not None else result.searched
+    The share "top p% of N" counts the images the search ranked (`result.searched`: with a filter, the images it
+    let through)."""
     matches = []
     for position, (index, score) in enumerate(zip(result.indices[row].tolist(), result.scores[row].tolist())):
-        match = {"index": index, **describe_match(position + 1, score, gallery_size)}
+        match = {"index": index, **describe_match(position + 1, score, result.searched)}
         if result.paths is not None:
             match["path"] = result.paths[row][position]
         status = getattr(result, "status", None)

@@ -40,8 +40,8 @@ class SearchResult:
     scores: torch.Tensor
     indices: torch.Tensor
     paths: Optional[list[list[str]]]
+    searched: int
     status: Optional[list[list[Optional[str]]]] = None
-    searched: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
