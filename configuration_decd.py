@@ -1,7 +1,7 @@
 """Configuration of DECD: a CLIP dual encoder with a detachable cross-modal decoder.
 
 The file travels to the Hugging Face Hub next to ``config.json`` (``trust_remote_code=True``),
-so it imports nothing but ``transformers``.
+so it imports nothing but ``transformers`` and its sibling ``losses_decd`` (the Sew formulations it names).
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ import logging
 import math
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+
+try:  # relative import when loaded as Hub remote code (transformers copies the siblings)
+    from .losses_decd import SEW_FORMULATIONS
+except ImportError:
+    from losses_decd import SEW_FORMULATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,12 @@ class DecdConfig(PreTrainedConfig):
         learnable_temperature (`bool`, defaults to `False`):
             Train the temperature (a parameter holding the log of 1 / temperature) instead of keeping it fixed.
         sew_margin (`float`, defaults to 0.1):
-            Largest quality-adaptive margin `m_max`; caption i gets `m_max * q_i`. 0 gives IRRA's SDM loss.
+            The Sew loss's strength m (cosine units): with `"tighten"`, caption i's positives must beat its
+            negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation.
+        sew_formulation (`str`, defaults to `"tighten"`):
+            Which reading of the paper's Sew loss trains (docs/method.md, "Sew loss"): `"tighten"` (informative
+            captions get larger margins), `"relax"` (vague captions' positives are eased by `m * (1 - q_i)`) or
+            `"compress"` (SDM plus a quality-weighted pull of same-identity captions and images together).
         caption_quality (`str`, defaults to `"density"`):
             `"density"`: margins follow the information density of each caption, computed by the processor
             (`DecdProcessor.quality_reference_words`; the MCM masking rate is `DecdProcessor.mask_probability`);
@@ -109,6 +119,7 @@ class DecdConfig(PreTrainedConfig):
     temperature: float = 0.02
     learnable_temperature: bool = False
     sew_margin: float = 0.1
+    sew_formulation: str = "tighten"
     caption_quality: str = "density"
     sew_weight: float = 1.0
     mcm_weight: float = 1.0
@@ -174,6 +185,7 @@ class DecdConfig(PreTrainedConfig):
             "learnable_temperature": (lambda v: isinstance(v, bool), "true or false"),
             "use_decoder": (lambda v: isinstance(v, bool), "true or false"),
             "caption_quality": (lambda v: isinstance(v, str), f"one of {CAPTION_QUALITY_MODES}"),
+            "sew_formulation": (lambda v: v in SEW_FORMULATIONS, f"one of {SEW_FORMULATIONS}"),
             "mcm_vocabulary": (lambda v: v in MCM_VOCABULARIES, f"one of {MCM_VOCABULARIES}"),
             "mcm_fraction": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
             "mcm_max_positions": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer or null"),

@@ -1,7 +1,7 @@
 """DECD's losses as pure functions of tensors (docs/method.md, "Losses").
 
-- `sew_loss`: similarity-distribution matching with caption-quality-adaptive margins, both directions
-  (with `margin=0` it is exactly IRRA's SDM loss).
+- `sew_loss`: similarity-distribution matching with caption-quality-adaptive margins, both directions, in one of
+  `SEW_FORMULATIONS` (docs/method.md, "Sew loss"); with `margin=0` every formulation is exactly IRRA's SDM loss.
 - `masked_caption_loss`: cross-entropy of the MCM head on the masked positions, with the helpers that decide
   what it scores: `sample_mcm_rows` (which pairs of a batch go through MCM), `masked_positions` (which positions
   of a caption) and `batch_vocabulary` (which vocabulary rows, when only the batch's own words are candidates).
@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # label of positions the MCM loss ignores (PyTorch's cross-entropy default)
+# Readings of the paper's Sew loss (docs/method.md, "Sew loss"): how caption quality q_i and the strength m act.
+#   tighten   positives of caption i must beat its negatives by m * q_i (informative captions held tighter)
+#   relax     positives of caption i are eased by m * (1 - q_i) (vague captions held looser; informative ones: SDM)
+#   compress  SDM plus a pull of every same-identity caption-image pair together in both directions, weighted by
+#             the caption's quality: m / tau * mean_i sum_j Q_ij q_i (1 - s_ij), and the same over image rows
+SEW_FORMULATIONS = ("tighten", "relax", "compress")
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,26 +50,31 @@ def sew_loss(
     caption_quality: torch.Tensor | None = None,
     margin: float = 0.1,
     temperature: float | torch.Tensor = 0.02,
+    formulation: str = "tighten",
 ) -> torch.Tensor:
-    """Sew loss: similarity-distribution matching with quality-adaptive margins, in both directions.
+    """Sew loss: similarity-distribution matching guided by caption quality, in both directions.
 
     Args:
         image_embeds: [batch, dim] image i of pair i (normalised here; any scale accepted).
         text_embeds: [batch, dim] caption i of pair i.
         person_ids: [batch] identity of pair i; every same-identity pair is a positive.
         caption_quality: [batch] q_i in [0, 1] (information density of caption i); `None` means q = 1.
-        margin: m_max; caption i gets margin m_max * q_i on its positive similarities. 0 gives IRRA's SDM.
-        temperature: tau; logits are (cosine - margin) / tau.
+        margin: the strength m, in cosine units (0 gives IRRA's SDM in every formulation).
+        temperature: tau; logits are cosine / tau.
+        formulation: one of `SEW_FORMULATIONS`: "tighten" shifts caption i's positive logits by -m * q_i / tau,
+            "relax" by +m * (1 - q_i) / tau, "compress" adds the quality-weighted pull of positives.
 
     Returns:
         Scalar: mean over captions of KL(softmax(z_i) || Q_i) + mean over images of KL(softmax(u_i) || Q_i),
-        Q being the identity-normalised positive mask (see docs/method.md).
+        Q being the identity-normalised positive mask (see docs/method.md), plus the pull for "compress".
     """
     if image_embeds.shape != text_embeds.shape or image_embeds.dim() != 2:
         raise ValueError(
             f"image_embeds and text_embeds must both be [batch, dim], got {tuple(image_embeds.shape)} and "
             f"{tuple(text_embeds.shape)}."
         )
+    if formulation not in SEW_FORMULATIONS:
+        raise ValueError(f"formulation must be one of {SEW_FORMULATIONS}, got {formulation!r}.")
     batch_size = image_embeds.shape[0]
     if person_ids.shape != (batch_size,):
         raise ValueError(f"person_ids must have shape [{batch_size}], got {tuple(person_ids.shape)}.")
@@ -71,19 +82,28 @@ def sew_loss(
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     similarity = text_embeds @ image_embeds.t()  # s_ij = cos(text_i, image_j)
     positives = (person_ids[:, None] == person_ids[None, :]).float()
-    target = positives / positives.sum(dim=1, keepdim=True)
+    target = positives / positives.sum(dim=1, keepdim=True)  # symmetric: same-identity rows count alike
     if caption_quality is None:
         caption_quality = similarity.new_ones(batch_size)
-    margins = margin * caption_quality.to(similarity.dtype)
-    text_to_image = (similarity - margins[:, None] * positives) / temperature
-    image_to_text = (similarity.t() - margins[None, :] * positives) / temperature
+    quality = caption_quality.to(similarity.dtype)
+    # Shift of caption i's positive similarities (row i of text->image, column i of image->text).
+    shift = {"tighten": -margin * quality, "relax": margin * (1 - quality)}.get(formulation)
+    if shift is None:
+        shift = similarity.new_zeros(batch_size)
+    text_to_image = (similarity + shift[:, None] * positives) / temperature
+    image_to_text = (similarity.t() + shift[None, :] * positives) / temperature
     log_target = torch.log(target + 1e-8)
 
     def matching(logits):
         log_prob = F.log_softmax(logits, dim=1)
         return (log_prob.exp() * (log_prob - log_target)).sum(dim=1).mean()
 
-    return matching(text_to_image) + matching(image_to_text)
+    loss = matching(text_to_image) + matching(image_to_text)
+    if formulation == "compress" and margin != 0:
+        distance = target * (1 - similarity)  # Q_ij (1 - s_ij) on same-identity pairs
+        pull = (distance * quality[:, None]).sum(dim=1).mean() + (distance.t() * quality[None, :]).sum(dim=1).mean()
+        loss = loss + margin / temperature * pull
+    return loss
 
 
 def sample_mcm_rows(batch_size: int, fraction: float, device=None, generator: torch.Generator | None = None):
@@ -175,6 +195,7 @@ def identity_loss(
 
 __all__ = [
     "IGNORE_INDEX",
+    "SEW_FORMULATIONS",
     "batch_vocabulary",
     "batch_vocabulary_fixed",
     "gather_with_grad",

@@ -579,6 +579,7 @@ class DecdModel(DecdPreTrainedModel):
             global_quality,
             margin=margin,
             temperature=1.0 / logit_scale,
+            formulation=config.sew_formulation,
         )
         total = config.sew_weight * output.loss_sew
         if masked_input_ids is not None:

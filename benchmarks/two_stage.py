@@ -70,8 +70,9 @@ def stage_one(pretrain_args: list[str]) -> dict:
     cpu, wall = children_cpu_seconds() - before, time.perf_counter() - started
     # A cache hit trains nothing (the marker predates this run): its cost is the one recorded when it was trained.
     cached = (folder / "pretraining.json").stat().st_mtime < now
-    print(f"[stage 1] {folder} ({'cached' if cached else 'trained'}, {marker['steps']} steps, "
-          f"loss {marker['logged_losses'][0]:.3f} -> {marker['logged_losses'][-1]:.3f})", flush=True)
+    losses = marker["logged_losses"]  # none when the run was shorter than one logging interval
+    trend = f", loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+    print(f"[stage 1] {folder} ({'cached' if cached else 'trained'}, {marker['steps']} steps{trend})", flush=True)
     return {"folder": str(folder), "arguments": pretrain_args, "cached": cached, "cpu_seconds": round(cpu, 1),
             "wall_seconds": round(wall, 1), "pretraining": marker}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from configuration_decd import CAPTION_QUALITY_MODES, MCM_VOCABULARIES, DecdConfig
+from configuration_decd import CAPTION_QUALITY_MODES, MCM_VOCABULARIES, SEW_FORMULATIONS, DecdConfig
 from inference_decd import load_model
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
@@ -53,7 +53,12 @@ class ModelArguments:
     image_size: list[int] | None = field(
         default=None, metadata={"help": "Crop height and width, e.g. --image_size 384 128 (default: the model's)."}
     )
-    sew_margin: float | None = field(default=None, metadata={"help": "Largest Sew margin m_max (0 = SDM)."})
+    sew_margin: float | None = field(default=None, metadata={"help": "Sew strength m (0 = SDM)."})
+    sew_formulation: str | None = field(
+        default=None,
+        metadata={"help": "Reading of the Sew loss: tighten, relax or compress (docs/method.md).",
+                  "choices": list(SEW_FORMULATIONS)},
+    )
     learnable_temperature: bool | None = field(
         default=None, metadata={"help": "Train the temperature, starting from --temperature (default: fixed)."}
     )
@@ -118,8 +123,8 @@ class DataArguments:
 
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, DecdTrainingArguments)
 # ModelArguments that are DecdConfig fields of the same name: the loss settings, then the decoder's size.
-LOSS_SETTINGS = ("sew_margin", "caption_quality", "temperature", "learnable_temperature", "mcm_weight",
-                 "mcm_vocabulary", "mcm_fraction", "mcm_max_positions", "id_weight")
+LOSS_SETTINGS = ("sew_margin", "sew_formulation", "caption_quality", "temperature", "learnable_temperature",
+                 "mcm_weight", "mcm_vocabulary", "mcm_fraction", "mcm_max_positions", "id_weight")
 DECODER_SETTINGS = ("decoder_layers", "decoder_hidden_size", "decoder_attention_heads", "decoder_intermediate_size")
 
 

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Do Sew and MCM help, and which Sew? One resumable study in the paper's regime (a benchmark, not a test).
+
+Stage 1 pretrains a small CLIP (`benchmarks/two_stage.py`'s `stage_one`, cached); stage 2 fine-tunes DECD from it
+with `recipes/two-stage.json` (temperature 0.02, MCM, new modules at 5x, warm-up, cosine). Every variant states
+its loss settings in full, so a later change of the defaults does not change what it measures. Three phases:
+
+    screening      seeds 1-3, paired: SDM (margin 0), "tighten" (today's Sew) at 0.01, 0.02 and 0.05, and each new
+                   reading ("relax", "compress"; docs/method.md, "Sew loss") at two strengths
+    confirmation   seeds 4-5 for SDM and the two Sew variants whose mean paired R@1 difference to SDM was highest
+    mcm            MCM off (`--mcm_weight 0`) for the best of those three, on seeds 1-5
+
+The results file (default `benchmarks/results/sew_study_cpu.json`, the sweep format: each run's `variant`, `seed`,
+`arguments`, `metrics`) is rewritten after every run. Started again, the study reads it and runs only what is
+missing (a run that failed is kept, with its log, and tried again); the file must describe the same setup.
+
+    python benchmarks/sew_study.py                                   # the study (benchmarks/README.md)
+    python benchmarks/sew_study.py --json /tmp/smoke.json --output_root /tmp/smoke --screening_seeds 1 \\
+        --confirmation_seeds 2 --pretrain_args "--num_images 640 --max_steps 5" -- --max_steps 3 \\
+        --eval_strategy no --save_strategy no --load_best_model_at_end false      # a smoke run
+
+Arguments after `--` go to every examples/train.py run (after the recipe's and the variant's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from sweep import METRICS, differences, environment, run_all, summarise  # noqa: E402
+from two_stage import RECIPE, children_cpu_seconds, stage_one  # noqa: E402
+
+REFERENCE = "sdm"
+
+
+# Variant name -> (formulation, strength); "+no-mcm" after a name: the same with MCM off.
+SCREENING = {
+    REFERENCE: ("tighten", 0),
+    **{f"tighten-{m}": ("tighten", m) for m in (0.01, 0.02, 0.05)},
+    **{f"relax-{m}": ("relax", m) for m in (0.05, 0.1)},
+    **{f"compress-{m}": ("compress", m) for m in (0.05, 0.1)},
+}
+NO_MCM = "+no-mcm"
+
+
+def variant_arguments(variant: str) -> list[str]:
+    """A variant's stage-2 loss settings, every one stated (caption quality from density, as the method's)."""
+    name, no_mcm, _ = variant.partition(NO_MCM)
+    formulation, strength = SCREENING[name]
+    return ["--sew_formulation", formulation, "--sew_margin", str(strength), "--caption_quality", "density",
+            "--mcm_weight", "0" if no_mcm else "1"]
+
+
+def mean_difference(runs: list[dict], variant: str, seeds: list[int], reference: str = REFERENCE) -> float | None:
+    """Mean over `seeds` of variant's R@1 minus reference's (same seed); None unless both ran on every seed."""
+    table = differences([run for run in runs if run["seed"] in seeds], reference)
+    per_seed = table.get(variant, {}).get("per_seed", {})
+    if variant == reference:
+        per_seed = {seed: {"R1": 0.0} for seed in seeds if _finished(runs, reference, seed)}
+    if set(per_seed) != set(seeds):
+        return None
+    return statistics.fmean(per_seed[seed]["R1"] for seed in seeds)
+
+
+def _finished(runs: list[dict], variant: str, seed: int) -> bool:
+    return any(run["variant"] == variant and run["seed"] == seed and run["metrics"] for run in runs)
+
+
+def best_sew_variants(runs: list[dict], seeds: list[int], count: int = 2) -> list[str]:
+    """The `count` Sew variants with the highest mean paired R@1 difference to SDM over `seeds`."""
+    scored = [(mean_difference(runs, variant, seeds), variant) for variant in SCREENING if variant != REFERENCE]
+    return [variant for _, variant in sorted((s for s in scored if s[0] is not None), key=lambda s: -s[0])[:count]]
+
+
+def plan(runs: list[dict], screening_seeds: list[int], confirmation_seeds: list[int]) -> tuple[list, dict]:
+    """The next runs, in order: [(phase, variant, seed)], and the choices made so far (for the results file).
+
+    A phase's runs are planned once the phases before it have finished; finished runs are never planned again.
+    """
+    choices = {}
+    todo = [("screening", variant, seed) for seed in screening_seeds for variant in SCREENING
+            if not _finished(runs, variant, seed)]
+    if todo:
+        return todo, choices
+    confirmed = [REFERENCE, *best_sew_variants(runs, screening_seeds)]
+    choices["confirmed"] = confirmed
+    todo = [("confirmation", variant, seed) for seed in confirmation_seeds for variant in confirmed
+            if not _finished(runs, variant, seed)]
+    if todo:
+        return todo, choices
+    all_seeds = [*screening_seeds, *confirmation_seeds]
+    best = max(confirmed, key=lambda variant: mean_difference(runs, variant, all_seeds))
+    choices["best"] = best
+    todo = [("mcm", best + NO_MCM, seed) for seed in all_seeds if not _finished(runs, best + NO_MCM, seed)]
+    return todo, choices
+
+
+def summary(runs: list[dict], choices: dict, all_seeds: list[int]) -> dict:
+    """Per variant: metric means and spreads, R@1 difference to SDM paired by seed; MCM's paired effect."""
+    out = {"variants": {}, "differences_to_sdm": differences(runs, REFERENCE), **choices}
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        done = [run for run in runs if run["variant"] == variant and run["metrics"]]
+        if done:
+            out["variants"][variant] = {name: summarise([run["metrics"][name] for run in done]) for name in METRICS}
+            out["variants"][variant]["seeds"] = [run["seed"] for run in done]
+    best = choices.get("best")
+    if best and any(run["variant"] == best + NO_MCM for run in runs):
+        mcm = differences([run for run in runs if run["variant"] in (best, best + NO_MCM)], best + NO_MCM)
+        out["mcm_on_minus_off"] = {"variant": best, **mcm.get(best, {})}
+    out["seeds"] = all_seeds
+    return out
+
+
+def read_results(path: Path, setup: dict) -> dict:
+    """The results file to continue, or a new one; a file of another setup is refused (nothing overwritten)."""
+    if not path.is_file():
+        return {"setup": setup, "runs": []}
+    payload = json.loads(path.read_text())
+    if payload.get("setup") != setup:
+        raise SystemExit(f"error: {path} holds a study of another setup (recipe, arguments or stage 1); continue "
+                         "it with the same arguments, or pass --json for a new results file.")
+    return payload
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--screening_seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--confirmation_seeds", nargs="+", type=int, default=[4, 5])
+    parser.add_argument("--pretrain_args", default="", help="Arguments for examples/pretrain_clip.py (one string).")
+    parser.add_argument("--output_root", default="outputs/sew_study")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sew_study_cpu.json"))
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough[:1] == ["--"]:
+        passthrough = passthrough[1:]
+
+    stage1 = stage_one(shlex.split(args.pretrain_args))
+    clip_folder = stage1["folder"]
+    setup = {"recipe": json.loads(RECIPE.read_text()), "passthrough": passthrough,
+             "pretrain_args": args.pretrain_args, "screening_seeds": args.screening_seeds,
+             "confirmation_seeds": args.confirmation_seeds}
+    json_path, output_root = Path(args.json), Path(args.output_root)
+    payload = read_results(json_path, setup)
+    payload.setdefault("stage1", stage1)
+    payload["environment"] = environment()
+    all_seeds = [*args.screening_seeds, *args.confirmation_seeds]
+
+    def write(choices: dict) -> None:
+        payload["summary"] = summary(payload["runs"], choices, all_seeds)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=2))
+
+    failed_now: set = set()  # tried again in the next invocation, not in a loop in this one
+    while True:
+        todo, choices = plan(payload["runs"], args.screening_seeds, args.confirmation_seeds)
+        write(choices)
+        todo = [item for item in todo if item[1:] not in failed_now]
+        if not todo:
+            break
+        done = sum(1 for run in payload["runs"] if run["metrics"])
+        phase, variant, seed = todo[0]
+        print(f"[{phase}] {variant} seed {seed} ({done} runs finished, {len(todo)} left in this phase)", flush=True)
+        arguments = ["--model_name_or_path", clip_folder, *variant_arguments(variant)]
+        before, started = children_cpu_seconds(), time.perf_counter()
+        (run,) = run_all({variant: arguments}, [seed], output_root, passthrough, recipe=RECIPE)
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        payload["runs"].append({
+            "phase": phase, "variant": variant, "seed": seed, "arguments": arguments, "metrics": run.metrics,
+            "error": run.error, "cpu_seconds": round(children_cpu_seconds() - before, 1),
+            "wall_seconds": round(time.perf_counter() - started, 1), "commit": commit,
+        })
+        if run.error:
+            failed_now.add((variant, seed))
+
+    print_table(payload["summary"])
+    print(f"\nWritten: {json_path}")
+    return 1 if failed_now else 0
+
+
+def print_table(result: dict) -> None:
+    diffs = result["differences_to_sdm"]
+    print("\n| variant | seeds | R@1 mean ± std | mAP mean ± std | R@1 - SDM, paired (mean ± std) |")
+    print("|---|---|---|---|---|")
+    for variant, row in result["variants"].items():
+        paired = diffs.get(variant)
+        delta = f"{paired['R1']['mean']:+.2f} ± {paired['R1']['std']:.2f}" if paired else ""
+        print(f"| {variant} | {len(row['seeds'])} | {row['R1']['mean']:.2f} ± {row['R1']['std']:.2f} | "
+              f"{row['mAP']['mean']:.2f} ± {row['mAP']['std']:.2f} | {delta} |")
+    if "mcm_on_minus_off" in result:
+        mcm = result["mcm_on_minus_off"]
+        print(f"\nMCM on minus off ({mcm['variant']}, paired): R@1 {mcm['R1']['mean']:+.2f} ± {mcm['R1']['std']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
