@@ -110,6 +110,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """`decd-search`'s command line. `query` takes its options before, between or after the description(s), as
+    the synopsis above shows: argparse's intermixed parsing, which works on one subcommand's parser only (not on
+    a parser with subparsers), so the query subparser parses the arguments after `query`."""
+    parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["query"]:  # the top-level parser has no options of its own: the command comes first
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        return commands.choices["query"].parse_intermixed_args(argv[1:], argparse.Namespace(command="query"))
+    return parser.parse_args(argv)
+
+
 def _load_model(name: str, device: Optional[str]):
     """The one model loader (`inference_decd.load_model`); its refusals become one-line user errors."""
     from inference_decd import ModelLoadError, load_model
@@ -331,7 +343,7 @@ def _run_query(arguments) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `decd-search`; returns the exit status (0 on success, 1 on a user error)."""
-    arguments = _build_parser().parse_args(argv)
+    arguments = parse_arguments(argv)
     try:
         if arguments.command == "index":
             return _run_index(arguments)

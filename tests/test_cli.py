@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from decd.cli import main
+from decd.cli import main, parse_arguments
 from decd.search import ANN_FILE, SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery
 
 from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: F401
@@ -48,6 +48,42 @@ def test_cli_index_then_query_prints_ranking_and_writes_grid(workspace, tmp_path
     code = main(["query", str(index_dir), QUERY, "--top_k", "2", "--model", str(workspace["model_dir"]),
                  "--backend", "exact"])
     assert code == 0 and _table_paths(capsys.readouterr().out) == expected.paths[0][:2]
+
+
+@pytest.mark.parametrize("arguments", [
+    ["query", "URI", "--collection", "crops", "a woman", "--top_k", "5", "a man"],  # the synopsis' order
+    ["query", "--top_k", "5", "URI", "a woman", "a man", "--collection", "crops"],  # options first
+    ["query", "URI", "a woman", "--collection", "crops", "a man", "--top_k", "5"],  # between descriptions
+])
+def test_query_takes_its_options_before_between_or_after_the_descriptions(arguments):
+    parsed = parse_arguments(arguments)
+    assert (parsed.command, parsed.index, parsed.descriptions) == ("query", "URI", ["a woman", "a man"])
+    assert (parsed.collection, parsed.top_k, parsed.images) == ("crops", 5, [])
+    photo = parse_arguments(["query", "--image", "a.png", "INDEX", "--image", "b.png"])
+    assert (photo.index, photo.descriptions, photo.images) == ("INDEX", [], ["a.png", "b.png"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["query", "INDEX", "a woman", "--topk", "3"], "unrecognized arguments: --topk"),
+    (["query", "--top_k", "ten", "INDEX", "a woman"], "argument --top_k: invalid int value: 'ten'"),
+    (["query", "--top_k", "3"], "required: INDEX"),
+    (["index", "GALLERY", "--model", "M", "--output", "OUT", "extra"], "unrecognized arguments: extra"),
+])
+def test_the_command_line_still_refuses_what_it_does_not_know(arguments, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_arguments(arguments)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_query_with_options_first_ranks_as_with_options_last(workspace, capsys):
+    index_dir = str(workspace["root"] / "index")
+    assert main(["query", index_dir, QUERY, "--top_k", "3", "--backend", "exact"]) == 0
+    options_last = capsys.readouterr().out
+    assert main(["query", "--top_k", "3", index_dir, "--backend", "exact", QUERY]) == 0
+    options_first = capsys.readouterr().out
+    expected = workspace["index"].search_text(workspace["model"], workspace["processor"], QUERY, top_k=3)
+    assert _table_paths(options_first) == _table_paths(options_last) == expected.paths[0]
+    assert options_first == options_last
 
 
 @pytest.mark.parametrize(
