@@ -15,7 +15,7 @@ $(BIN)/python:
 # declared dependencies pull torchvision and another torch build.
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,app,faiss,milvus]"
+	$(BIN)/python -m pip install -q -e ".[test,app,serve,faiss,milvus]"
 	$(BIN)/python -m pip install -q --no-deps openai-clip==1.0.1
 	touch $@
 

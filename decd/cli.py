@@ -49,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="decd-search", description="Text-based person search over a folder of pedestrian crops."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{index,query}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{index,query,serve}")
 
     index = commands.add_parser("index", help="encode a folder of images into a search index")
     index.add_argument("gallery_dir", metavar="GALLERY_DIR", help="folder of person crops (searched recursively)")
@@ -107,7 +107,37 @@ def _build_parser() -> argparse.ArgumentParser:
     query.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the full read that checks the embeddings' checksum and values (faster for a "
                             "large index already checked)")
+    _add_serve_parser(commands)
     return parser
+
+
+def _add_serve_parser(commands) -> None:
+    """`serve GALLERY --model M`: the HTTP service of decd.serve (docs/serving.md)."""
+    from .serve import DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS, DEFAULT_PORT, MAX_TOP_K
+
+    serve = commands.add_parser("serve", help="answer searches over HTTP, many clients at once (docs/serving.md)")
+    serve.add_argument("gallery", metavar="GALLERY",
+                       help="an index folder, a folder of images (encoded at start), or a Milvus store")
+    serve.add_argument("--model", required=True, help="DECD model folder or Hub id")
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 lets any "
+                            "machine that reaches this one search and fetch the gallery's images: docs/serving.md)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    serve.add_argument("--collection", default=None, help="Milvus: the collection (default: the store's only one)")
+    serve.add_argument("--token", default=None, help=f"Milvus: a token for a server that needs one (env {TOKEN_ENV})")
+    serve.add_argument("--max_batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help=f"queries per forward pass at most (default {DEFAULT_MAX_BATCH})")
+    serve.add_argument("--max_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                       help=f"how long a batch waits for more queries at most (default {DEFAULT_MAX_WAIT_MS})")
+    serve.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                       help=f"queries waiting at most; more are answered 503 (default {DEFAULT_MAX_QUEUE})")
+    serve.add_argument("--max_top_k", type=int, default=MAX_TOP_K, help=f"largest top_k (default {MAX_TOP_K})")
+    serve.add_argument("--batch_size", type=int, default=64, help="a folder of images: images per forward pass")
+    serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads of a forward pass (default: the cores but one, left to the HTTP server)")
+    serve.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="an index folder: skip the full read that checks its embeddings")
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -341,12 +371,51 @@ def _run_query(arguments) -> int:
     return 0
 
 
+def _run_serve(arguments) -> int:
+    """`serve`: open the gallery (checked against the model), then answer HTTP requests until interrupted."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from .serve import create_app, run
+    except ImportError as error:  # fastapi / uvicorn: the `serve` extra
+        raise _UserError(f"serving needs FastAPI and uvicorn: pip install 'decd[serve]' ({error})") from error
+    for name in ("max_batch", "max_queue", "max_top_k", "batch_size", "threads"):
+        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
+            raise _UserError(f"--{name} must be at least 1, got {getattr(arguments, name)}")
+    if not arguments.max_wait_ms >= 0:
+        raise _UserError(f"--max_wait_ms must be at least 0, got {arguments.max_wait_ms}")
+    import torch
+
+    from .serve import default_threads
+
+    torch.set_num_threads(arguments.threads or default_threads())
+    model, processor = _load_model(arguments.model, arguments.device)
+    try:
+        gallery = open_gallery(model, processor, arguments.gallery, batch_size=arguments.batch_size,
+                               show_progress=True, verify=arguments.verify, model_id=arguments.model,
+                               collection=arguments.collection, token=arguments.token)
+    except ImportError as error:  # a Milvus store without pymilvus / milvus-lite
+        raise _UserError(str(error)) from error
+    app = create_app(model, processor, gallery, source=display_path(arguments.gallery),
+                     max_batch=arguments.max_batch, max_wait_ms=arguments.max_wait_ms, max_queue=arguments.max_queue,
+                     max_top_k=arguments.max_top_k)
+    print(f"Serving {len(gallery)} images of {display_path(arguments.gallery)} on "
+          f"http://{arguments.host}:{arguments.port} (API: /docs)", file=sys.stderr)
+    if arguments.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {arguments.host}: any machine that reaches this one can search the gallery and fetch "
+              "its images, without authentication (docs/serving.md)", file=sys.stderr)
+    run(app, arguments.host, arguments.port)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `decd-search`; returns the exit status (0 on success, 1 on a user error)."""
     arguments = parse_arguments(argv)
     try:
         if arguments.command == "index":
             return _run_index(arguments)
+        if arguments.command == "serve":
+            return _run_serve(arguments)
         return _run_query(arguments)
     except (_UserError, GalleryIndexError) as error:
         print(f"decd-search {arguments.command}: error: {error}", file=sys.stderr)
