@@ -11,10 +11,8 @@ an ordinary CLIP folder (safetensors + `CLIPProcessor`: a square `CLIPImageProce
 `examples/train.py --model_name_or_path FOLDER` (stage 2) load.
 
     python examples/pretrain_clip.py      # 1,000 steps (estimated 5-8 min on an idle 2-core CPU); prints the folder
-    python examples/train.py --model_name_or_path "$(python examples/pretrain_clip.py --print_path_only)" \\
-        --image_size 128 64 --learning_rate 2e-4 --new_module_lr_multiplier 5 --temperature 0.02 \\
-        --num_train_epochs 10 --decoder_layers 2 --decoder_hidden_size 128 --decoder_attention_heads 4 \\
-        --decoder_intermediate_size 512
+    python examples/train.py recipes/two-stage.json \\
+        --model_name_or_path "$(python examples/pretrain_clip.py --print_path_only)"   # stage 2
 
 Cached: the folder (default `$DECD_CACHE/clip-pretrained-<hash of the settings>`) carries
 `pretraining.json` with the settings; a second run with the same settings reuses it and trains nothing.
