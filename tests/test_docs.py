@@ -1,7 +1,10 @@
 """The documentation stays true: every test the bad-input page cites exists, the README stays a short guide, code
-cites docs/ pages rather than README sections, and every recipe the README names is a file."""
+cites docs/ pages rather than README sections, every recipe the README names is a file, and the main job's figures
+are its results files' (tests/test_docs_run.py runs what the docs show)."""
 
+import json
 import re
+import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +39,38 @@ def test_no_code_cites_a_readme_section():
             if re.search(r"README[,'\" ]+[\"'(]?[A-Z][a-z]+", line) and "README.md" not in line:
                 citing.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not citing, citing
+
+
+def _results_runs(file: str, variant: str | None) -> list[tuple[int, float, float]]:
+    """(seed, test R@1, test mAP) of each run in a results file: a sweep's runs of one variant, or the main job's
+    runs (main_job_cpu.json: its seed is the one its `how` states)."""
+    data = json.loads((REPO / "benchmarks" / "results" / file).read_text())
+    if "how" in data:
+        seed = int(re.search(r"seed (\d+)", data["how"]).group(1))
+        return [(seed, run["test"]["R1"], run["test"]["mAP"]) for run in data["runs"]]
+    return [(run["seed"], run["metrics"]["R1"], run["metrics"]["mAP"]) for run in data["runs"]
+            if run["variant"] == variant and run["error"] is None]
+
+
+def test_the_main_job_table_states_what_its_results_files_hold():
+    """The main-job figures (what a newcomer's `make train` is compared with) are the results files' numbers."""
+    page = (REPO / "benchmarks" / "README.md").read_text()
+    section = page.split("## The main job (`make train`)", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and ".json" in line]
+    assert len(rows) >= 2
+    for seeds_cell, _, _, r1_cell, map_cell, file_cell in rows:
+        seeds = [int(seed) for seed in re.findall(r"^\d+(?:, \d+)*", seeds_cell)[0].split(", ")]
+        file = re.search(r"`(\w+\.json)`", file_cell).group(1)
+        variant = re.search(r"variant `([\w-]+)`", file_cell)
+        runs = [run for run in _results_runs(file, variant and variant.group(1)) if run[0] in seeds]
+        assert sorted({run[0] for run in runs}) == sorted(seeds), (file, seeds_cell)
+        for column, cell in ((1, r1_cell), (2, map_cell)):
+            values = [run[column] for run in runs]
+            if len(seeds) == 1:
+                assert {f"{value:.2f}" for value in values} == {cell}, (file, seeds_cell, cell, values)
+            else:
+                mean, std = statistics.mean(values), statistics.stdev(values)
+                assert cell.startswith(f"{mean:.2f} ± {std:.2f}"), (file, cell, mean, std)
+                if "to" in cell:
+                    assert cell.endswith(f"({min(values):.2f} to {max(values):.2f})"), (file, cell)
