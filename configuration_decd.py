@@ -6,7 +6,6 @@ so it imports nothing but ``transformers`` and its sibling ``losses_decd`` (the 
 
 from __future__ import annotations
 
-import logging
 import math
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
@@ -15,8 +14,6 @@ try:  # relative import when loaded as Hub remote code (transformers copies the 
     from .losses_decd import SEW_FORMULATIONS
 except ImportError:
     from losses_decd import SEW_FORMULATIONS
-
-logger = logging.getLogger(__name__)
 
 CAPTION_QUALITY_MODES = ("density", "uniform", "none")
 MCM_VOCABULARIES = ("full", "batch")
@@ -57,11 +54,13 @@ class DecdConfig(PreTrainedConfig):
             The detachable cross-modal decoder (training only): pre-LN layers of self-attention over the
             masked caption, cross-attention to all image tokens, and an MLP.
         temperature (`float`, defaults to 0.02):
-            Softmax temperature of the Sew loss and of the returned logits (scale 1 / temperature). A fixed one
-            is read from here wherever it is used; a learnable one starts here, and `save_pretrained` writes
-            its trained value back here.
+            Initial softmax temperature of the Sew loss and of the returned logits. As CLIP's `logit_scale`, the
+            weights hold the temperature in use (`DecdModel.logit_scale` = log(1 / temperature)), set from here
+            when a model is built or a checkpoint lacks it. A saved config keeps this initial value and the weights
+            a learnable one's trained value, so `from_pretrained(path, temperature=...)` leaves a saved temperature
+            as it is (examples/train.py's `--temperature` restarts it).
         learnable_temperature (`bool`, defaults to `False`):
-            Train the temperature (a parameter holding the log of 1 / temperature) instead of keeping it fixed.
+            Train the temperature (`logit_scale` a parameter) instead of keeping it fixed (a buffer).
         sew_margin (`float`, defaults to 0.1):
             The Sew loss's strength m (cosine units): with `"tighten"`, caption i's positives must beat its
             negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation.
@@ -229,16 +228,6 @@ class DecdConfig(PreTrainedConfig):
                 f"mask_token_id {self.mask_token_id} is outside the text vocabulary ({self.text_config.vocab_size} "
                 "tokens); the vocabulary must include the mask token."
             )
-
-    @classmethod
-    def from_dict(cls, config_dict, **kwargs):
-        """As `PreTrainedConfig.from_dict`; a `temperature` given explicitly (e.g. `from_pretrained(path,
-        temperature=...)`) replaces the stored one, and the log says so."""
-        requested, stored = kwargs.get("temperature"), config_dict.get("temperature")
-        if requested is not None and stored is not None and not math.isclose(requested, stored, rel_tol=1e-6):
-            logger.info("Temperature %.6g requested explicitly: it replaces the stored temperature %.6g.",
-                        requested, stored)
-        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

@@ -181,7 +181,7 @@ class EndpointHandler:
         images = [self.processor.load_image(data, name=f"inputs.image[{index}]") for index, data in enumerate(raw)]
         text_embeds = self.spine.embed_texts(self.model, self.processor, texts)
         image_embeds = self.spine.embed_images(self.model, self.processor, images)
-        logit_scale = float(self.model.logit_scale)
+        logit_scale = float(self.model.logit_scale.exp())
         cosine = text_embeds @ image_embeds.T  # [texts, images]
         if mode == "image-to-text":
             cosine = cosine.T

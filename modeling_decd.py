@@ -14,7 +14,6 @@ transformers and its sibling modules.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -50,8 +49,6 @@ except ImportError:  # installed as top-level modules
     from losses_decd import (IGNORE_INDEX, batch_vocabulary, batch_vocabulary_fixed, gather_with_grad,
                              identity_loss, masked_caption_loss, masked_positions, sample_mcm_rows, sew_loss)
     from processing_decd import DecdProcessor
-
-logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,8 +281,12 @@ class DecdPreTrainedModel(PreTrainedModel):
     # Every loss here is a batch mean: the Trainer must scale it for gradient accumulation itself
     # rather than pass `num_items_in_batch` through **kwargs.
     accepts_loss_kwargs = False
-    # A fixed temperature is no parameter; checkpoints saved when it was one still hold it (the config's value).
+    # Checkpoints saved before the temperature lived in the weights hold no `logit_scale` (or a `log_logit_scale`,
+    # which their config's temperature states): `_init_weights` fills `logit_scale` from that config.
+    _keys_to_ignore_on_load_missing = [r"^logit_scale$"]
     _keys_to_ignore_on_load_unexpected = [r"^log_logit_scale$"]
+    # A half-precision load keeps the temperature exact (bfloat16 would turn 0.02 into 0.0201).
+    _keep_in_fp32_modules_strict = ["logit_scale"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -302,8 +303,7 @@ class DecdPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, DecdModel):
-            if module.log_logit_scale is not None:
-                init.constant_(module.log_logit_scale, math.log(1.0 / self.config.temperature))
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.temperature))
             factor = self.config.initializer_factor
             init.normal_(module.text_projection.weight, std=self.config.text_config.hidden_size**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
@@ -323,12 +323,13 @@ class DecdModel(DecdPreTrainedModel):
         self.vision_model = DecdVisionModel._from_config(config.vision_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        # A fixed temperature is read from the config where it is used (`logit_scale`); a learnable one is this
-        # parameter, log(1 / temperature), whose value `save_pretrained` writes back to the config.
-        self.log_logit_scale = None
+        # log(1 / temperature), as CLIP's `logit_scale`: saved with the weights, set from `config.temperature` by
+        # `_init_weights` (so also when a checkpoint lacks it).
+        logit_scale = torch.empty((), dtype=torch.float32)
         if config.learnable_temperature:
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
-        self.register_load_state_dict_pre_hook(_temperature_from_state_dict)
+            self.logit_scale = nn.Parameter(logit_scale)
+        else:
+            self.register_buffer("logit_scale", logit_scale)
         self.decoder = self.mcm_head = self.identity_classifier = None
         if config.use_decoder:
             self.decoder = DecdCrossModalDecoder(config)
@@ -372,7 +373,7 @@ class DecdModel(DecdPreTrainedModel):
         model = cls(DecdConfig(**{**settings, **overrides}))
 
         state = clip.state_dict()
-        state.pop("logit_scale", None)
+        state.pop("logit_scale", None)  # CLIP's trained scale: DECD starts from config.temperature instead
         for key in [k for k in state if k.endswith("position_ids")]:
             state.pop(key)
         position_key = "vision_model.embeddings.position_embedding.weight"
@@ -401,20 +402,9 @@ class DecdModel(DecdPreTrainedModel):
         return self
 
     @property
-    def logit_scale(self) -> torch.Tensor:
-        """1 / temperature: the scale of the returned logits and of the Sew loss (a scalar tensor)."""
-        if self.log_logit_scale is not None:
-            return self.log_logit_scale.exp()
-        # exp(log(1 / temperature)) in float32: the value a learnable temperature starts from, so that a fixed and
-        # a freshly initialised learnable temperature give the same logits and losses.
-        return torch.tensor(math.log(1.0 / self.config.temperature)).exp()
-
-    @property
     def temperature(self) -> torch.Tensor:
-        """The temperature the model uses: the config's when fixed, the parameter's when learnable."""
-        if self.log_logit_scale is not None:
-            return torch.exp(-self.log_logit_scale)
-        return torch.tensor(self.config.temperature)
+        """The temperature the model uses, exp(-logit_scale) (a detached scalar); `config.temperature` is its start."""
+        return torch.exp(-self.logit_scale.detach())
 
     # ---- encoders -------------------------------------------------------------------------------
     def _fit_context(self, input_ids, attention_mask):
@@ -541,7 +531,7 @@ class DecdModel(DecdPreTrainedModel):
         vision_outputs = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
-        logit_scale = self.logit_scale
+        logit_scale = self.logit_scale.exp()
         logits_per_text = logit_scale * text_embeds @ image_embeds.t()
         output = DecdOutput(
             logits_per_image=logits_per_text.t(),
@@ -638,60 +628,20 @@ class DecdModel(DecdPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a saved DECD model (folder or Hub id). Weights are read from safetensors only: a checkpoint
-        that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled.
-
-        A learnable temperature takes the config's value: a saved config states the value its weights hold,
-        so a config that differs asked for another one (`from_pretrained(path, temperature=...)`)."""
+        that has only pickled weights (`pytorch_model.bin`) is refused rather than unpickled."""
         kwargs.setdefault("use_safetensors", True)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        parameter = model.log_logit_scale
-        if parameter is not None and not parameter.is_meta and _differs(parameter, model.config.temperature):
-            with torch.no_grad():
-                parameter.fill_(math.log(1.0 / model.config.temperature))
-        return loaded
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class.
-
-        The saved config states the temperature the model uses (a learnable one: its trained value)."""
-        parameter = self.log_logit_scale
-        if parameter is not None and not parameter.is_meta and _differs(parameter, self.config.temperature):
-            self.config.temperature = float(torch.exp(-parameter.detach()))
+        """Save weights (safetensors), config and the custom code; `auto_map` covers every Auto class."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(AUTO_MAP)
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def _differs(log_logit_scale: torch.Tensor, temperature: float) -> bool:
-    """Whether a log(1 / temperature) tensor holds another temperature than `temperature`, beyond its dtype's
-    precision (a bfloat16 log-scale cannot hold 0.2 any closer than 0.2002)."""
-    value = log_logit_scale.detach().float()
-    tolerance = max(1e-6, 2 * torch.finfo(log_logit_scale.dtype).eps * max(1.0, abs(float(value))))
-    return not math.isclose(float(torch.exp(-value)), temperature, rel_tol=tolerance)
-
-
-def _temperature_from_state_dict(module: DecdModel, state_dict, prefix, *args) -> None:
-    """`load_state_dict` pre-hook (a Trainer resume or best-model reload, a converter): a learnable temperature
-    takes the state dict's value, which its config then states; a fixed one stays the config's (the stored
-    value is dropped, with a warning when it differs)."""
-    stored = state_dict.get(prefix + "log_logit_scale")
-    if stored is None or stored.is_meta:
-        return
-    if module.log_logit_scale is not None:
-        if _differs(stored, module.config.temperature):
-            module.config.temperature = float(torch.exp(-stored.detach().float()))
-        return
-    state_dict.pop(prefix + "log_logit_scale")
-    if _differs(stored, module.config.temperature):
-        logger.warning("Fixed temperature: the weights held %.6g but the config fixes it at %.6g; using %.6g.",
-                       float(torch.exp(-stored.detach().float())), module.config.temperature,
-                       module.config.temperature)
-
-
 # The modules DECD adds to a CLIP model: new in `from_clip`, trained at the new-module learning rate.
-NEW_MODULE_PREFIXES = ("decoder.", "mcm_head.", "identity_classifier.", "log_logit_scale")
+NEW_MODULE_PREFIXES = ("decoder.", "mcm_head.", "identity_classifier.", "logit_scale")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_decd.DecdConfig",

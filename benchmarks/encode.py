@@ -98,7 +98,7 @@ def build_models(preset: str, seed: int):
 
 
 def state_for_clip(decd: DecdModel) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in decd.state_dict().items() if key != "log_logit_scale"}
+    return {key: value for key, value in decd.state_dict().items() if key != "logit_scale"}
 
 
 def describe(decd: DecdModel, clip: CLIPModel) -> dict:

@@ -73,7 +73,7 @@ def clip_twin(decd: DecdModel, square: int) -> CLIPModel:
     clip = CLIPModel(CLIPConfig(text_config=config.text_config.to_dict(), vision_config=vision,
                                 projection_dim=config.projection_dim))
     state = {k: v for k, v in decd.state_dict().items() if not k.startswith(("decoder.", "mcm_head.", "identity"))}
-    state.pop("log_logit_scale", None)
+    state.pop("logit_scale", None)
     key = "vision_model.embeddings.position_embedding.weight"
     if state[key].shape != clip.state_dict()[key].shape:
         state.pop(key)

@@ -560,6 +560,8 @@ def convert_checkpoint(
     state_out = {key: value.to(dtype=target, copy=True).contiguous() for key, value in mapped.items()}
     del mapped, tokens, encoder, state, checkpoint
 
+    # DECD's temperature, as DecdModel keeps it: log(1 / temperature) in float32 (CLIP's own was dropped above).
+    state_out["logit_scale"] = torch.tensor(math.log(1.0 / temperature), dtype=torch.float32)
     config = _decd_config(sizes, temperature)
     model = _build_model(config, state_out, path)
 

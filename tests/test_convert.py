@@ -287,7 +287,7 @@ def test_folder_holds_weights_config_processor_code_and_card(converted):
         with safe_open(folder / "model.safetensors", "pt") as weights:
             assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F32"}
             tokens = weights.get_tensor("text_model.embeddings.token_embedding.weight")
-            assert "log_logit_scale" not in weights.keys()  # a fixed temperature: the config states it, once
+            assert torch.equal(weights.get_tensor("logit_scale"), torch.tensor(math.log(1 / 0.02)))  # not CLIP's
             assert not any(key.startswith(("decoder.", "mcm_head.", "ln_post", "cross", "classifier"))
                            for key in weights.keys())
         # The mask token row is the mean of CLIP's rows; CLIP's rows are the source's own.
@@ -325,8 +325,9 @@ def test_cli_converts_and_prints_what_it_dropped(converted, tmp_path, capsys):
     assert main([str(source), str(tmp_path / "out")]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main([str(source), str(tmp_path / "out"), "--overwrite", "--dtype", "float16", "--temperature", "0.05"]) == 0
-    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
-        assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F16"}
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:  # the temperature stays exact in float32
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys() if key != "logit_scale"} == {"F16"}
+        assert weights.get_slice("logit_scale").get_dtype() == "F32"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["temperature"] == 0.05
     assert DecdModel.from_pretrained(tmp_path / "out").temperature.item() == pytest.approx(0.05, rel=1e-3)

@@ -38,7 +38,7 @@ def test_forward_backward_all_losses_reach_every_module():
     ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert model.log_logit_scale is None  # fixed temperature by default: read from the config, never trained
+    assert "logit_scale" not in dict(model.named_parameters())  # fixed by default: a buffer, never trained
 
 
 def test_decoder_untouched_without_mcm_inputs():
@@ -147,7 +147,7 @@ def test_learnable_temperature_gets_gradient():
     torch.manual_seed(0)
     model = DecdModel(tiny_config(learnable_temperature=True))
     model(**random_batch(model.config, with_mcm=False)).loss.backward()
-    assert model.log_logit_scale.grad is not None
+    assert model.logit_scale.grad is not None
     assert math.isclose(model.temperature.item(), 0.02, rel_tol=1e-5)
 
 

@@ -138,7 +138,7 @@ def test_from_clip_on_the_pretrained_folder_resizes_to_the_crop_grid(tiny_clip):
     assert tokens.shape[0] == 49408 + 1 and model.config.mask_token_id == 49408
     assert torch.equal(tokens[:49408], clip.text_model.embeddings.token_embedding.weight)
     assert model.temperature.item() == pytest.approx(0.02)
-    assert model.log_logit_scale is None  # fixed: read from the config, no parameter to train
+    assert "logit_scale" in dict(model.named_buffers())  # fixed: a buffer, no parameter to train
 
 
 

@@ -65,7 +65,8 @@ def test_the_papers_recipe_builds_the_method(dataset, tiny_set, tmp_path, monkey
     assert data_args.dataset_name == dataset
     config = model.config
     assert config.base_model == "openai/clip-vit-base-patch16"
-    assert config.temperature == 0.02 and not config.learnable_temperature and model.log_logit_scale is None
+    assert config.temperature == 0.02 and not config.learnable_temperature
+    assert "logit_scale" in dict(model.named_buffers())  # fixed: a buffer, not trained
     assert tuple(config.image_size) == (384, 128) and model.vision_model.embeddings.grid_size == (24, 8)
     assert (config.sew_margin, config.caption_quality, config.mcm_vocabulary, config.mcm_fraction) == (
         0.1, "density", "full", 1.0)

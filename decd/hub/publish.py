@@ -38,7 +38,7 @@ def _hyperparameters_from(model, processor, folder: Path | None) -> dict:
     settings = {
         "image_size (height, width)": tuple(config.image_size),
         "projection_dim": config.projection_dim,
-        "temperature": config.temperature,
+        "temperature": round(float(model.temperature), 6),  # the weights' (a learnable one starts at the config's)
         "sew_formulation": config.sew_formulation,
         "sew_margin (m)": config.sew_margin,
         "caption_quality": config.caption_quality,

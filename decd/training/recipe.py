@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import math
 import os
 import sys
 import types
@@ -22,6 +23,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser
 
 from configuration_decd import CAPTION_QUALITY_MODES, MCM_VOCABULARIES, SEW_FORMULATIONS, DecdConfig
@@ -243,7 +245,12 @@ def build_model(model_args: ModelArguments, num_identities: int) -> tuple[DecdMo
         return model, DecdProcessor(image_size=model.config.image_size)
     source = model_args.model_name_or_path
     if saved_model_type(source) == "decd":
-        return load_model(source, device="cpu", num_identities=num_identities, use_decoder=True, **overrides)
+        model, processor = load_model(source, device="cpu", num_identities=num_identities, use_decoder=True,
+                                      **overrides)
+        if "temperature" in overrides:  # a saved model's weights hold its temperature: start from the given one
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(1.0 / model.config.temperature))
+        return model, processor
     model = DecdModel.from_clip(source, num_identities=num_identities, **overrides)
     return model, DecdProcessor(image_size=model.config.image_size)
 
