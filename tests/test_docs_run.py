@@ -59,7 +59,6 @@ EXTRAS = set(SETUP["options.extras_require"])
 SCRIPT = re.compile(r"(?:examples|scripts|benchmarks)/\w+\.py|app\.py")
 PROGRAMS = {"python", "python3", "accelerate", "make", "pip", "milvus-server", *CONSOLE_SCRIPTS}
 OPERATORS = {";", "&&", "||", "|", "&"}
-OPTIONAL = r"\s\[([^\[\]'\"]+)\]"  # an optional group of a synopsis, `[--top_k 10]` (not inside quotes)
 # What an inline fragment may leave out: argparse's required arguments, examples/train.py's recipe or dataset.
 FRAGMENT_LEAVES_OUT = r"arguments are required|one of the arguments .* is required|no dataset: give a recipe"
 TINY_MODEL = "outputs/decd-tiny-synthetic"  # the README's model folder; a tiny random model stands in for it
@@ -160,20 +159,39 @@ def usage_lines(module: str) -> list[Shown]:
     found = []
     for number, text in commands:
         text = re.sub(r"\s{2,}(\(.*\)|#.*)$", "", text)
-        text = re.sub(r"\s\[\.\.\.\]", "", text)
-        included = re.sub(OPTIONAL, lambda group: " " + re.sub(r"(\S+?)\|\S+", r"\1", group.group(1)), text)
-        left_out = re.sub(OPTIONAL, "", text)
+        included = _with_optional_groups(text, lambda group: re.sub(r"(\S+?)\|\S+", r"\1", group))
+        left_out = _with_optional_groups(text, lambda group: "")
         found += [Shown(f"{module}:{number} ({which})", variant, False)
                   for which, variant in (("options included", included), ("options left out", left_out))]
     return found
 
 
+def _with_optional_groups(text: str, replace) -> str:
+    """`text` with each optional group of a synopsis (`[--top_k 10]`: brackets that open a word, outside quotes)
+    replaced by `replace(its contents)`."""
+    pieces, quote, start, depth, opened = [], None, 0, 0, 0
+    for position, character in enumerate(text):
+        if quote:
+            quote = None if character == quote else quote
+        elif character in "'\"":
+            quote = character
+        elif character == "[" and (depth or position == 0 or text[position - 1] == " "):
+            if depth == 0:
+                opened = position
+            depth += 1
+        elif character == "]" and depth:
+            depth -= 1
+            if depth == 0:
+                inner = _with_optional_groups(text[opened + 1:position], replace)
+                pieces += [text[start:opened], "" if inner == "..." else replace(inner)]  # [...]: "and so on"
+                start = position + 1
+    return "".join(pieces) + text[start:]
+
+
 def _optional_groups(shown: Shown) -> list[Shown]:
-    """An inline synopsis `cmd A [--x X]`: checked with and without each optional group."""
-    if not re.search(OPTIONAL, shown.text):
-        return [shown]
-    return [Shown(shown.where, re.sub(OPTIONAL, lambda group: " " + group.group(1), shown.text), shown.fragment),
-            Shown(shown.where, re.sub(OPTIONAL, "", shown.text), shown.fragment)]
+    """An inline synopsis `cmd A [--x X]`: checked with and without its optional groups."""
+    variants = {_with_optional_groups(shown.text, lambda group: group), _with_optional_groups(shown.text, lambda _: "")}
+    return [Shown(shown.where, " ".join(variant.split()), shown.fragment) for variant in sorted(variants)]
 
 
 ALL_SHOWN = [variant for document in DOCUMENTS for shown in shown_commands(document)
@@ -378,6 +396,7 @@ def check_milvus_server(argv: list[str]) -> str:
 def check_words(words: list[str]) -> str:
     """Check one simple command (its words); returns what it was checked as."""
     program, argv = words[0], words[1:]
+    assert not [word for word in words if word.startswith("[")], f"an optional group left in {shlex.join(words)}"
     if SCRIPT.fullmatch(program):  # an inline span naming the script alone: python implied
         program, argv = "python", words
     if program in ("python", "python3"):
@@ -503,6 +522,10 @@ def test_shell_lines_are_split_into_the_commands_they_run():
         ["make", "setup"], ["decd-search", "query", "I", "a b"], ["head"]]
     assert simple_commands("milvus-server $(for c in a b; do echo --x $c.ip=1; done)") == [
         ["milvus-server", "--x", "a.ip=1", "--x", "b.ip=1"]]
+    synopsis = """q URI [--collection NAME] "a" [--filter 'c in ["x"]'] [--backend exact|faiss] [...]"""
+    assert shlex.split(_with_optional_groups(synopsis, lambda group: group)) == [
+        "q", "URI", "--collection", "NAME", "a", "--filter", 'c in ["x"]', "--backend", "exact|faiss"]
+    assert shlex.split(_with_optional_groups(synopsis, lambda group: "")) == ["q", "URI", "a"]
     blocks = _block_commands(["$ decd-search query I \\", "    'a b'", "output line", "# a comment"], "console")
     assert blocks == [(0, "decd-search query I     'a b'")]
 
