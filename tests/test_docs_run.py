@@ -22,6 +22,7 @@ import argparse
 import ast
 import configparser
 import contextlib
+import importlib
 import importlib.util
 import io
 import os
@@ -271,8 +272,8 @@ def _parse_train(argv):
 
 # Entry points that expose their parsing; every other script is run until its parser has parsed (_Parsed).
 PARSERS = {
-    "decd.cli": lambda argv: __import__("decd.cli", fromlist=["parse_arguments"]).parse_arguments(argv),
-    "decd.convert": lambda argv: __import__("decd.convert", fromlist=["_build_parser"])._build_parser().parse_args(argv),
+    "decd.cli": lambda argv: importlib.import_module("decd.cli").parse_arguments(argv),
+    "decd.convert": lambda argv: importlib.import_module("decd.convert")._build_parser().parse_args(argv),
     "examples/train.py": _parse_train,
     "examples/evaluate.py": lambda argv: _load("examples/evaluate.py").parse_args(argv),
     "examples/push_to_hub.py": lambda argv: _load("examples/push_to_hub.py").parse_args(argv),
