@@ -50,9 +50,11 @@ In code (tests do this)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,7 +70,8 @@ if str(_HERE) not in sys.path:
 
 from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
                          check_top_k, describe_match, filter_options, is_milvus_uri, open_gallery)
-from inference_decd import ModelLoadError, embed_images, embed_texts  # noqa: E402
+from decd.serve import GalleryFiles, Query, SearchBatcher, default_threads, image_endpoint, image_url  # noqa: E402
+from inference_decd import ModelLoadError  # noqa: E402
 from inference_decd import load_model as spine_load_model  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
@@ -77,6 +80,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 50
+# Searches the app runs at once (Gradio's default is one): those that arrive together share one forward pass.
+CONCURRENCY = 32
+# Sessions Gradio keeps (its default is 10,000): each API call is a session holding a copy of the page's
+# configuration, so scripts calling the API fill memory until that many are held.
+SESSIONS = 1000
 EXAMPLE_DESCRIPTIONS = (
     "A woman with long black hair, wearing a white t-shirt, blue jeans and white sneakers.",
     "A man in a dark jacket and black trousers, carrying a backpack.",
@@ -137,6 +145,15 @@ class Gallery:
     image_roots: list[Path] = field(default_factory=list)  # folders the app serves the images from
     notes: list[str] = field(default_factory=list)
     root: Optional[Path] = None  # the folder the index's relative paths are under
+    _searcher: Optional[tuple] = field(default=None, repr=False, compare=False)
+
+    def searcher(self, model, processor) -> SearchBatcher:
+        """The `decd.serve.SearchBatcher` that answers this gallery's searches with `model` (made on first use): the
+        app's concurrent searches share its forward passes, as the service's do."""
+        with _SEARCHER_LOCK:
+            if self._searcher is None or self._searcher[0] is not model:
+                self._searcher = (model, SearchBatcher(model, processor, self.index))
+            return self._searcher[1]
 
     @property
     def embeddings(self):
@@ -152,6 +169,9 @@ class Gallery:
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+_SEARCHER_LOCK = threading.Lock()
 
 
 def check_gallery_path(gallery: Optional[PathLike]) -> Union[Path, str]:
@@ -242,17 +262,34 @@ def caption(rank: int, score: float, path: PathLike, gallery_size: int) -> str:
     return f"{describe_match(rank, score, gallery_size)['label']} · {Path(path).name}"
 
 
-def _ranked(gallery: Gallery, query_embedding: torch.Tensor, top_k: int,
-            filter: Optional[str] = None) -> list[tuple[str, str]]:
-    options = filter_options(gallery.index, filter)  # a gallery that cannot filter: a ValueError
-    top_k = min(check_top_k(top_k, "Top-k"), len(gallery))  # ValueError for 0, -5, NaN, "abc", ...
-    result = gallery.index.search(query_embedding, top_k=top_k, **options)
-    ranked = [(score, gallery.image(relative)) for score, index, relative
+def _ranked(model, processor, gallery: Gallery, query: Query) -> list[tuple[Path, str, str]]:
+    """(image file, caption, path relative to the gallery) of each match, best first, from the gallery's batcher."""
+    filter_options(gallery.index, query.filter)  # a gallery that cannot filter: a ValueError, before any work
+    top_k = min(check_top_k(query.top_k, "Top-k"), len(gallery))  # ValueError for 0, -5, NaN, "abc", ...
+    result = gallery.searcher(model, processor).search(dataclasses.replace(query, top_k=top_k))
+    ranked = [(score, relative) for score, index, relative
               in zip(result.scores[0].tolist(), result.indices[0].tolist(), result.paths[0]) if index >= 0]
-    if not gallery.paths:  # a Milvus gallery: serve the images it named, as they are shown
-        _import_gradio().set_static_paths([str(image) for _, image in ranked if Path(image).is_file()])
-    return [(str(image), caption(rank, score, image, result.searched))  # with a filter: of the images it lets through
-            for rank, (score, image) in enumerate(ranked, start=1)]
+    return [(gallery.image(relative), caption(rank, score, relative, result.searched), relative)  # with a filter:
+            for rank, (score, relative) in enumerate(ranked, start=1)]                  # of the images it lets through
+
+
+def _text_matches(model, processor, gallery: Gallery, description: str, top_k, filter: Optional[str] = None):
+    description = (description or "").strip()
+    if not description:
+        raise ValueError(EMPTY_QUERY_MESSAGE)
+    return _ranked(model, processor, gallery, Query(text=description, top_k=top_k,
+                                                    filter=(filter or "").strip() or None))
+
+
+def _image_matches(model, processor, gallery: Gallery, image, top_k, filter: Optional[str] = None):
+    if image is None or (isinstance(image, str) and not image.strip()):
+        raise ValueError("Upload or drop a photo (a crop) of the person to search by photo.")
+    photo = processor.load_image(image)  # ValueError naming the file when it is unreadable or too large
+    return _ranked(model, processor, gallery, Query(image=photo, top_k=top_k, filter=(filter or "").strip() or None))
+
+
+def _listed(found) -> list[tuple[str, str]]:
+    return [(str(image), text) for image, text, _ in found]
 
 
 def search_gallery(model, processor, gallery: Gallery, description: str, top_k: int = DEFAULT_TOP_K,
@@ -263,10 +300,7 @@ def search_gallery(model, processor, gallery: Gallery, description: str, top_k: 
     Raises ValueError for an empty description or a filter Milvus rejects. (The gallery was checked
     against the model when loaded.)
     """
-    description = (description or "").strip()
-    if not description:
-        raise ValueError(EMPTY_QUERY_MESSAGE)
-    return _ranked(gallery, embed_texts(model, processor, [description]), top_k, filter)
+    return _listed(_text_matches(model, processor, gallery, description, top_k, filter))
 
 
 def search_gallery_by_image(model, processor, gallery: Gallery, image, top_k: int = DEFAULT_TOP_K,
@@ -277,10 +311,22 @@ def search_gallery_by_image(model, processor, gallery: Gallery, image, top_k: in
     processor and encoded by `embed_images`, exactly like the gallery. Raises ValueError when it is
     missing or unreadable (the message names the problem). `filter` as for `search_gallery`.
     """
-    if image is None or (isinstance(image, str) and not image.strip()):
-        raise ValueError("Upload or drop a photo (a crop) of the person to search by photo.")
-    return _ranked(gallery, embed_images(model, processor, [image], batch_size=1, show_progress=False), top_k,
-                   filter)
+    return _listed(_image_matches(model, processor, gallery, image, top_k, filter))
+
+
+def _shown(found, request) -> list[tuple[str, str]]:
+    """The results grid's items: each image by its URL on this app's /images/ route (`decd.serve.GalleryFiles`: the
+    file is served in place, and only files the gallery names are), or by its file when the call did not come
+    through Gradio (tests, notebooks). Gradio passes URLs through without copying or checking anything, while a
+    file path costs a scan of every registered static path per result."""
+    raw = getattr(request, "request", None)
+    if raw is None:
+        return _listed(found)
+    from gradio import route_utils
+
+    root = route_utils.get_root_url(request=raw, route_path=route_utils.get_api_call_path(request=raw),
+                                    root_path=raw.scope.get("root_path") or None)
+    return [(root + image_url(relative), text) for _, text, relative in found]
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,10 +409,9 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     gr = _import_gradio()
     examples = list(EXAMPLE_DESCRIPTIONS) if examples is None else list(examples)
     max_k = max(1, min(MAX_TOP_K, len(gallery)))
-    # Serve the gallery's images in place (no copy into Gradio's cache per search), and exactly those: the files
-    # the index names, never their folder (other files beside them stay private). A Milvus gallery's images are
-    # added as results show them (`_ranked`).
-    gr.set_static_paths([str(path) for path in gallery.paths if path.is_file()])
+    # The gallery's images are served in place by the /images/ route (added at launch), and exactly those: the files
+    # the gallery names, never their folder (other files beside them stay private).
+    files = GalleryFiles(gallery.index, gallery.root)
 
     def _top_k(top_k):  # checked where it is used (_ranked): one rule, one message, for the UI and the API
         return DEFAULT_TOP_K if top_k is None else top_k
@@ -376,25 +421,31 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         # answers an unreadable or oversized file with a bare "Error", `load_image` names the file and the problem.
         return photo.get("path") if isinstance(photo, dict) else photo
 
-    def search(description: str, top_k: float, filter: str = "") -> list[tuple[str, str]]:
+    # Each handler's last input is the filter box, or an empty state when there is none, so that Gradio's request
+    # (passed by position, after the inputs) always lands in `request`. Gradio finds that parameter by its type,
+    # which this module's postponed annotations hide from it: it is set below.
+    def search(description: str, top_k: float, filter: Optional[str] = "",
+               request: gr.Request = None) -> list[tuple[str, str]]:
         """Rank the gallery for a description: [(image, "#rank · score · top p% of N · file name"), ...]."""
         try:
-            return search_gallery(model, processor, gallery, description, _top_k(top_k), filter)
+            return _shown(_text_matches(model, processor, gallery, description, _top_k(top_k), filter), request)
         except ValueError as error:  # a message for the API caller, no traceback in the log
             raise gr.Error(str(error), print_exception=False) from None
 
-    def search_image(image, top_k: float, filter: str = "") -> list[tuple[str, str]]:
+    def search_image(image, top_k: float, filter: Optional[str] = "",
+                     request: gr.Request = None) -> list[tuple[str, str]]:
         """Rank the gallery by similarity to a photo of the person (re-identification)."""
         try:
-            return search_gallery_by_image(model, processor, gallery, _photo(image), _top_k(top_k), filter)
+            return _shown(_image_matches(model, processor, gallery, _photo(image), _top_k(top_k), filter), request)
         except ValueError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    def _ui(search_fn, query, top_k: float, what: str, mode: str, filter: str = ""):
+    def _ui(search_fn, query, top_k: float, what: str, mode: str, filter: Optional[str] = "", request=None):
         """(results, status, mode) for the UI: an error keeps the results and explains itself."""
         started = time.perf_counter()
+        filter = filter or ""
         try:
-            found = search_fn(model, processor, gallery, query, _top_k(top_k), filter)
+            found = _shown(search_fn(model, processor, gallery, query, _top_k(top_k), filter), request)
         except ValueError as error:  # a photo's or a filter's error quotes user text: escaped
             return gr.skip(), f"⚠️ {_escape(str(error)) if mode == 'image' or filter else error}", gr.skip()
         seconds = time.perf_counter() - started
@@ -403,23 +454,27 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         return found, (f"**{len(found)}** best{among} for {what}{where} ({seconds:.2f} s). Best "
                        f"first; see *Reading the results* below."), mode
 
-    def ui_text(description: str, top_k: float, filter: str = ""):
-        return _ui(search_gallery, description, top_k, f"“{_escape((description or '').strip())}”", "text", filter)
+    def ui_text(description: str, top_k: float, filter: Optional[str] = "", request: gr.Request = None):
+        return _ui(_text_matches, description, top_k, f"“{_escape((description or '').strip())}”", "text", filter,
+                   request)
 
-    def ui_image(image, top_k: float, filter: str = ""):
+    def ui_image(image, top_k: float, filter: Optional[str] = "", request: gr.Request = None):
         image = _photo(image)
         if image is None:  # the photo was cleared: keep everything as it is
             return gr.skip(), gr.skip(), gr.skip()
-        return _ui(search_gallery_by_image, image, top_k, "the photo (image similarity)", "image", filter)
+        return _ui(_image_matches, image, top_k, "the photo (image similarity)", "image", filter, request)
 
-    def ui_rerun(mode: str, description: str, image, top_k: float, filter: str = ""):
+    def ui_rerun(mode: str, description: str, image, top_k: float, filter: Optional[str] = "",
+                 request: gr.Request = None):
         """Top-k (or the filter) changed: run the last kind of search again, if there is one."""
         if mode == "image" and _photo(image) is not None:
-            return ui_image(image, top_k, filter)
+            return ui_image(image, top_k, filter, request)
         if (description or "").strip():
-            return ui_text(description, top_k, filter)
+            return ui_text(description, top_k, filter, request)
         return gr.skip(), gr.skip(), gr.skip()
 
+    for handler in (search, search_image, ui_text, ui_image, ui_rerun):
+        handler.__annotations__["request"] = gr.Request
     info = f"{len(gallery)} images ({gallery.source})"
     model_name = getattr(model, "name_or_path", "") or type(model).__name__
     with gr.Blocks(title=title) as demo:
@@ -455,7 +510,7 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         gr.Markdown(f"**Reading the results.** Each caption is *#rank · score · top p% of N · file*. "
                     f"{SCORE_EXPLANATION}")
         ui_outputs = [results, status, mode]
-        filtered = [filter_box] if filter_box is not None else []  # the handlers' last input, when there is one
+        filtered = [filter_box if filter_box is not None else gr.State("")]  # the handlers' last input
         if examples:
             shown = gr.Examples(examples=[[text] for text in examples], inputs=[description],
                                 label="Examples (click one to search)", api_visibility="private")
@@ -476,12 +531,19 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
         api_text.click(search, [description, top_k, *filtered], results, api_name="search")
         api_image = gr.Button(visible=False)
         api_image.click(search_image, [photo, top_k, *filtered], results, api_name="search_image", **raw)
+    demo.queue(default_concurrency_limit=CONCURRENCY)  # searches at once: the batcher shares their forward passes
     # Gradio 6 takes css at launch(): every launch of this demo gets the app's layout rules.
     plain_launch = demo.launch
 
     def launch(*args, **kwargs):
         kwargs.setdefault("css", APP_CSS)
-        return plain_launch(*args, **kwargs)
+        kwargs.setdefault("state_session_capacity", SESSIONS)
+        from fastapi.routing import APIRoute
+
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []), APIRoute("/images/{path:path}", image_endpoint(files),
+                                                                        methods=["GET"], include_in_schema=False)]
+        return plain_launch(*args, app_kwargs=app_kwargs, **kwargs)
 
     demo.launch = launch
     demo.search_fn = search  # for tests and notebooks: the API's handlers and the UI's
@@ -490,6 +552,7 @@ def build_demo(model, processor, gallery: Gallery, title: str = "DECD text-based
     demo.ui_search_image_fn = ui_image
     demo.ui_rerun_fn = ui_rerun
     demo.filter_box = filter_box  # None unless the gallery has metadata fields
+    demo.gallery_files = files  # what /images/ serves
     return demo
 
 
@@ -575,6 +638,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in gallery.notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"Gallery: {len(gallery)} images ({gallery.source})", file=sys.stderr)
+    torch.set_num_threads(default_threads())  # a core for Gradio's event loop, the others for the forward passes
     demo = build_demo(model, processor, gallery, examples=examples)
     demo.launch(server_name=arguments.host, server_port=arguments.port)
     return 0

@@ -267,6 +267,21 @@ class GalleryFiles:
         return named
 
 
+def image_endpoint(files: GalleryFiles):
+    """The `GET /images/{path}` handler of the service and the app: the gallery's image file, served in place, or 404
+    for anything the gallery does not name."""
+    from fastapi.responses import FileResponse, JSONResponse
+
+    async def image(path: str):
+        """An image of the gallery, by the `path` a search returned; nothing else is served."""
+        found = await asyncio.to_thread(files.file, path)
+        if found is None:
+            return JSONResponse({"detail": f"the gallery has no image {path!r}", "field": "path"}, status_code=404)
+        return FileResponse(found)
+
+    return image
+
+
 def image_url(relative: str, prefix: str = "/images/") -> str:
     """The URL path under which `GalleryFiles` serves the gallery image `relative`."""
     return prefix + quote(relative)
@@ -420,14 +435,8 @@ def create_app(model, processor, gallery, *, source: str = "", max_batch: int = 
             return refuse(400, "filter" if body.filter else None, str(error))
         return {"results": matches(result), "searched": int(result.searched)}
 
-    @app.get("/images/{path:path}", response_class=FileResponse,
-             responses={404: {"description": "the gallery names no such image"}})
-    async def image(path: str):
-        """An image of the gallery, by the `path` a search returned; nothing else is served."""
-        found = await asyncio.to_thread(files.file, path)
-        if found is None:
-            return refuse(404, "path", f"the gallery has no image {path!r}")
-        return FileResponse(found)
+    app.add_api_route("/images/{path:path}", image_endpoint(files), methods=["GET"], response_class=FileResponse,
+                      responses={404: {"description": "the gallery names no such image"}})
 
     @app.get("/health")
     async def health() -> dict:
@@ -465,4 +474,5 @@ def run(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str 
 
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "GalleryFiles", "Overloaded", "Query", "RequestError", "SearchBatcher",
-           "check_query", "create_app", "decode_image", "default_threads", "image_url", "matches", "run"]
+           "check_query", "create_app", "decode_image", "default_threads", "image_endpoint", "image_url", "matches",
+           "run"]

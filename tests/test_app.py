@@ -134,9 +134,20 @@ def test_gallery_is_every_image(loaded, gallery_dir):
     assert gallery.image_roots == [gallery_dir.resolve()]
 
 
-def test_gallery_images_are_served_in_place(server, loaded):
+def test_result_images_are_served_in_place_from_the_apps_image_route(server, loaded, outbound):
+    import urllib.request
+
+    _, client = server
     _, _, gallery = loaded
-    assert all(gr.utils.is_static_file(path) for path in gallery.paths)
+    results = client.predict(DESCRIPTION, 10, api_name="/search")
+    urls = [item["image"]["url"] for item in results]
+    assert all(url.startswith(f"{client.src.rstrip('/')}/images/") for url in urls)  # the app's route, no cache copy
+    by_name = {path.name: path for path in gallery.paths}
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.read() == by_name[Path(url).name].read_bytes()
+    assert not any(gr.utils.is_static_file(path) for path in gallery.paths)  # nothing registered with Gradio
+    assert outbound == []
 
 
 @pytest.mark.parametrize("top_k", [3, 10])
@@ -354,10 +365,11 @@ def test_only_the_indexed_images_are_served_and_a_moved_gallery_is_refused(loade
     (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
     GalleryIndex.build(model, processor, gallery, home / "gal.index", batch_size=5, show_progress=False)
     opened = app.load_gallery(model, processor, home / "gal.index")
-    app.build_demo(model, processor, opened)
-    assert all(gr.utils.is_static_file(path) for path in opened.paths)
-    for private in (gallery / "secret.txt", home / ".ssh" / "id_rsa", home / "gal.index" / "meta.json"):
-        assert not gr.utils.is_static_file(private), private
+    files = app.build_demo(model, processor, opened).gallery_files  # what the /images/ route serves
+    assert [files.file(relative) for relative in opened.index.paths] == [gallery / relative
+                                                                         for relative in opened.index.paths]
+    for private in ("secret.txt", "../.ssh/id_rsa", "../gal.index/meta.json", str(gallery / "secret.txt"), "."):
+        assert files.file(private) is None, private
     shutil.move(str(gallery), str(tmp_path / "moved"))  # the gallery moved: the index's folder is not guessed
     with pytest.raises(app.AppConfigError, match=r"were in .*crops.*which does not exist here: set DECD_IMAGES"):
         app.load_gallery(model, processor, home / "gal.index")

@@ -269,7 +269,8 @@ def test_cli_serves_on_loopback_and_refuses_bad_options_in_one_line(served, tmp_
     bad = subprocess.run([sys.executable, "-m", "decd.cli", "serve", str(served["root"] / "index"), "--model",
                           str(served["model_dir"]), "--max_batch", "0"], capture_output=True, text=True, timeout=120,
                          env=environment)
-    assert bad.returncode == 1 and bad.stderr.strip() == "decd-search serve: error: --max_batch must be at least 1, got 0"
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "decd-search serve: error: --max_batch must be at least 1, got 0"
     missing = subprocess.run([sys.executable, "-m", "decd.cli", "serve", str(tmp_path / "nowhere"), "--model",
                               str(served["model_dir"])], capture_output=True, text=True, timeout=120, env=environment)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and "nowhere" in missing.stderr
