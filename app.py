@@ -69,7 +69,9 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
-                         check_top_k, describe_match, filter_options, is_milvus_uri, open_gallery)
+                         check_top_k, describe_match, filter_options, open_gallery)
+from decd.search import Gallery as SearchableGallery  # noqa: E402
+from decd.search.milvus import is_milvus_uri  # noqa: E402
 from decd.serve import GalleryFiles, Query, SearchBatcher, default_threads, image_endpoint, image_url  # noqa: E402
 from inference_decd import ModelLoadError  # noqa: E402
 from inference_decd import load_model as spine_load_model  # noqa: E402
@@ -140,7 +142,7 @@ class Gallery:
     """
 
     paths: list[Path]
-    index: GalleryIndex
+    index: SearchableGallery
     source: str
     image_roots: list[Path] = field(default_factory=list)  # folders the app serves the images from
     notes: list[str] = field(default_factory=list)

@@ -3,7 +3,7 @@
 What it measures
     For each gallery size G (default 10^5 and 10^6) of random L2-normalised float32 embeddings of
     dimension D (default 512), a batch of Q (default 64) normalised queries asks for its top-k (10):
-      * exact      - `decd.search.exact_top_k`, what `GalleryIndex.search` runs: the gallery is scored
+      * exact      - `decd.search.backends.exact_top_k`, what `GalleryIndex.search` runs: the gallery is scored
                      `--chunk_size` rows at a time (torch matmul + topk per chunk, merged; ties by lower
                      gallery index), so extra memory is one Q x chunk score block;
       * unchunked  - one `queries @ gallery.T` ([Q, G] scores, 256 MB at 10^6) + one `torch.topk`, the
@@ -25,24 +25,24 @@ What it measures
 
 Approximate backends (FAISS index-factory strings, what `decd-search index --backend SPEC` builds)
     `--backends exact HNSW32 IVF4096,Flat IVF4096,PQ64` adds one case per string: the index is built
-    with `decd.search.build_ann_index` (the code `GalleryIndex.build` runs: trained on a sample where
+    with `decd.search.backends.build_ann_index` (the code `GalleryIndex.build` runs: trained on a sample where
     it needs training, inner product), then searched at each `--nprobe` (IVF) / `--ef_search` (HNSW)
     value. recall@10 = mean |ANN top-10 ∩ exact top-10| / 10 over `--recall_queries` queries, against
-    `exact_top_k` on the same gallery (`decd.search.recall_at_k`). Reported per row: build seconds,
+    `exact_top_k` on the same gallery (`decd.search.backends.recall_at_k`). Reported per row: build seconds,
     queries/s (batches of Q), recall@10, peak RSS after the build (the process holds the generated
     gallery too, G x D x 4 bytes, and the training sample) and the FAISS index's size on disk, from which bytes/vector and the memory per 10^8
     crops are computed (index size / G x 10^8; the exact backend: D x 4 bytes per crop).
     `--rerank N ...` adds rows where the best N candidates are re-scored exactly against the gallery
-    (`decd.search.rerank_exact`, what `decd-search query --rerank N` does with embeddings.npy).
+    (`decd.search.backends.rerank_exact`, what `decd-search query --rerank N` does with embeddings.npy).
     `--data clustered` (default) draws the gallery and the queries from a mixture of `--clusters`
     Gaussians around random unit centres (then L2-normalised), so that neighbours are meaningful; with
     uniformly random unit vectors (`--data uniform`) every ANN index degrades to a near-full scan.
 
 Milvus (`--milvus lite server`, rows beside the local ones in the same run)
     For each engine (Milvus Lite in this process; a standalone server started per case from the PyPI
-    `milvus` package, `decd.search.LocalMilvusServer`, in a temporary folder) and each `--milvus_indexes`
-    type (FLAT, HNSW, IVF_FLAT: `decd.search.milvus_index`), the same clustered gallery is written into a
-    collection of `decd-search index --store`'s schema with `decd.search.milvus.insert_rows` (insert
+    `milvus` package, `decd.search.milvus.LocalMilvusServer`, in a temporary folder) and each `--milvus_indexes`
+    type (FLAT, HNSW, IVF_FLAT: `decd.search.milvus.store.milvus_index`), the same clustered gallery is written
+    into a collection of `decd-search index --store`'s schema with `decd.search.milvus.store.insert_rows` (insert
     throughput: rows/s), then flushed and indexed as a build finishes it (index seconds: until every row is
     indexed), and searched through `MilvusGallery.search` (what `decd-search query` runs; Strong consistency,
     and Bounded for comparison) at each `--nprobe` / `--ef_search`. recall@10 against the exact top-10, peak
@@ -144,7 +144,7 @@ def run_case(backend: str, gallery_size: int, dim: int, num_queries: int, top_k:
     """One (backend, gallery size) measurement in this process (a list of rows for an ANN backend)."""
     import numpy as np
 
-    from decd.search import exact_top_k
+    from decd.search.backends import exact_top_k
 
     centres = _centres(data, clusters, dim)
     generator = torch.Generator().manual_seed(1234)
@@ -198,7 +198,7 @@ def _run_ann_case(spec, gallery, queries, many, top_k, repeats, truth_file, npro
     import numpy as np
     import faiss
 
-    from decd.search import ann_num_lists, ann_search, build_ann_index, recall_at_k, rerank_exact
+    from decd.search.backends import ann_num_lists, ann_search, build_ann_index, recall_at_k, rerank_exact
 
     start = time.perf_counter()
     index = build_ann_index(gallery, spec, train_size=train_size)
@@ -257,11 +257,12 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
     """One (engine, index type, gallery size) Milvus measurement in this process: insert, index, search."""
     import numpy as np
 
-    from decd.search import LocalMilvusServer, MilvusGallery, milvus_index, recall_at_k
-    from decd.search.milvus import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, connect, create_collection,
-                                    insert_rows)
-    from decd.search.milvus.build import _finish
-    from decd.search.milvus.store import _vector_index
+    from decd.search import MilvusGallery
+    from decd.search.backends import recall_at_k
+    from decd.search.milvus import LocalMilvusServer
+    from decd.search.milvus.build import finish_build
+    from decd.search.milvus.store import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, connect,
+                                          create_collection, insert_rows, milvus_index, vector_index_info)
 
     centres = _centres(data, clusters, dim)
     generator, query_generator = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(99)
@@ -291,10 +292,10 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
                         empty[:10_000], empty[:10_000], [{}] * min(10_000, gallery_size - start))
         insert_s = time.perf_counter() - begin
         begin = time.perf_counter()
-        _finish(client, location, "bench", meta, (index_type, params), True, show_progress=False)
+        finish_build(client, location, "bench", meta, (index_type, params), True, show_progress=False)
         deadline = time.monotonic() + 3600
         while index_type != "FLAT" and time.monotonic() < deadline:  # every sealed row indexed
-            info = _vector_index(client, location, "bench")
+            info = vector_index_info(client, location, "bench")
             if int(info.get("indexed_rows") or 0) >= int(info.get("total_rows") or 0) > 0 \
                     and not int(info.get("pending_index_rows") or 0) or str(info.get("state")) == "Failed":
                 break
@@ -355,7 +356,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--top_k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--chunk_size", type=int, default=None, help="default: decd.search.DEFAULT_CHUNK_SIZE")
+    parser.add_argument("--chunk_size", type=int, default=None, help="default: decd.search.backends.DEFAULT_CHUNK_SIZE")
     parser.add_argument("--matmul_size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: all cores)")
     parser.add_argument("--backends", nargs="+", default=["exact", "unchunked", "faiss"],
@@ -366,9 +367,9 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 48, 64, 128], help="IVF settings tried")
     parser.add_argument("--ef_search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW settings tried")
     parser.add_argument("--rerank", type=int, nargs="+", default=[0],
-                        help="ANN candidates re-scored exactly (decd.search.rerank_exact); 0: none")
+                        help="ANN candidates re-scored exactly (decd.search.backends.rerank_exact); 0: none")
     parser.add_argument("--train_size", type=int, default=None,
-                        help="training sample of IVF/PQ indexes (default: decd.search.ann_train_size)")
+                        help="training sample of IVF/PQ indexes (default: decd.search.backends.ann_train_size)")
     parser.add_argument("--milvus", nargs="*", default=[], choices=("lite", "server"),
                         help="Milvus engines to measure beside the local backends (needs decd[milvus])")
     parser.add_argument("--milvus_indexes", nargs="+", default=["FLAT", "HNSW", "IVF_FLAT"],
@@ -381,7 +382,7 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    from decd.search import DEFAULT_CHUNK_SIZE
+    from decd.search.backends import DEFAULT_CHUNK_SIZE
 
     chunk_size = arguments.chunk_size or DEFAULT_CHUNK_SIZE
 

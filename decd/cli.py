@@ -34,9 +34,12 @@ from typing import Optional, Sequence
 
 from captions_decd import caption_problem
 
-from .search import (SCORE_EXPLANATION, TOKEN_ENV, GalleryIndex, GalleryIndexError, MilvusGallery,
-                     check_output_folder, describe_match, describe_status, display_path, filter_options, import_faiss,
-                     is_milvus_uri, open_gallery, printable)
+from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery, describe_match, filter_options,
+                     open_gallery)
+from .search.backends import import_faiss
+from .search.display import describe_status, display_path, printable
+from .search.format import check_output_folder
+from .search.milvus import TOKEN_ENV, is_milvus_uri
 
 EXIT_USER_ERROR = 1
 
@@ -185,7 +188,8 @@ def _run_index(arguments) -> int:
     elif arguments.train_size is not None:
         raise _UserError("--train_size trains a local FAISS index (--output); Milvus trains its own index")
     else:  # what can be checked before the (slow) model load: the URI, the index type, the CSV, pymilvus
-        from .search.milvus import import_pymilvus, milvus_index, parse_location, read_metadata
+        from .search.milvus.metadata import read_metadata
+        from .search.milvus.store import import_pymilvus, milvus_index, parse_location
 
         location = parse_location(arguments.store, arguments.collection)
         if arguments.backend is not None:

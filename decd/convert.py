@@ -566,7 +566,7 @@ def convert_checkpoint(
     model = _build_model(config, state_out, path)
 
     from .hub.card import build_model_card
-    from .search import file_sha256
+    from .search.format import file_sha256
 
     report = ConversionReport(
         source=str(path), output_dir=str(output), format=detected, sha256=file_sha256(path),

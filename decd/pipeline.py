@@ -37,7 +37,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from inference_decd import embed_images, embed_texts
 
-from .search import DEFAULT_CHUNK_SIZE, check_top_k, describe_matches, filter_options, open_gallery
+from .search import check_top_k, describe_matches, filter_options, open_gallery
+from .search.backends import DEFAULT_CHUNK_SIZE
 
 TASK = "text-based-person-search"
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from decd.search import GalleryIndex, LocalMilvusServer, MilvusStoreError
+from decd.search import GalleryIndex, MilvusStoreError
+from decd.search.milvus import LocalMilvusServer
 from decd.synthetic import generate_synthetic_person_search
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor

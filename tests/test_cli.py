@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from decd.cli import main, parse_arguments
-from decd.search import ANN_FILE, SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery
+from decd.search import SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery
+from decd.search.format import ANN_FILE
 
 from .milvus_fixtures import milvus_gallery, read_metadata_rows  # noqa: F401
 from .search_fixtures import _index_command, _table_paths, gallery_and_model, photo_gallery, workspace  # noqa: F401

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from decd.cli import main
-from decd.search import GalleryIndex, GalleryIndexError, build_ann_index, exact_top_k, recall_at_k
+from decd.search import GalleryIndex, GalleryIndexError
+from decd.search.backends import ann_search, build_ann_index, exact_top_k, recall_at_k, rerank_exact
 
 from .search_fixtures import REPO, _brute_force, workspace  # noqa: F401
 
@@ -106,8 +107,6 @@ def test_ann_backends_find_the_exact_neighbours(spec, params, fewer):
     truth = exact_top_k(queries, gallery, 10)[1].numpy()
     ann = build_ann_index(gallery, spec, train_size=1000)
     assert ann.ntotal == len(gallery)
-    from decd.search import ann_search
-
     scores, found = ann_search(ann, queries.numpy(), 10, **params)
     recall = recall_at_k(found, truth)
     # HNSW with a long candidate list and IVF with every list visited are (near) exact; PQ16x4 codes (2 dims
@@ -152,8 +151,6 @@ def test_search_benchmark_measures_recall_against_its_exact_rows(tmp_path):
 
 
 def test_rerank_exact_rescores_candidates_like_exact_search():
-    from decd.search import rerank_exact
-
     gallery = _clustered(500, 16, seed=3)
     queries = _clustered(6, 16, seed=4)
     scores, truth = exact_top_k(torch.from_numpy(queries), gallery, 5)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from decd.cli import main
-from decd.search import (BuildInterrupted, GalleryIndex, GalleryIndexError, IndexNotFoundError, list_images,
-                         model_checksum)
+from decd.search import BuildInterrupted, GalleryIndex, GalleryIndexError, IndexNotFoundError
+from decd.search.encode import encode_gallery, list_images
+from decd.search.format import model_checksum
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
@@ -87,6 +88,31 @@ def test_listing_is_recursive_sorted_and_case_insensitive(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert list_images(tmp_path) == ["a/0.webp", "a/1.jpg", "b/2.PNG", "z.JPEG"]
+
+
+def test_encode_gallery_gives_each_process_whole_batches_once_and_skips_what_is_done(workspace):
+    model, processor, gallery = workspace["model"], workspace["processor"], workspace["gallery"]
+    files = list_images(gallery)
+    whole = list(encode_gallery(model, processor, gallery, files, batch_size=3))
+    assert [batch.start for batch in whole] == list(range(0, len(files), 3))
+    assert [item["path"] for batch in whole for item in batch.skipped] == ["bad.png"]
+    assert sum(len(batch.paths) for batch in whole) == len(files) - 1
+    assert all(set(batch.fingerprints) == set(batch.files) for batch in whole)
+    shares = [batch for rank in range(3)
+              for batch in encode_gallery(model, processor, gallery, files, batch_size=3, share=(rank, 3))]
+    assert [batch.start for batch in shares] == [batch.start for batch in whole]  # each batch once, in order
+    for one, other in zip(whole, shares):  # the same batches give the same embeddings, bit for bit
+        assert one.paths == other.paths and one.skipped == other.skipped
+        assert np.array_equal(one.embeddings, other.embeddings)
+    rest = list(encode_gallery(model, processor, gallery, files, batch_size=3, done={0, 3}))
+    assert [batch.start for batch in rest] == [batch.start for batch in whole][2:]
+    first = encode_gallery(model, processor, gallery, files, batch_size=3, max_batches=1)
+    next(first)
+    with pytest.raises(BuildInterrupted, match="stopped after 1 batches"):
+        next(first)
+    chosen = list(encode_gallery(model, processor, gallery, files, batch_size=3, select=lambda names: names[1:]))
+    assert [batch.paths for batch in chosen] == [[name for name in batch.files[1:] if name != "bad.png"]
+                                                 for batch in chosen]
 
 
 class _FailingProcessor:
@@ -446,7 +472,7 @@ def test_a_rebuild_replaces_the_old_index_only_when_the_new_one_is_complete(setu
 
 
 def test_building_an_existing_index_again_updates_it_like_a_clean_build(setup, tmp_path, monkeypatch):
-    import decd.search.build as build
+    import decd.search.encode as encode
 
     gallery = _gallery_copy(setup, tmp_path / "gallery")
     _build(setup, tmp_path / "index", gallery=gallery)
@@ -455,20 +481,20 @@ def test_building_an_existing_index_again_updates_it_like_a_clean_build(setup, t
     _png(gallery / names[1], seed=7)                  # replaced
     _png(gallery / "zz_new.png", seed=8)              # added
     embedded = []
-    original = build._embed_files
+    original = encode._embed_files
 
     def counting(model, processor, folder, batch):
         embedded.extend(batch)
         return original(model, processor, folder, batch)
 
-    monkeypatch.setattr(build, "_embed_files", counting)
+    monkeypatch.setattr(encode, "_embed_files", counting)
     updated = _build(setup, tmp_path / "index", gallery=gallery)
     assert sorted(embedded) == [names[1], "zz_new.png"]  # only what changed is embedded again
     assert names[0] not in updated.paths and "zz_new.png" in updated.paths
-    monkeypatch.setattr(build, "_embed_files", original)
+    monkeypatch.setattr(encode, "_embed_files", original)
     _same_content(updated, _build(setup, tmp_path / "clean", gallery=gallery))
     embedded.clear()
-    monkeypatch.setattr(build, "_embed_files", counting)
+    monkeypatch.setattr(encode, "_embed_files", counting)
     assert _build(setup, tmp_path / "index", gallery=gallery).paths == updated.paths and embedded == []  # current
 
 

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from decd.search import SCORE_EXPLANATION, SearchResult, describe_match, describe_matches, top_percent
+from decd.search import SCORE_EXPLANATION, SearchResult, describe_match, describe_matches
+from decd.search.display import display_path, printable, top_percent
 
 
 def test_describe_match_is_rank_share_and_cosine():
@@ -30,8 +31,6 @@ def test_describe_matches_is_one_result_row_in_readable_form():
 
 
 def test_file_names_and_captions_are_printed_without_control_characters():
-    from decd.search.display import display_path, printable
-
     hostile = "x\x1b[2J\x1b[31mred\nrank 1 0.9999 forged.png\r\u202egnp.exe"
     shown = display_path(hostile)
     assert "\x1b" not in shown and "\n" not in shown and "\r" not in shown and "\u202e" not in shown

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from decd.cli import main
-from decd.search import GalleryIndex, GalleryIndexError, display_path, model_checksum
+from decd.search import GalleryIndex, GalleryIndexError
+from decd.search.display import display_path
+from decd.search.format import model_checksum
 from modeling_decd import DecdModel
 from PIL import Image
 

@@ -1,5 +1,5 @@
 """decd.search.gallery: `open_gallery` opens an index folder, a folder of images (unreadable ones skipped and
-listed, like a build), a list of images or a GalleryIndex, the same way for the pipeline, the app, the CLI
+listed, like a build), a list of images or any `Gallery`, the same way for the pipeline, the app, the CLI
 and the handler."""
 
 import warnings
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decd.search import (GalleryIndex, GalleryIndexError, IndexNotFoundError, SkippedImagesWarning,
+from decd.search import (Gallery, GalleryIndex, GalleryIndexError, IndexNotFoundError, SkippedImagesWarning,
                          StaleIndexError, open_gallery)
 from modeling_decd import DecdModel
 
@@ -122,3 +122,30 @@ def test_open_gallery_errors_are_one_line_naming_the_path(setup, tmp_path):
         open_gallery(None, None, setup["gallery"])  # without a model only an index can be opened
     with pytest.raises(TypeError, match="not int"):
         open_gallery(model, processor, 3)
+
+
+def test_a_gallery_of_one_s_own_is_opened_as_it_is_and_searched_through_the_protocol(setup, tmp_path):
+    model, processor = setup["model"], setup["processor"]
+    index = _build(setup, tmp_path / "index")
+    assert isinstance(index, Gallery) and isinstance(open_gallery(model, processor, tmp_path / "index"), Gallery)
+    assert not isinstance(np.zeros(3), Gallery)
+
+    class Wrapped(Gallery):  # what the protocol asks for; the model record and text search come with it
+        meta, skipped, backend, embedding_dim, filter_fields = index.meta, [], "exact", index.embedding_dim, {}
+
+        def __len__(self):
+            return len(index)
+
+        def image_path(self, row):
+            return index.image_path(row)
+
+        def search(self, queries, top_k=10, *, filter=None, **options):
+            return index.search(queries, top_k, filter=filter, **options)
+
+    wrapped = Wrapped()
+    assert open_gallery(model, processor, wrapped) is wrapped  # checked against the model: the same checksum
+    assert wrapped.model_checksum == index.model_checksum and wrapped.gallery_dir == index.gallery_dir
+    found, expected = wrapped.search_text(model, processor, "a person"), index.search_text(model, processor, "a person")
+    assert found.paths == expected.paths and np.array_equal(found.scores, expected.scores)
+    with pytest.raises(GalleryIndexError, match="needs a gallery in Milvus"):  # a local index has nothing to filter
+        wrapped.search(np.ones(index.embedding_dim, np.float32), filter='camera == "c1"')

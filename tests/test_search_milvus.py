@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from decd.search import (BuildInterrupted, GalleryIndex, GalleryIndexError, IndexNotFoundError, MilvusGallery,
-                         MilvusStoreError, StaleIndexError, default_collection_name, is_milvus_uri, milvus_index,
-                         open_gallery, read_metadata)
-from decd.search.milvus import parse_location
+                         MilvusStoreError, StaleIndexError, open_gallery)
+from decd.search.milvus import is_milvus_uri
+from decd.search.milvus.metadata import read_metadata
+from decd.search.milvus.store import default_collection_name, milvus_index, parse_location
 
 from .milvus_fixtures import (FIRST_TIMESTAMP, QUERIES, copy_gallery, milvus_gallery, milvus_server,  # noqa: F401
                               read_metadata_rows, store_uri, write_metadata)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .format import GalleryIndexError
+from .errors import GalleryIndexError
 
 EXACT_BACKEND = "exact"
 DEFAULT_CHUNK_SIZE = 65536  # gallery rows scored at once: Q x 65536 float32 scores (16 MB for 64 queries)
@@ -24,7 +24,8 @@ DEFAULT_EF_SEARCH = 256  # HNSW candidate-list size (raised to top_k)
 DEFAULT_TRAIN_SIZE = 64  # training sample: this many vectors per IVF list (faiss warns below 39), at least 2**16
 
 
-def _is_exact(backend: Optional[str]) -> bool:
+def is_exact(backend: Optional[str]) -> bool:
+    """Whether `backend` names the exact search (None: the default)."""
     return backend is None or backend == EXACT_BACKEND
 
 
@@ -180,7 +181,7 @@ def ann_train_size(spec_index, count: int, train_size: Optional[int] = None) -> 
     return int(min(count, train_size))
 
 
-def _check_ann_size(index, spec: str, count: int) -> None:
+def check_ann_size(index, spec: str, count: int) -> None:
     """Refuse an IVF index with more lists than gallery images (FAISS would fail or warn deep inside)."""
     lists = ann_num_lists(index)
     if lists is not None and count < lists:
@@ -202,7 +203,7 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
     """
     count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     index = new_ann_index(spec, dim)
-    _check_ann_size(index, spec, count)
+    check_ann_size(index, spec, count)
     if not index.is_trained:
         size = ann_train_size(index, count, train_size)
         rows = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False)) if size < count \

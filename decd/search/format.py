@@ -1,49 +1,6 @@
-"""The on-disk gallery index: its files, who owns them, how they are checked, and the model that made them.
+"""The index folder on disk: its files, who owns them, how they are checked, and the model that made them.
 
-Index folder layout (all written by `GalleryIndex.build`, read by `GalleryIndex.load` through `read_index`):
-
-- `embeddings.npy`: float32 `[count, embedding_dim]`, one L2-normalised row per image, in `paths` order.
-  `load` memory-maps it, so opening a 10^6-image index (2 GB at dim 512) costs nothing and `search`
-  reads it one chunk at a time.
-- `paths.json`: the images' paths relative to the gallery folder (POSIX separators), sorted. File names
-  that are not valid UTF-8 are kept losslessly: Python reads them as str with lone surrogates
-  (surrogateescape) and JSON stores those as `\\udcXX` escapes, which read back as the same str, so the
-  file opens again; `display_path` shows them printable (`caf\\xe9.png`).
-- `meta.json`: `format` ("decd-gallery-index"), `format_version`, `model_id`, `model_checksum`,
-  `embedding_dim`, `image_size`, `created` (UTC, ISO 8601), `count`, `embeddings_sha256` (sha256 of the
-  `embeddings.npy` file, computed while it is written), `gallery_dir`, `extensions`, `skipped`
-  (unreadable files with the reason), `num_skipped` and `backend` ("exact" or a FAISS index-factory
-  string; for the latter also `ann_file`, `ann_sha256`, `ann_bytes`, `ann_train_size`, `ann_nlist`). It is
-  written last: a folder without it is an unfinished build.
-- `files.json` (format 3): `{"fingerprints": [[size in bytes, mtime in ns], ...]}` of each image when it was
-  embedded, in `paths` order: a search flags results whose file was deleted or changed since, and a build
-  over an existing index re-embeds only new and changed files.
-- `ann.faiss`: only for an approximate backend, the FAISS index (`faiss.write_index`) whose ids are the
-  rows of `embeddings.npy`; `load` checks its size and (verify) its sha256.
-- `partial/` exists only while a build is unfinished: `progress.json` (tagged with `format`; model
-  checksum, gallery folder, listing sha256, batch size) and shards `shard_<start position>.{npy,json}` of
-  whole encoded batches (with each file's fingerprint) that a new `build` of the same gallery with the
-  same model, file listing and batch size resumes from, with any number of processes; a shard whose
-  files changed since is encoded again.
-- `.build.lock` while a build runs: one build at a time per folder (an OS lock, released if the build dies;
-  the file names the build holding it).
-
-Ownership: `build` never deletes or overwrites a file it did not write. It refuses (GalleryIndexError,
-nothing changed) an output folder that holds the gallery, or that is not empty and is neither a DECD
-index (meta.json with the `format` tag) nor an unfinished DECD build (`partial/progress.json` with the
-tag, and nothing but shard files in `partial/`); in a folder it owns it only touches the files named
-above (other files there are left alone).
-
-`load` checks that an index is whole (JSON files, shape, dtype, counts; by default also the sha256 and
-that every value is finite: `verify=False` skips that full read) and says "rebuild it" otherwise.
-
-Model checksum (`model_checksum`): sha256 over what determines an image or caption embedding, namely the
-encoder and projection tensors (name, dtype, shape and raw bytes of every tensor under `text_model.`,
-`vision_model.`, `text_projection.`, `visual_projection.`; all tensors for a model without them) and the
-encoders' configs. It hashes the parameters in memory rather than the `model.safetensors` file so that
-a model built in code, the same model after `save_pretrained` / `from_pretrained`, and the same model
-with its training-only decoder detached all get the same checksum, while any retraining or a
-different dtype changes it. Hashing costs about one pass over the weights.
+The format is specified in docs/index-format.md (tests/test_search_format.py checks it against this module).
 """
 
 from __future__ import annotations
@@ -59,7 +16,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .backends import DEFAULT_CHUNK_SIZE, EXACT_BACKEND, is_exact
 from .display import display_path
+from .errors import GalleryIndexError, IndexNotFoundError, StaleIndexError
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,9 +35,9 @@ FILES_FILE = "files.json"
 LOCK_FILE = ".build.lock"
 # Everything a build writes in the index folder besides `partial/` (each first as NAME.tmp, or
 # embeddings.npy.tmp.npy, renamed into place); nothing else there is ever touched.
-_INDEX_FILES = (META_FILE, PATHS_FILE, FILES_FILE, EMBEDDINGS_FILE, ANN_FILE)
+INDEX_FILES = (META_FILE, PATHS_FILE, FILES_FILE, EMBEDDINGS_FILE, ANN_FILE)
 # Shards are named by the listing position they start at (12 digits; 5-digit names are format-2 shards).
-_SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
+SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progress\.json(\.tmp)?")
 HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
 _ENCODER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
@@ -86,24 +45,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
 
 
-class GalleryIndexError(ValueError):
-    """A user-facing problem with a gallery or an index (the message says what to do)."""
-
-
-class IndexNotFoundError(GalleryIndexError, FileNotFoundError):
-    """A gallery folder or an index folder that does not exist (or an unfinished index)."""
-
-
-class StaleIndexError(GalleryIndexError):
-    """The index was built by another model than the one asked to search it."""
-
-
 # --------------------------------------------------------------------------------------------
 # Files and ownership
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """The JSON value in `path`, or None if it is missing or not valid JSON."""
     try:
         return json.loads(path.read_bytes())
@@ -111,7 +58,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (temporary file + rename), so an interruption never leaves half a file."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(value, indent=1))
@@ -148,17 +95,17 @@ def _is_ours(record: Any, legacy_keys: Sequence[str]) -> bool:
 
 def _partial_is_ours(folder: Path) -> bool:
     """`partial/` holds a progress.json written by `build` and nothing but shard files."""
-    if not _is_ours(_read_json(folder / PROGRESS_FILE), ("model_checksum", "listing_sha256")):
+    if not _is_ours(read_json(folder / PROGRESS_FILE), ("model_checksum", "listing_sha256")):
         return False
-    return all(entry.is_file() and _SHARD_FILE.fullmatch(entry.name) for entry in folder.iterdir())
+    return all(entry.is_file() and SHARD_FILE.fullmatch(entry.name) for entry in folder.iterdir())
 
 
-def _remove_partial(folder: Path) -> None:
+def remove_partial(folder: Path) -> None:
     """Delete the build's own files in `partial/` (never anything else), then the folder if empty."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.is_file() and _SHARD_FILE.fullmatch(entry.name):
+        if entry.is_file() and SHARD_FILE.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
     try:
         folder.rmdir()
@@ -181,7 +128,7 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
     entries = {entry.name for entry in output.iterdir()} - {LOCK_FILE}
     if not entries:
         return
-    meta_ours = _is_ours(_read_json(output / META_FILE), ("model_checksum", "count"))
+    meta_ours = _is_ours(read_json(output / META_FILE), ("model_checksum", "count"))
     partial = output / PARTIAL_DIR
     partial_ours = partial.is_dir() and _partial_is_ours(partial)
     if PARTIAL_DIR in entries and not partial_ours:
@@ -210,8 +157,6 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     Raises IndexNotFoundError (no such folder, an unfinished build) or GalleryIndexError (damaged or
     outdated: one line that says to rebuild it).
     """
-    from .backends import DEFAULT_CHUNK_SIZE, EXACT_BACKEND, _is_exact  # backends imports this module's errors
-
     path = Path(path)
     if not path.is_dir():
         raise IndexNotFoundError(f"index folder {display_path(path)!r} does not exist; build it with "
@@ -224,7 +169,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     def damaged(what: str) -> GalleryIndexError:
         return GalleryIndexError(f"index {display_path(path)!r} is damaged: {what}; {_REBUILD}")
 
-    meta = _read_json(path / META_FILE)
+    meta = read_json(path / META_FILE)
     if not isinstance(meta, dict):
         raise damaged(f"{META_FILE} is not a valid JSON object")
     if meta.get("format_version") not in READABLE_FORMAT_VERSIONS or meta.get("format") != INDEX_FORMAT:
@@ -234,13 +179,13 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     if not (isinstance(count, int) and count > 0 and isinstance(dim, int) and dim > 0
             and isinstance(expected, str)):
         raise damaged(f"{META_FILE} lacks a valid count, embedding_dim or embeddings_sha256")
-    paths = _read_json(path / PATHS_FILE)
+    paths = read_json(path / PATHS_FILE)
     if not (isinstance(paths, list) and all(isinstance(item, str) for item in paths)):
         raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
     if len(paths) != count:
         raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
     if meta["format_version"] >= 3:
-        files = _read_json(path / FILES_FILE)
+        files = read_json(path / FILES_FILE)
         fingerprints = files.get("fingerprints") if isinstance(files, dict) else None
         if not (isinstance(fingerprints, list) and len(fingerprints) == count):
             raise damaged(f"{FILES_FILE} is missing or does not hold one fingerprint per path")
@@ -264,7 +209,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     backend = meta.get("backend", EXACT_BACKEND)
     if not isinstance(backend, str) or not backend:
         raise damaged(f"{META_FILE} has no valid backend")
-    if not _is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
+    if not is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
         ann_path = path / ANN_FILE
         if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
             raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
@@ -300,7 +245,7 @@ def _config_fingerprint(config) -> dict:
 
 
 def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> str:
-    """sha256 hex digest of a model's encoder weights and encoder configs (see the module docstring); with `dtype`,
+    """sha256 hex digest of a model's encoder weights and encoder configs (docs/index-format.md); with `dtype`,
     of the weights cast to it (what the same model loaded in that dtype would give)."""
     state = model.state_dict()
     names = sorted(name for name in state if name.startswith(_ENCODER_PREFIXES)) or sorted(state)
@@ -333,7 +278,7 @@ def _short(checksum: Optional[str]) -> str:
     return (checksum or "unknown")[:12]
 
 
-def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
+def model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
     """The meta.json fields that say which model made the embeddings, and when."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     # The checksums this model would have loaded in another precision: a query model in another dtype is then
@@ -346,23 +291,11 @@ def _model_meta(model, processor, model_id: Optional[str], checksum: str) -> dic
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-class RecordedModel:
-    """What a gallery's metadata record (`self.meta`, a dict) says about how it was built: shared by the local index
-    and the Milvus collection."""
-
-    meta: dict
-
-    @property
-    def model_id(self) -> Optional[str]:
-        return self.meta.get("model_id")
-
-    @property
-    def model_checksum(self) -> Optional[str]:
-        return self.meta.get("model_checksum")
-
-    @property
-    def gallery_dir(self) -> Optional[Path]:
-        return Path(self.meta["gallery_dir"]) if self.meta.get("gallery_dir") else None
+def index_meta(model, processor, model_id: Optional[str], checksum: str, gallery_dir: Path,
+               extensions: Sequence[str], num_files: int) -> dict:
+    """The meta.json fields of an index known before the encoding: the model, the folder, what was listed."""
+    return dict(format=INDEX_FORMAT, **model_meta(model, processor, model_id, checksum),
+                gallery_dir=str(gallery_dir.resolve()), extensions=list(extensions), num_files=num_files)
 
 
 def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:

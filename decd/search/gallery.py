@@ -1,5 +1,5 @@
-"""`open_gallery`: the one place that turns what a user calls "the gallery" into a searchable `GalleryIndex` (or,
-for a Milvus URI, a `MilvusGallery` with the same search interface); `filter_options`: passing a filter on."""
+"""`open_gallery`: the one place that turns what a user calls "the gallery" into a `Gallery`: a searchable
+`GalleryIndex` or, for a Milvus URI, a `MilvusGallery`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .backends import EXACT_BACKEND
-from .build import IMAGE_EXTENSIONS, _embed_files, _gallery_files, _gallery_meta, _none_readable, warn_skipped
 from .display import display_path
-from .format import META_FILE, GalleryIndexError, IndexNotFoundError, is_index_folder, model_checksum
+from .encode import IMAGE_EXTENSIONS, encode_gallery, extension_names, list_images, none_readable, warn_skipped
+from .errors import GalleryIndexError, IndexNotFoundError
+from .format import META_FILE, index_meta, is_index_folder, model_checksum
 from .index import GalleryIndex
 from .milvus import MilvusGallery, is_milvus_uri
+from .protocol import Gallery
 
 
 def open_gallery(
@@ -30,8 +31,8 @@ def open_gallery(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     collection: Optional[str] = None,
     token: Optional[str] = None,
-) -> GalleryIndex | MilvusGallery:
-    """A `GalleryIndex` (or a `MilvusGallery`) for `source`, checked against `model`:
+) -> Gallery:
+    """A `Gallery` for `source`, checked against `model`:
 
     - a Milvus store: `http(s)://host:port[/COLLECTION]` or a Milvus Lite path `gallery.db[/COLLECTION]`
       (`collection=` names the collection otherwise; `token=` for a server that needs one, default
@@ -45,7 +46,7 @@ def open_gallery(
       `index.paths` are relative to the folder (`index.gallery_dir`); `index.path` is None;
     - a list (or tuple) of image paths and/or PIL images: `GalleryIndex.from_images` (an unreadable
       item raises: a list is expected to be valid);
-    - a `GalleryIndex` or a `MilvusGallery`: returned as it is.
+    - a `Gallery` (a `GalleryIndex`, a `MilvusGallery`): returned as it is.
 
     Args:
         model, processor: the DECD model and its processor. `model=None` is allowed for an index only
@@ -69,8 +70,6 @@ def open_gallery(
                                 f"not a Milvus store (a path ending in .db, or http://host:port)")
     if is_milvus_uri(source):
         index = MilvusGallery.open(source, collection=collection, token=token)
-    elif isinstance(source, MilvusGallery):
-        index = source
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.is_file():
@@ -81,9 +80,10 @@ def open_gallery(
         else:
             index = GalleryIndex(*_encode_folder(model, processor, path, extensions, batch_size, model_id,
                                                  show_progress))
-            warn_skipped(index.meta, "the returned GalleryIndex's `skipped`", stacklevel=2)
+            warn_skipped(index.skipped, index.meta["num_files"], index.meta["gallery_dir"],
+                         "the returned GalleryIndex's `skipped`", stacklevel=2)
             return index
-    elif isinstance(source, GalleryIndex):
+    elif isinstance(source, Gallery):
         index = source
     elif isinstance(source, Sequence):
         if model is None or processor is None:
@@ -104,39 +104,20 @@ def _encode_folder(model, processor, gallery_dir: Path, extensions: Sequence[str
     The same listing, batches and skipping of unreadable files as `build_index` with this `batch_size`
     (so the same embeddings as the index it would write); `meta` lists the skipped files under `skipped`.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    extensions = tuple(extension.lower().lstrip(".") for extension in extensions)
-    files = _gallery_files(gallery_dir, extensions)
+    extensions = extension_names(extensions)
+    files = list_images(gallery_dir, extensions)
     if model is None or processor is None:  # `open_gallery` without a model opens an index only
         raise IndexNotFoundError(f"{display_path(gallery_dir)!r} has no {META_FILE}: not a gallery index (its images "
                                  f"can only be searched with a model and processor to encode them)")
     blocks, paths, skipped = [], [], []
-    with tqdm(total=len(files), desc="Encoding gallery", unit="img", disable=not show_progress) as bar:
-        for start in range(0, len(files), batch_size):
-            names = files[start:start + batch_size]
-            embeddings, kept, unreadable = _embed_files(model, processor, gallery_dir, names)
-            if embeddings is not None:
-                blocks.append(embeddings)
-            paths += kept
-            skipped += unreadable
-            bar.update(len(names))
-    meta = _gallery_meta(model, processor, model_id, model_checksum(model), gallery_dir, extensions, len(files))
+    for batch in encode_gallery(model, processor, gallery_dir, files, batch_size, show_progress=show_progress):
+        blocks += [batch.embeddings] if batch.embeddings is not None else []
+        paths += batch.paths
+        skipped += batch.skipped
+    meta = index_meta(model, processor, model_id, model_checksum(model), gallery_dir, extensions, len(files))
     if not paths:
-        raise _none_readable(len(files), meta["gallery_dir"], skipped)
+        raise none_readable(len(files), meta["gallery_dir"], skipped)
     embeddings = np.concatenate(blocks)
     meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths), skipped=skipped,
                 num_skipped=len(skipped))
     return embeddings, paths, meta
-
-
-def filter_options(gallery, filter: Optional[str]) -> dict:
-    """The keyword arguments that pass a Milvus `filter` expression to `gallery.search`: {} when there is none,
-    and a GalleryIndexError when the gallery cannot filter (a local index or folder: only a Milvus collection
-    has fields to filter on)."""
-    if filter is None or not str(filter).strip():
-        return {}
-    if not getattr(gallery, "filter_fields", None):
-        raise GalleryIndexError(f"a filter ({filter!r}) needs a gallery in Milvus with fields to filter on (built with "
-                                f"`decd-search index --store URI [--metadata CSV]`); this gallery is a local index")
-    return {"filter": str(filter).strip()}

@@ -1,53 +1,31 @@
 """`GalleryIndex`: a gallery's embeddings, their paths and the model that made them; building, opening, searching.
 
-What the index folder holds and how it is checked: `decd.search.format`; how it is built: `decd.search.build`;
-the exact and FAISS searches: `decd.search.backends`.
+The index folder: `decd.search.format` (docs/index-format.md); its build: `decd.search.build`; the exact and FAISS
+searches: `decd.search.backends`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from inference_decd import embed_images, embed_texts
+from inference_decd import embed_images
 
-from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, _is_exact, ann_search, build_ann_index,
-                       exact_top_k, import_faiss, rerank_exact)
-from .build import IMAGE_EXTENSIONS, build_index, warn_skipped
+from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, ann_search, build_ann_index, exact_top_k,
+                       import_faiss, is_exact, rerank_exact)
+from .build import build_index
 from .display import check_top_k, display_path
-from .format import (ANN_FILE, META_FILE, GalleryIndexError, PathLike, RecordedModel, _model_meta, check_model,
-                     file_fingerprint, model_checksum, read_index)
+from .encode import IMAGE_EXTENSIONS, warn_skipped
+from .errors import GalleryIndexError
+from .format import ANN_FILE, META_FILE, PathLike, file_fingerprint, model_checksum, model_meta, read_index
+from .protocol import Gallery, SearchResult, filter_options, is_text, query_embeddings
 
 
-@dataclass
-class SearchResult:
-    """Ranked gallery results for a batch of queries, best first.
-
-    scores: [num_queries, k] cosine similarities (float32); indices: [num_queries, k] gallery rows (int64);
-    paths: per query, the k images' paths relative to the gallery folder (None for an in-memory gallery
-    of PIL images). status: per query and place, None while the image is the one embedded, "deleted" or
-    "changed" when its file is gone or differs since (an index that records its files' fingerprints).
-    searched: how many gallery images were ranked: the whole gallery, or those a filter let through (what a
-    match's "top p% of N" counts).
-    """
-
-    scores: torch.Tensor
-    indices: torch.Tensor
-    paths: Optional[list[list[str]]]
-    searched: int
-    status: Optional[list[list[Optional[str]]]] = None
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-
-class GalleryIndex(RecordedModel):
+class GalleryIndex(Gallery):
     """L2-normalised image embeddings of a gallery, their paths and the model that made them.
 
     Attributes:
@@ -85,6 +63,11 @@ class GalleryIndex(RecordedModel):
     def skipped(self) -> list[dict]:
         """Unreadable files left out of the index: [{"path": relative path, "error": reason}, ...]."""
         return list(self.meta.get("skipped", []))
+
+    @property
+    def filter_fields(self) -> dict:
+        """{}: a local index has no fields to filter on (a Milvus collection has)."""
+        return {}
 
     def file_status(self, row: int) -> Optional[str]:
         """"deleted" or "changed" when the image of gallery row `row` is gone or differs from the one embedded (its
@@ -172,7 +155,8 @@ class GalleryIndex(RecordedModel):
         if built is None:  # another process than the main one
             return None
         index = cls(*built, path=output)
-        warn_skipped(index.meta, f"{Path(output) / META_FILE} under 'skipped'", stacklevel=2)
+        warn_skipped(index.skipped, index.meta["num_files"], index.meta["gallery_dir"],
+                     f"{Path(output) / META_FILE} under 'skipped'", stacklevel=2)
         return index
 
     @classmethod
@@ -190,7 +174,7 @@ class GalleryIndex(RecordedModel):
         embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
         has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
         paths = [str(item) for item in images] if has_paths else None
-        meta = dict(_model_meta(model, processor, model_id, model_checksum(model)),
+        meta = dict(model_meta(model, processor, model_id, model_checksum(model)),
                     embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images), skipped=[],
                     num_skipped=0)
         return cls(embeddings, paths, meta)
@@ -216,10 +200,6 @@ class GalleryIndex(RecordedModel):
         return cls(*read_index(path, mmap, verify), path)
 
     # ---- searching --------------------------------------------------------------------------------
-    def verify_model(self, model, model_id: Optional[str] = None) -> None:
-        """Raise `StaleIndexError` unless `model` has the checksum the index was built with."""
-        check_model(self.meta, model, model_id)
-
     def search(
         self,
         queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]],
@@ -232,6 +212,7 @@ class GalleryIndex(RecordedModel):
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
         rerank: Optional[int] = None,
+        filter: Optional[str] = None,
     ) -> SearchResult:
         """Rank the gallery for each query by cosine similarity.
 
@@ -252,21 +233,17 @@ class GalleryIndex(RecordedModel):
             rerank: approximate backends: fetch this many candidates and re-score them exactly against
                 `embeddings` (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`.
                 Restores the ranking a compressed (PQ) index loses; None or 0: the index's own scores.
+            filter: none (a local index has no fields to filter on: GalleryIndexError).
         """
-        if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
-                                        and all(isinstance(query, str) for query in queries)):
+        filter_options(self, filter)
+        if is_text(queries):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
             return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
                                     backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
                                     rerank=rerank)
         top_k = check_top_k(top_k)
-        queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
-        if queries.ndim == 1:
-            queries = queries[None]
-        if queries.ndim != 2 or queries.shape[1] != self.embedding_dim:
-            raise ValueError(f"queries must be [num_queries, {self.embedding_dim}], got {tuple(queries.shape)}")
-        queries = F.normalize(queries.float(), dim=-1)
+        queries = query_embeddings(queries, self.embedding_dim)
         recorded = self.backend
         backend = recorded if backend is None else backend
         if backend == "exact":
@@ -290,7 +267,7 @@ class GalleryIndex(RecordedModel):
             scores[indices < 0] = -np.inf
             scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
         else:
-            built = f" or this index's own backend {recorded!r}" if not _is_exact(recorded) else \
+            built = f" or this index's own backend {recorded!r}" if not is_exact(recorded) else \
                 " (an approximate backend is chosen when the index is built: decd-search index --backend SPEC)"
             raise ValueError(f"backend must be 'exact', 'faiss'{built}, got {backend!r}")
         paths = status = None
@@ -307,7 +284,7 @@ class GalleryIndex(RecordedModel):
 
     def ann_index(self):
         """The FAISS index of an approximate backend (`ann.faiss`), read on first use."""
-        if _is_exact(self.backend):
+        if is_exact(self.backend):
             raise ValueError("this index was built with the exact backend; it has no approximate index")
         if self._ann_index is None:
             faiss = import_faiss(self.backend)
@@ -324,51 +301,3 @@ class GalleryIndex(RecordedModel):
                                         f"rebuild it")
             self._ann_index = index
         return self._ann_index
-
-    @torch.no_grad()
-    def search_text(
-        self,
-        model,
-        processor,
-        texts: Union[str, Sequence[str]],
-        top_k: int = 10,
-        verify: bool = True,
-        model_id: Optional[str] = None,
-        **search_kwargs,
-    ) -> SearchResult:
-        """Encode descriptions with `model` and rank the gallery for each (one result row per text).
-
-        `verify` first checks that `model` is the model the index was built with (`StaleIndexError`
-        naming both otherwise); skip it only when that was checked already. Empty descriptions raise
-        ValueError (from the processor). Other keyword arguments go to `search`.
-        """
-        if verify:
-            self.verify_model(model, model_id)
-        return self.search(embed_texts(model, processor, texts), top_k=top_k, **search_kwargs)
-
-    @torch.no_grad()
-    def search_image(
-        self,
-        model,
-        processor,
-        images: Any,
-        top_k: int = 10,
-        verify: bool = True,
-        model_id: Optional[str] = None,
-        **search_kwargs,
-    ) -> SearchResult:
-        """Rank the gallery by image-image cosine similarity for query photo(s) of a person (re-identification).
-
-        `images` is one image or a list of them: anything `load_image` opens (path, bytes, PIL image,
-        array); each is opened by the processor and encoded by `embed_images`, exactly like the gallery.
-        `verify` checks that `model` built the index (`StaleIndexError` otherwise), as in `search_text`.
-        Unreadable images raise ValueError naming the image (from `load_image`).
-        """
-        if verify:
-            self.verify_model(model, model_id)
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise ValueError("no query image given")
-        return self.search(embed_images(model, processor, list(images), batch_size=len(images), show_progress=False),
-                           top_k=top_k, **search_kwargs)

@@ -1,40 +1,104 @@
-"""The steps of `MilvusGallery.build`: each process's share, the collection checked or created, the plan of
-what to insert, rewrite and delete, the batches written, and the index built at the end."""
+"""`build_collection` (what `MilvusGallery.build` runs): the collection checked or created, the plan of what to insert,
+rewrite and delete, the files encoded by `encode_gallery` and written, and the index built at the end."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..build import _embed_files
-from ..format import StaleIndexError, file_sha256
+from ..display import display_path
+from ..encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, list_images,
+                      one_share, warn_skipped)
+from ..errors import MilvusStoreError, StaleIndexError
+from ..format import PathLike, file_sha256, model_checksum, model_meta
 from .metadata import read_metadata
-from .store import (KEY_FIELD, MAX_PATH_BYTES, META_PROPERTY, SHA_FIELD, STAT_FIELD, VECTOR_FIELD, MilvusLocation,
-                    MilvusStoreError, _call, _delete, _describe, _file_stat, _index_params, _index_settings,
-                    _vector_index, create_collection, insert_rows, milvus_index)
+from .store import (KEY_FIELD, MAX_PATH_BYTES, META_PROPERTY, MILVUS_FORMAT, MILVUS_FORMAT_VERSION, SHA_FIELD,
+                    STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, check_collection_name, collection_record,
+                    connect, create_collection, default_collection_name, delete_rows, index_parameters, index_settings,
+                    insert_rows, milvus_index, parse_location, read_rows, stat_text, vector_index_info)
 
 
-def _share(total: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
-    """A process's contiguous share [start, end) of the work list, in whole batches (a local build splits the
-    same way), so that the processes' batches are those of a one-process run."""
-    batches = -(-total // batch_size)
-    return (min(total, rank * batches // world * batch_size), min(total, (rank + 1) * batches // world * batch_size))
+def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, os.PathLike],
+                     collection: Optional[str] = None, token: Optional[str] = None, metadata: Optional[PathLike] = None,
+                     batch_size: int = 64, model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                     resume: bool = True, show_progress: bool = True, max_batches: Optional[int] = None,
+                     backend: Optional[str] = None, distributed=None):
+    """Write (or bring up to date) the collection: see `MilvusGallery.build` for the arguments. Returns (client,
+    location, collection name, skipped, changes) on the main process, None on the others."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    state = distributed if distributed is not None else SingleProcess()
+    main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
+    gallery_dir, extensions = Path(gallery_dir), extension_names(extensions)
+    location = parse_location(store, collection)
+    name = location.collection or default_collection_name(gallery_dir)
+    check_collection_name(name)
+    if location.lite and world > 1:
+        raise MilvusStoreError(f"Milvus Lite ({display_path(location.uri)}) lets one process open a store: build "
+                               f"with one process, or into a Milvus server (--store http://HOST:19530)")
+    wanted = milvus_index(backend, location.lite) if backend is not None else None
+    files = list_images(gallery_dir, extensions)
+    types, values = read_metadata(metadata) if metadata is not None else ({}, {})
+    missing = [path for path in files if metadata is not None and path not in values]
+    if missing:
+        examples = ", ".join(display_path(path) for path in missing[:3])
+        raise MilvusStoreError(f"the metadata file {display_path(metadata)!r} has no row for {len(missing)} of the "
+                               f"{len(files)} images (e.g. {examples}); every image needs one")
+    dim = getattr(getattr(model, "config", None), "projection_dim", None)
+    if not isinstance(dim, int):
+        raise ValueError(f"cannot tell the embedding size of {type(model).__name__} (no config.projection_dim)")
+    checksum = model_checksum(model)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = dict(model_meta(model, processor, model_id, checksum), format=MILVUS_FORMAT,
+                format_version=MILVUS_FORMAT_VERSION, embedding_dim=dim, gallery_dir=str(gallery_dir.resolve()),
+                extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
+    client = connect(location, token, create=True)
+    _check_collection(client, location, name, meta, resume, metadata)  # every process, before any writes
+    state.wait_for_everyone()
+    if main:
+        _prepare_collection(client, location, name, meta, types, wanted, resume)
+    state.wait_for_everyone()
+    stored_meta, types = collection_record(client, location, name)
+    if stored_meta is None or stored_meta.get("model_checksum") != checksum:
+        raise MilvusStoreError(f"process {rank} of {world} finds {location.describe(name)} prepared for another model")
+    if metadata is not None:
+        types, values = read_metadata(metadata, types)  # the collection's field types win over the CSV's guess
+    stored = read_rows(client, location, name, list(types))
+    state.wait_for_everyone()  # every process has read the rows before any process writes
+    plan = _plan(gallery_dir, files, stored, values, types)
+    if main and plan.gone:
+        delete_rows(client, location, name, plan.gone)
+    changes = dict(new=0, changed=0, updated=0, removed=len(plan.gone), unchanged=plan.unchanged)
+    writer = _Writer(client, location, name, gallery_dir, plan.work, changes, list(plan.skipped))
+    batches = encode_gallery(model, processor, gallery_dir, [item[0] for item in plan.work], batch_size,
+                             share=(rank, world), max_batches=max_batches, select=writer.to_encode,
+                             show_progress=show_progress and main, desc="Indexing gallery into Milvus")
+    with one_share(state):
+        for batch in batches:
+            writer.write(batch)
+    if not main:
+        return None
+    finish_build(client, location, name, meta, wanted, bool(plan.work or plan.gone), show_progress)
+    warn_skipped(writer.skipped, len(files), meta["gallery_dir"],
+                 "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=3)
+    return client, location, name, writer.skipped, changes
 
 
 def _check_collection(client, location: MilvusLocation, name: str, meta: dict, resume: bool, metadata) -> None:
     """Refuse (nothing changed) an existing collection this build may not write: one decd-search did not write,
     or, when resuming, one of another model or with other metadata fields."""
     where = location.describe(name)
-    if not _call(location, "looking for the collection", client.has_collection, name):
+    if not call_milvus(location, "looking for the collection", client.has_collection, name):
         return
-    stored_meta, stored_types = _describe(client, location, name)
+    stored_meta, stored_types = collection_record(client, location, name)
     if stored_meta is None:
         raise MilvusStoreError(f"{where} exists and was not written by decd-search (no DECD {META_PROPERTY} "
                                f"property); nothing was changed: choose another --collection")
@@ -57,17 +121,18 @@ def _prepare_collection(client, location: MilvusLocation, name: str, meta: dict,
                         wanted: Optional[tuple[str, dict]], resume: bool) -> None:
     """Main process, after `_check_collection`: create the collection (dropping it first when not `resume`), or
     give an existing one the wanted index, rebuilt from its stored vectors."""
-    if _call(location, "looking for the collection", client.has_collection, name):
+    if call_milvus(location, "looking for the collection", client.has_collection, name):
         if not resume:
-            _call(location, "dropping the collection", client.drop_collection, name)
+            call_milvus(location, "dropping the collection", client.drop_collection, name)
         else:
-            current = _index_settings(_vector_index(client, location, name), _describe(client, location, name)[0])
+            current = index_settings(vector_index_info(client, location, name),
+                                     collection_record(client, location, name)[0])
             if wanted is not None and wanted != current:
-                _call(location, "releasing the collection", client.release_collection, name)
-                _call(location, "dropping the old index", client.drop_index, name, VECTOR_FIELD)
-                _call(location, "creating the index", client.create_index, name, _index_params(client, *wanted),
-                      sync=False)
-            _call(location, "loading the collection", client.load_collection, name)
+                call_milvus(location, "releasing the collection", client.release_collection, name)
+                call_milvus(location, "dropping the old index", client.drop_index, name, VECTOR_FIELD)
+                call_milvus(location, "creating the index", client.create_index, name,
+                            index_parameters(client, *wanted), sync=False)
+            call_milvus(location, "loading the collection", client.load_collection, name)
             return
     kind, params = wanted or milvus_index(None)
     create_collection(client, location, name, meta["embedding_dim"], types, kind, params,
@@ -97,7 +162,7 @@ def _plan(gallery_dir: Path, files: list[str], stored: dict[str, list[dict]], va
         if len(path.encode("utf-8")) > MAX_PATH_BYTES:
             skipped.append(dict(path=path, error=f"the path is longer than {MAX_PATH_BYTES} bytes"))
             continue
-        stat = _file_stat(gallery_dir / path)
+        stat = stat_text(gallery_dir / path)
         if stat is None:
             skipped.append(dict(path=path, error="the file is gone or cannot be read (stat failed)"))
             continue
@@ -118,78 +183,93 @@ def _plan(gallery_dir: Path, files: list[str], stored: dict[str, list[dict]], va
     return _Plan(work, gone, unchanged, skipped)
 
 
-def _write_batch(client, location: MilvusLocation, name: str, model, processor, gallery_dir: Path, batch: list,
-                 changes: dict, skipped: list) -> None:
-    """Hash, embed (or reuse the stored embedding of) and insert one batch of the work list, then delete the rows
-    it replaces: the new row exists before the old one goes, so an interruption never loses an image."""
-    encode, rewrite, replaced = [], [], []
-    for path, action, rows, stat, wanted in batch:
-        if action == "rewrite":
-            rewrite.append((path, rows[0], rows[0][SHA_FIELD], stat, wanted))
-            continue
-        try:
-            digest = file_sha256(gallery_dir / path)
-        except OSError as error:
-            skipped.append(dict(path=path, error=error.strerror or str(error)))
-            replaced += [row[KEY_FIELD] for row in rows]
-            continue
-        if action == "check" and digest == rows[0][SHA_FIELD]:  # the same bytes: keep the embedding, new stat
-            rewrite.append((path, rows[0], digest, stat, wanted))
-        else:
-            encode.append((path, action, rows, digest, stat, wanted))
-    if encode:
-        embeddings, kept, unreadable = _embed_files(model, processor, gallery_dir, [item[0] for item in encode])
-        skipped += unreadable
-        by_path = {item[0]: item for item in encode}
-        if kept:
-            items = [by_path[path] for path in kept]
-            insert_rows(client, location, name, embeddings, kept, [item[3] for item in items],
-                        [item[4] for item in items], [item[5] for item in items])
-        kept = set(kept)
-        for path, action, rows, *_ in encode:
-            replaced += [row[KEY_FIELD] for row in rows]  # a changed file that is now unreadable loses its row too
-            if path in kept:
-                changes["new" if action == "new" else "changed"] += 1
-    if rewrite:
-        keys = [int(row[KEY_FIELD]) for _, row, *_ in rewrite]
-        found = _call(location, "reading stored embeddings", client.get, name, ids=keys, output_fields=[VECTOR_FIELD],
-                      consistency_level="Strong")
-        vectors = {int(row[KEY_FIELD]): np.asarray(row[VECTOR_FIELD], dtype=np.float32) for row in found}
-        kept = [item for item in rewrite if int(item[1][KEY_FIELD]) in vectors]
-        insert_rows(client, location, name, [vectors[int(item[1][KEY_FIELD])] for item in kept],
-                    [item[0] for item in kept], [item[2] for item in kept], [item[3] for item in kept],
-                    [item[4] for item in kept])
-        replaced += [int(item[1][KEY_FIELD]) for item in kept]
-        changes["updated"] += len(kept)
-    if replaced:
-        _delete(client, location, name, replaced)
+class _Writer:
+    """Writes the work list's batches: `to_encode` hashes a batch's files before they are read (a file whose bytes did
+    not change keeps its stored embedding), `write` inserts the encoded and rewritten rows, then deletes the rows they
+    replace: the new row exists before the old one goes, so an interruption never loses an image."""
+
+    def __init__(self, client, location: MilvusLocation, name: str, gallery_dir: Path, work: list, changes: dict,
+                 skipped: list):
+        self.client, self.location, self.name, self.gallery_dir = client, location, name, gallery_dir
+        self.items = {item[0]: item for item in work}  # path -> (path, action, old rows, stat, metadata)
+        self.changes, self.skipped = changes, skipped
+        self.digests: dict[str, Union[str, OSError]] = {}  # sha256 of the current batch's files (or why not)
+
+    def to_encode(self, paths: list[str]) -> list[str]:
+        chosen = []
+        for path in paths:
+            _, action, rows, _, _ = self.items[path]
+            if action == "rewrite":  # the metadata changed, the file did not
+                continue
+            try:
+                self.digests[path] = digest = file_sha256(self.gallery_dir / path)
+            except OSError as error:
+                self.digests[path] = error
+                continue
+            if not (action == "check" and digest == rows[0][SHA_FIELD]):  # the same bytes: keep the embedding
+                chosen.append(path)
+        return chosen
+
+    def write(self, batch: EncodedBatch) -> None:
+        rewrite, replaced, digests = [], [], {path: self.digests.pop(path, None) for path in batch.files}
+        for path in batch.files:
+            _, action, rows, _, _ = self.items[path]
+            if isinstance(digests[path], OSError):
+                self.skipped.append(dict(path=path, error=digests[path].strerror or str(digests[path])))
+                replaced += [row[KEY_FIELD] for row in rows]
+            elif action == "rewrite" or (action == "check" and digests[path] == rows[0][SHA_FIELD]):
+                rewrite.append(self.items[path])
+            else:  # encoded now, or unreadable: either way its old rows go (a changed file now unreadable too)
+                replaced += [row[KEY_FIELD] for row in rows]
+                if path in batch.paths:
+                    self.changes["new" if action == "new" else "changed"] += 1
+        self.skipped += batch.skipped
+        if batch.paths:
+            items = [self.items[path] for path in batch.paths]
+            insert_rows(self.client, self.location, self.name, batch.embeddings, batch.paths,
+                        [digests[path] for path in batch.paths], [item[3] for item in items],
+                        [item[4] for item in items])
+        if rewrite:
+            keys = [int(rows[0][KEY_FIELD]) for _, _, rows, _, _ in rewrite]
+            found = call_milvus(self.location, "reading stored embeddings", self.client.get, self.name, ids=keys,
+                                output_fields=[VECTOR_FIELD], consistency_level="Strong")
+            vectors = {int(row[KEY_FIELD]): np.asarray(row[VECTOR_FIELD], dtype=np.float32) for row in found}
+            kept = [(path, rows[0], stat, wanted) for path, _, rows, stat, wanted in rewrite
+                    if int(rows[0][KEY_FIELD]) in vectors]
+            insert_rows(self.client, self.location, self.name, [vectors[int(row[KEY_FIELD])] for _, row, _, _ in kept],
+                        [path for path, *_ in kept], [row[SHA_FIELD] for _, row, _, _ in kept],
+                        [stat for _, _, stat, _ in kept], [wanted for *_, wanted in kept])
+            replaced += [int(row[KEY_FIELD]) for _, row, _, _ in kept]
+            self.changes["updated"] += len(kept)
+        if replaced:
+            delete_rows(self.client, self.location, self.name, replaced)
 
 
-def _finish(client, location: MilvusLocation, name: str, meta: dict, wanted: Optional[tuple[str, dict]],
-            wrote: bool, show_progress: bool) -> None:
+def finish_build(client, location: MilvusLocation, name: str, meta: dict, wanted: Optional[tuple[str, dict]],
+                 wrote: bool, show_progress: bool) -> None:
     """Record the build in decd.meta; for an approximate index, flush when rows were written (seal the segments:
     Milvus indexes sealed segments only) and wait, with a progress bar, while the engine builds the index."""
-    stored_meta, _ = _describe(client, location, name)
-    kind, params = wanted or _index_settings(_vector_index(client, location, name), stored_meta)
+    stored_meta, _ = collection_record(client, location, name)
+    kind, params = wanted or index_settings(vector_index_info(client, location, name), stored_meta)
     record = dict(stored_meta or meta, gallery_dir=meta["gallery_dir"], updated=meta["updated"],
                   num_files=meta["num_files"], model_id=meta["model_id"], backend=kind, index_params=params)
-    _call(location, "recording the build", client.alter_collection_properties, name,
-          properties={META_PROPERTY: json.dumps(record)})
+    call_milvus(location, "recording the build", client.alter_collection_properties, name,
+                properties={META_PROPERTY: json.dumps(record)})
     if kind == "FLAT":  # nothing to index: the rows are durable and searchable once inserted
         return
     if wrote:
-        _call(location, "flushing", client.flush, name)
+        call_milvus(location, "flushing", client.flush, name)
     if location.lite:
         _wait_for_lite_index(location, name, kind, show_progress)
         return
-    info = _vector_index(client, location, name)
+    info = vector_index_info(client, location, name)
     if _index_done(info):
         return
     with tqdm(total=int(info.get("total_rows") or 0), desc=f"Milvus building the {kind} index", unit="row",
               disable=not show_progress) as bar:
         while not _index_done(info):
             time.sleep(1)
-            info = _vector_index(client, location, name)
+            info = vector_index_info(client, location, name)
             bar.total = int(info.get("total_rows") or 0)
             bar.n = int(info.get("indexed_rows") or 0)
             bar.refresh()

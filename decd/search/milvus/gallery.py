@@ -1,55 +1,33 @@
-"""`MilvusGallery`: a gallery in a Milvus collection, opened, searched and built like a local `GalleryIndex`."""
+"""`MilvusGallery`: a gallery in a Milvus collection (docs/milvus.md), opened, searched and built like a local
+`GalleryIndex`: both implement the `Gallery` protocol."""
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..build import IMAGE_EXTENSIONS, BuildInterrupted, _gallery_files, warn_skipped
-from ..display import display_path
-from ..format import (IndexNotFoundError, PathLike, RecordedModel, StaleIndexError, _model_meta, check_model,
-                      model_checksum)
-from ..index import GalleryIndex, SearchResult
-from .build import _check_collection, _finish, _plan, _prepare_collection, _share, _write_batch
-from .metadata import read_metadata
-from .store import (DEFAULT_CONSISTENCY, KEY_FIELD, MAX_TOP_K, META_PROPERTY, MILVUS_FORMAT, MILVUS_FORMAT_VERSION,
-                    PATH_FIELD, STAT_FIELD, VECTOR_FIELD, MilvusLocation, MilvusStoreError, _call, _count, _delete,
-                    _describe, _file_stat, _index_settings, _quiet, _read_rows, _reason, _vector_index,
-                    check_collection_name, connect, default_collection_name, import_pymilvus, milvus_index,
-                    parse_location, search_parameters)
-
-# --------------------------------------------------------------------------------------------
-# The gallery object
-# --------------------------------------------------------------------------------------------
+from ..display import check_top_k
+from ..encode import IMAGE_EXTENSIONS
+from ..errors import IndexNotFoundError, MilvusStoreError, StaleIndexError
+from ..format import PathLike
+from ..protocol import Gallery, SearchResult, is_text, query_embeddings
+from .build import build_collection
+from .store import (DEFAULT_CONSISTENCY, KEY_FIELD, MAX_TOP_K, META_PROPERTY, MILVUS_FORMAT_VERSION, PATH_FIELD,
+                    STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, collection_record, connect, count_rows,
+                    import_pymilvus, index_settings, one_line, parse_location, quiet_pymilvus, search_parameters,
+                    stat_text, vector_index_info)
 
 
-class _SingleProcess:
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-class MilvusGallery(RecordedModel):
-    """A gallery in a Milvus collection, searched like a `GalleryIndex`: `search` / `search_text` / `search_image`
-    return a `SearchResult` whose `indices` are the rows' Milvus keys (int64) and `paths` their paths relative
-    to `gallery_dir`; `len`, `image_path(key)`, `model_id`, `model_checksum`, `verify_model`, `backend` (the
-    Milvus index type) as for a local index. `search(..., filter='camera == "c12"')` takes a Milvus boolean
-    expression over `filter_fields`. Open one with `MilvusGallery.open` (or `open_gallery`), write one with
-    `MilvusGallery.build`.
+class MilvusGallery(Gallery):
+    """A gallery in a Milvus collection, a `Gallery` like a local `GalleryIndex`: its `SearchResult.indices` are the
+    rows' Milvus keys (int64) and `image_path` takes one; `backend` is the Milvus index type; `search(...,
+    filter='camera == "c12"')` takes a Milvus boolean expression over `filter_fields`. Open one with
+    `MilvusGallery.open` (or `open_gallery`), write one with `MilvusGallery.build`.
     """
-
-    # The same text and photo searches as a local index: they check the model, embed with
-    # inference_decd, and call this object's `search` (which takes `filter=`).
-    search_text = GalleryIndex.search_text
-    search_image = GalleryIndex.search_image
 
     def __init__(self, client, location: MilvusLocation, name: str, meta: dict, metadata_fields: dict,
                  consistency: str = DEFAULT_CONSISTENCY):
@@ -60,8 +38,8 @@ class MilvusGallery(RecordedModel):
         self.skipped: list[dict] = []  # unreadable files the last `build` of this object left out
         self.changes: dict[str, int] = {}  # what that build did (see `build`)
         self._paths: dict[int, str] = {}  # key -> relative path of rows seen in searches, for image_path
-        self.index_type, self.index_params = _index_settings(_vector_index(client, location, name), meta)
-        self._count = _count(client, location, name, consistency)
+        self.index_type, self.index_params = index_settings(vector_index_info(client, location, name), meta)
+        self._count = count_rows(client, location, name, consistency)
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -74,28 +52,28 @@ class MilvusGallery(RecordedModel):
         """
         location = parse_location(source, collection)
         client = connect(location, token)
-        names = _call(location, "listing collections", client.list_collections)
+        names = call_milvus(location, "listing collections", client.list_collections)
         name = location.collection
+        if name is None or name not in names:  # the DECD collections there, to choose from
+            ours = [candidate for candidate in names if collection_record(client, location, candidate)[0] is not None]
         if name is None:
-            ours = [candidate for candidate in names if _describe(client, location, candidate)[0] is not None]
             if len(ours) != 1:
                 raise IndexNotFoundError(
                     f"{location.describe()} holds {len(ours)} DECD collections ({', '.join(ours) or 'none'}): name one "
                     f"with --collection NAME (collection=) or {location.uri}/NAME")
             name = ours[0]
         elif name not in names:
-            ours = [candidate for candidate in names if _describe(client, location, candidate)[0] is not None]
             raise IndexNotFoundError(f"there is no {location.describe(name)} (DECD collections there: "
                                      f"{', '.join(ours) or 'none'}); build it with `decd-search index GALLERY "
                                      f"--model M --store {location.uri} --collection {name}`")
-        meta, fields = _describe(client, location, name)
+        meta, fields = collection_record(client, location, name)
         if meta is None:
             raise MilvusStoreError(f"{location.describe(name)} was not written by decd-search (no DECD {META_PROPERTY} "
                                    f"property); give a collection built with `decd-search index --store`")
         if meta.get("format_version") != MILVUS_FORMAT_VERSION:
             raise MilvusStoreError(f"{location.describe(name)} has format version {meta.get('format_version')}, this "
                                    f"code reads version {MILVUS_FORMAT_VERSION}; rebuild it with --no-resume")
-        _call(location, "loading the collection", client.load_collection, name)
+        call_milvus(location, "loading the collection", client.load_collection, name)
         return cls(client, location, name, meta, fields, consistency)
 
     # ---- properties -------------------------------------------------------------------------------
@@ -124,15 +102,12 @@ class MilvusGallery(RecordedModel):
         """The fields a filter can use: {name: "int" | "float" | "str"} (the path and the metadata fields)."""
         return {PATH_FIELD: "str", **self.metadata_fields}
 
-    def describe_fields(self) -> str:
-        return ", ".join(f"{field} ({kind})" for field, kind in self.filter_fields.items())
-
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of the image whose key is `index` (looked up in Milvus unless a search returned it)."""
         key = int(index)
         if key not in self._paths:
-            rows = _call(self.location, "reading a row", self.client.get, self.name, ids=[key],
-                         output_fields=[PATH_FIELD], consistency_level=self.consistency)
+            rows = call_milvus(self.location, "reading a row", self.client.get, self.name, ids=[key],
+                               output_fields=[PATH_FIELD], consistency_level=self.consistency)
             if not rows:
                 raise MilvusStoreError(f"{self.location.describe(self.name)} has no row with key {key}")
             self._paths[key] = rows[0][PATH_FIELD]
@@ -146,7 +121,7 @@ class MilvusGallery(RecordedModel):
     def verify_model(self, model, model_id: Optional[str] = None) -> None:
         """Raise `StaleIndexError` (naming both models and the collection) unless `model` built the collection."""
         try:
-            check_model(self.meta, model, model_id)
+            super().verify_model(model, model_id)
         except StaleIndexError as error:
             raise StaleIndexError(f"{self.location.describe(self.name)}: {error} (decd-search index GALLERY --model M "
                                   f"--store {self.uri} --collection {self.name} --no-resume)") from None
@@ -168,8 +143,7 @@ class MilvusGallery(RecordedModel):
             rerank: not available (it re-reads a local index's embeddings.npy); None or 0.
             `chunk_size` and `device` (knobs of a local exact search) are accepted and ignored.
         """
-        if isinstance(queries, str) or (isinstance(queries, (list, tuple)) and queries
-                                        and all(isinstance(query, str) for query in queries)):
+        if is_text(queries):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
             return self.search_text(model, processor, queries, top_k=top_k, filter=filter, nprobe=nprobe,
@@ -183,30 +157,24 @@ class MilvusGallery(RecordedModel):
         unknown = set(unused) - {"chunk_size", "device"}
         if unknown:
             raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
-        if queries.ndim == 1:
-            queries = queries[None]
-        if queries.ndim != 2 or queries.shape[1] != self.embedding_dim:
-            raise ValueError(f"queries must be [num_queries, {self.embedding_dim}], got {tuple(queries.shape)}")
-        queries = F.normalize(queries.float().cpu(), dim=-1).numpy()
+        top_k = check_top_k(top_k)
+        queries = query_embeddings(queries, self.embedding_dim).cpu().numpy()
         limit = min(int(top_k), max(len(self), 1), MAX_TOP_K)
         parameters = dict(metric_type="IP", params=search_parameters(self.index_type, self.index_params, limit,
                                                                         nprobe, ef_search))
         pymilvus = import_pymilvus(self.uri)
-        with _quiet():
+        with quiet_pymilvus():
             try:
                 hits = self.client.search(self.name, data=list(queries), limit=limit, filter=filter or "",
                                           output_fields=[PATH_FIELD, STAT_FIELD], search_params=parameters,
                                           anns_field=VECTOR_FIELD, consistency_level=self.consistency)
             except pymilvus.exceptions.MilvusException as error:
                 if filter:
-                    raise MilvusStoreError(f"Milvus rejected the filter {filter!r} ({_reason(error)}); the fields "
-                                           f"of {self.location.describe(self.name)} are: {self.describe_fields()}"
-                                           ) from None
+                    fields = ", ".join(f"{field} ({kind})" for field, kind in self.filter_fields.items())
+                    raise MilvusStoreError(f"Milvus rejected the filter {filter!r} ({one_line(error)}); the fields "
+                                           f"of {self.location.describe(self.name)} are: {fields}") from None
                 raise MilvusStoreError(f"Milvus refused the search ({self.location.describe(self.name)}): "
-                                       f"{_reason(error)}") from None
+                                       f"{one_line(error)}") from None
         width = max([len(row) for row in hits] + [0])
         scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
         keys = np.full((len(queries), width), -1, dtype=np.int64)
@@ -220,7 +188,8 @@ class MilvusGallery(RecordedModel):
                 self._paths[key] = path
         # "top p% of N" counts the images the filter lets through (at least those found, should rows arrive between
         # the search and the count)
-        searched = _count(self.client, self.location, self.name, self.consistency, filter) if filter else len(self)
+        searched = len(self) if not filter else count_rows(self.client, self.location, self.name, self.consistency,
+                                                           filter)
         return SearchResult(scores=torch.from_numpy(scores), indices=torch.from_numpy(keys), paths=paths,
                             status=status, searched=max(searched, width))
 
@@ -229,7 +198,7 @@ class MilvusGallery(RecordedModel):
         written (as a local index's `file_status`), None when it is the same (or the gallery folder is unknown)."""
         if self.gallery_dir is None:
             return None
-        current = _file_stat(self.gallery_dir / path)
+        current = stat_text(self.gallery_dir / path)
         return "deleted" if current is None else None if current == stat else "changed"
 
     # ---- building ---------------------------------------------------------------------------------
@@ -257,7 +226,7 @@ class MilvusGallery(RecordedModel):
 
         Args:
             store: a Milvus Lite path (`gallery.db`, created if needed) or `http://host:port`, optionally
-                followed by `/COLLECTION` (see the module docstring).
+                followed by `/COLLECTION` (docs/milvus.md).
             collection: the collection (default: named in `store`, else `default_collection_name(gallery_dir)`).
             token: for a server that needs one (default: $DECD_MILVUS_TOKEN).
             metadata: a CSV with a `path` column and one column per scalar field (`read_metadata`); every image
@@ -279,86 +248,13 @@ class MilvusGallery(RecordedModel):
         "updated", "removed", "unchanged"} counts (new/changed/updated: this process's share), on the main
         process; None on the others.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        state = distributed if distributed is not None else _SingleProcess()
-        main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
-        gallery_dir = Path(gallery_dir)
-        extensions = tuple(extension.lower().lstrip(".") for extension in extensions)
-        location = parse_location(store, collection)
-        name = location.collection or default_collection_name(gallery_dir)
-        check_collection_name(name)
-        if location.lite and world > 1:
-            raise MilvusStoreError(f"Milvus Lite ({display_path(location.uri)}) lets one process open a store: build "
-                                   f"with one process, or into a Milvus server (--store http://HOST:19530)")
-        wanted = milvus_index(backend, location.lite) if backend is not None else None
-        files = _gallery_files(gallery_dir, extensions)
-        types, values = read_metadata(metadata) if metadata is not None else ({}, {})
-        missing = [path for path in files if metadata is not None and path not in values]
-        if missing:
-            examples = ", ".join(display_path(path) for path in missing[:3])
-            raise MilvusStoreError(f"the metadata file {display_path(metadata)!r} has no row for {len(missing)} of the "
-                                   f"{len(files)} images (e.g. {examples}); every image needs one")
-        dim = getattr(getattr(model, "config", None), "projection_dim", None)
-        if not isinstance(dim, int):
-            raise ValueError(f"cannot tell the embedding size of {type(model).__name__} (no config.projection_dim)")
-        checksum = model_checksum(model)
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        meta = dict(_model_meta(model, processor, model_id, checksum), format=MILVUS_FORMAT,
-                    format_version=MILVUS_FORMAT_VERSION, embedding_dim=dim, gallery_dir=str(gallery_dir.resolve()),
-                    extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
-        client = connect(location, token, create=True)
-        where = location.describe(name)
-        _check_collection(client, location, name, meta, resume, metadata)  # every process, before any writes
-        state.wait_for_everyone()
-        if main:
-            _prepare_collection(client, location, name, meta, types, wanted, resume)
-        state.wait_for_everyone()
-        stored_meta, types = _describe(client, location, name)
-        if stored_meta is None or stored_meta.get("model_checksum") != checksum:
-            raise MilvusStoreError(f"process {rank} of {world} finds {where} prepared for another model")
-        if metadata is not None:
-            types, values = read_metadata(metadata, types)  # the collection's field types win over the CSV's guess
-        stored = _read_rows(client, location, name, list(types))
-        state.wait_for_everyone()  # every process has read the rows before any process writes
-        plan = _plan(gallery_dir, files, stored, values, types)
-        if main and plan.gone:
-            _delete(client, location, name, plan.gone)
-        todo = plan.work
-        share = _share(len(todo), batch_size, rank, world)
-        changes = dict(new=0, changed=0, updated=0, removed=len(plan.gone), unchanged=plan.unchanged)
-        skipped = list(plan.skipped)
-        bar = tqdm(total=share[1] - share[0], desc="Indexing gallery into Milvus"
-                   + (f" (process {rank} of {world})" if world > 1 else ""), unit="img",
-                   disable=not show_progress or not main)
-        failure = None
-        try:
-            for done, start in enumerate(range(share[0], share[1], batch_size)):
-                if max_batches is not None and done >= max_batches:
-                    raise BuildInterrupted(f"stopped after {max_batches} batches ({start - share[0]} of "
-                                           f"{share[1] - share[0]} files to encode done); build again to resume")
-                batch = todo[start:min(start + batch_size, share[1])]
-                _write_batch(client, location, name, model, processor, gallery_dir, batch, changes, skipped)
-                bar.update(len(batch))
-        except BaseException as error:  # noqa: BLE001 - re-raised below, after the other processes are told
-            failure = error
-        finally:
-            bar.close()
-        if world > 1 and not isinstance(failure, KeyboardInterrupt):
-            state.wait_for_everyone()
-        if failure is not None:
-            raise failure
-        if not main:
+        built = build_collection(model, processor, gallery_dir, store, collection=collection, token=token,
+                                 metadata=metadata, batch_size=batch_size, model_id=model_id, extensions=extensions,
+                                 resume=resume, show_progress=show_progress, max_batches=max_batches, backend=backend,
+                                 distributed=distributed)
+        if built is None:  # another process than the main one
             return None
-        _finish(client, location, name, meta, wanted, bool(plan.work or plan.gone), show_progress)
-        gallery = cls(client, location, name, *_describe(client, location, name))
+        client, location, name, skipped, changes = built
+        gallery = cls(client, location, name, *collection_record(client, location, name))
         gallery.skipped, gallery.changes = skipped, changes
-        warn_skipped(dict(skipped=skipped, num_files=len(files), gallery_dir=meta["gallery_dir"]),
-                     "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=2)
         return gallery
-
-
-def open_milvus_gallery(source, collection: Optional[str] = None, token: Optional[str] = None,
-                        consistency: str = DEFAULT_CONSISTENCY) -> MilvusGallery:
-    """`MilvusGallery.open`: what `open_gallery` runs for a Milvus URI."""
-    return MilvusGallery.open(source, collection=collection, token=token, consistency=consistency)

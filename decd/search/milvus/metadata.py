@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..display import display_path
+from ..errors import MilvusStoreError
 from ..format import PathLike
-from .store import _NAME, MAX_TEXT_BYTES, OWN_FIELDS, PATH_FIELD, MilvusStoreError
+from .store import MAX_TEXT_BYTES, NAME_PATTERN, OWN_FIELDS, PATH_FIELD
 
 # --------------------------------------------------------------------------------------------
 # The metadata sidecar CSV
@@ -78,7 +79,7 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
                                f"the gallery folder); its columns: {', '.join(header) or 'none'}")
     columns = [column for column in header if column != PATH_FIELD]
     for column in columns:
-        if column in OWN_FIELDS or not _NAME.fullmatch(column) or header.count(column) > 1:
+        if column in OWN_FIELDS or not NAME_PATTERN.fullmatch(column) or header.count(column) > 1:
             raise MilvusStoreError(f"the metadata file {name!r} has a column {column!r} that cannot be a field: names "
                                    f"start with a letter or '_', hold letters, digits and '_', appear once, and are "
                                    f"not {', '.join(OWN_FIELDS)}")

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import MilvusStoreError
 from ..format import PathLike
-from .store import MilvusStoreError, _quiet, _reason, import_pymilvus
+from .store import import_pymilvus, one_line, quiet_pymilvus
 
 # --------------------------------------------------------------------------------------------
 # A standalone server on this machine (tests, benchmarks, trying a server out)
@@ -82,13 +83,13 @@ class LocalMilvusServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     pass
-                with _quiet():
+                with quiet_pymilvus():
                     client = pymilvus.MilvusClient(uri=self.uri, timeout=5)
                     client.list_collections()
                     client.close()
                 return self
             except (OSError, pymilvus.exceptions.MilvusException) as error:
-                reason = _reason(error)
+                reason = one_line(error)
                 time.sleep(0.5)
         self.stop()
         raise MilvusStoreError(f"the Milvus server did not answer on {self.uri} within {self.start_timeout:g} s "

@@ -1,5 +1,5 @@
 """Reaching a Milvus store and its collection: the URI, the connection, the schema, the rows and the index
-type a `--backend` names (the collection's layout is described in `decd/search/milvus/__init__.py`)."""
+type a `--backend` names (the collection's layout: docs/milvus.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import numpy as np
 
 from ..backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND
 from ..display import display_path
-from ..format import GalleryIndexError, IndexNotFoundError, PathLike, file_fingerprint, is_index_folder
+from ..errors import IndexNotFoundError, MilvusStoreError
+from ..format import PathLike, file_fingerprint, is_index_folder
 
 MILVUS_FORMAT = "decd-milvus-gallery"  # the `format` of the decd.meta property: proof that a DECD build made it
 MILVUS_FORMAT_VERSION = 1
@@ -38,11 +39,8 @@ LITE_INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX
 DEFAULT_HNSW_M = 32  # links per node, as the local backend HNSW32
 DEFAULT_EF_CONSTRUCTION = 200  # hnswlib's default build-time candidate list
 DEFAULT_NLIST = 1024  # IVF lists when the backend names none (IVF_FLAT); IVF4096,Flat names its own
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for collection and field names
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for collection and field names
 
-
-class MilvusStoreError(GalleryIndexError):
-    """A problem with a Milvus store or collection that the user can fix (one line naming the URI and what to do)."""
 
 # --------------------------------------------------------------------------------------------
 # pymilvus, quietly
@@ -77,7 +75,7 @@ _PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iter
 
 
 @contextmanager
-def _quiet():
+def quiet_pymilvus():
     for name in _PYMILVUS_LOGGERS:
         logger = logging.getLogger(name)
         if _QUIET not in logger.filters:
@@ -89,7 +87,7 @@ def _quiet():
         _QUIET.local.depth -= 1
 
 
-def _reason(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """A Milvus error message on one line (Lite points at the column with a line of carets: dropped)."""
     message = str(getattr(error, "message", "") or error)
     lines = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
@@ -144,7 +142,7 @@ def is_milvus_uri(source: Any) -> bool:
 
 def check_collection_name(name: str) -> str:
     """`name` if it is a valid Milvus collection (or field) name, else MilvusStoreError saying the rule."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
                                f"only letters, digits and '_' (at most 255)")
     return name
@@ -227,12 +225,12 @@ def connect(location: MilvusLocation, token: Optional[str] = None, create: bool 
             raise ImportError(f"the Milvus Lite store {display_path(path)!r} needs milvus-lite: pip install "
                               f"'decd[milvus]' (or pip install milvus-lite)") from error
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    with _quiet():
+    with quiet_pymilvus():
         try:
             return pymilvus.MilvusClient(uri=location.uri, token=token or "", db_name=location.db_name,
                                          timeout=timeout)
         except pymilvus.exceptions.MilvusException as error:
-            reason = _reason(error)
+            reason = one_line(error)
             if location.lite:
                 if _lite_locked(Path(location.uri)):
                     raise MilvusStoreError(
@@ -247,14 +245,14 @@ def connect(location: MilvusLocation, token: Optional[str] = None, create: bool 
                 f"{TOKEN_ENV})") from None
 
 
-def _call(location: MilvusLocation, what: str, function, *args, **kwargs):
+def call_milvus(location: MilvusLocation, what: str, function, *args, **kwargs):
     """`function(*args, **kwargs)` (a MilvusClient method) with Milvus's errors as one MilvusStoreError line."""
     pymilvus = import_pymilvus(location.uri)
-    with _quiet():
+    with quiet_pymilvus():
         try:
             return function(*args, **kwargs)
         except pymilvus.exceptions.MilvusException as error:
-            raise MilvusStoreError(f"Milvus refused {what} ({location.describe()}): {_reason(error)}") from None
+            raise MilvusStoreError(f"Milvus refused {what} ({location.describe()}): {one_line(error)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,25 +329,27 @@ def create_collection(client, location: MilvusLocation, name: str, dim: int, met
     for field, kind_of_value in metadata_types.items():
         options = dict(max_length=MAX_TEXT_BYTES) if kind_of_value == "str" else {}
         schema.add_field(field, _data_types(pymilvus)[kind_of_value], **options)
-    _call(location, "creating the collection", client.create_collection, name, schema=schema,
-          properties={META_PROPERTY: json.dumps(meta)})
+    call_milvus(location, "creating the collection", client.create_collection, name, schema=schema,
+                properties={META_PROPERTY: json.dumps(meta)})
     # sync=False: pymilvus's own wait for the index asks for a timestamp Milvus Lite cannot give (its server
-    # thread then logs a traceback); an empty collection's index is ready at once, and `_finish` waits for others.
-    _call(location, "creating the index", client.create_index, name, _index_params(client, kind, params), sync=False)
-    _call(location, "loading the collection", client.load_collection, name)
+    # thread then logs a traceback); an empty collection's index is ready at once, and `finish_build` waits for
+    # the others.
+    call_milvus(location, "creating the index", client.create_index, name, index_parameters(client, kind, params),
+                sync=False)
+    call_milvus(location, "loading the collection", client.load_collection, name)
 
 
-def _index_params(client, kind: str, params: dict):
+def index_parameters(client, kind: str, params: dict):
     index_params = client.prepare_index_params()
     index_params.add_index(field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", index_name=VECTOR_FIELD,
                            params=dict(params))
     return index_params
 
 
-def _describe(client, location: MilvusLocation, name: str) -> tuple[Optional[dict], dict]:
+def collection_record(client, location: MilvusLocation, name: str) -> tuple[Optional[dict], dict]:
     """(the decd.meta object or None, {metadata field: "int"|"float"|"str"}) of a collection."""
     pymilvus = import_pymilvus(location.uri)
-    description = _call(location, "describing the collection", client.describe_collection, name)
+    description = call_milvus(location, "describing the collection", client.describe_collection, name)
     try:
         meta = json.loads((description.get("properties") or {}).get(META_PROPERTY) or "null")
     except ValueError:
@@ -360,12 +360,12 @@ def _describe(client, location: MilvusLocation, name: str) -> tuple[Optional[dic
     return (meta if isinstance(meta, dict) and meta.get("format") == MILVUS_FORMAT else None), fields
 
 
-def _vector_index(client, location: MilvusLocation, name: str) -> dict:
+def vector_index_info(client, location: MilvusLocation, name: str) -> dict:
     """describe_index of the embedding field: index_type, its build parameters, state and row counts."""
-    return _call(location, "describing the index", client.describe_index, name, VECTOR_FIELD) or {}
+    return call_milvus(location, "describing the index", client.describe_index, name, VECTOR_FIELD) or {}
 
 
-def _index_settings(info: dict, meta: Optional[dict] = None) -> tuple[str, dict]:
+def index_settings(info: dict, meta: Optional[dict] = None) -> tuple[str, dict]:
     """(index type, build parameters as numbers) from describe_index (a server returns them as strings; Milvus
     Lite returns none: then those that decd.meta recorded for that type)."""
     kind = str(info.get("index_type") or "FLAT")
@@ -383,47 +383,47 @@ def insert_rows(client, location: MilvusLocation, name: str, embeddings: np.ndar
         rows = [{VECTOR_FIELD: np.asarray(embeddings[position], dtype=np.float32), PATH_FIELD: paths[position],
                  SHA_FIELD: sha256s[position], STAT_FIELD: stats[position], **metadata[position]}
                 for position in range(start, min(start + ROWS_PER_CALL, len(paths)))]
-        done = _call(location, "inserting rows", client.insert, name, rows)
+        done = call_milvus(location, "inserting rows", client.insert, name, rows)
         keys += [int(key) for key in done["ids"]]
     return keys
 
 
-def _delete(client, location: MilvusLocation, name: str, keys: Sequence[int]) -> None:
+def delete_rows(client, location: MilvusLocation, name: str, keys: Sequence[int]) -> None:
     keys = [int(key) for key in keys]
     for start in range(0, len(keys), ROWS_PER_CALL):
-        _call(location, "deleting rows", client.delete, name, ids=keys[start:start + ROWS_PER_CALL])
+        call_milvus(location, "deleting rows", client.delete, name, ids=keys[start:start + ROWS_PER_CALL])
 
 
-def _read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str]) -> dict[str, list[dict]]:
+def read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str]) -> dict[str, list[dict]]:
     """Every row's key, path, sha256, stat and metadata, grouped by path: one Strong read of the collection, a
     page of ROWS_PER_CALL keys at a time in key order. (pymilvus's query_iterator is not used: against a 2.3
     server it falls back to a client-side timestamp and can miss rows written just before.)"""
     stored: dict[str, list[dict]] = {}
     last, total = None, 0
     while True:
-        rows = _call(location, "reading the collection", client.query, name,
-                     filter="" if last is None else f"{KEY_FIELD} > {last}", limit=ROWS_PER_CALL,
-                     output_fields=[KEY_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields],
-                     consistency_level="Strong")  # a query with a limit returns the smallest keys, in order
+        rows = call_milvus(location, "reading the collection", client.query, name,
+                           filter="" if last is None else f"{KEY_FIELD} > {last}", limit=ROWS_PER_CALL,
+                           output_fields=[KEY_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields],
+                           consistency_level="Strong")  # a query with a limit returns the smallest keys, in order
         if not rows:
             break
         for row in rows:
             stored.setdefault(row[PATH_FIELD], []).append(row)
         last, total = max(int(row[KEY_FIELD]) for row in rows), total + len(rows)
-    expected = _count(client, location, name, "Strong")
+    expected = count_rows(client, location, name, "Strong")
     if total != expected:  # a page that was not the next keys in order would leave rows out
         raise MilvusStoreError(f"reading {location.describe(name)} returned {total} of its {expected} rows; "
                                f"run the build again")
     return stored
 
 
-def _count(client, location: MilvusLocation, name: str, consistency: str, filter: str = "") -> int:
-    rows = _call(location, "counting rows", client.query, name, filter=filter, output_fields=["count(*)"],
-                 consistency_level=consistency)
+def count_rows(client, location: MilvusLocation, name: str, consistency: str, filter: str = "") -> int:
+    rows = call_milvus(location, "counting rows", client.query, name, filter=filter, output_fields=["count(*)"],
+                       consistency_level=consistency)
     return int(rows[0]["count(*)"]) if rows else 0
 
 
-def _file_stat(path: Path) -> Optional[str]:
+def stat_text(path: Path) -> Optional[str]:
     """`file_fingerprint` (size, mtime) as the text of the file_stat field; None when the file is gone."""
     fingerprint = file_fingerprint(path)
     return None if fingerprint is None else ":".join(map(str, fingerprint))
