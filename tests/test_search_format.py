@@ -1,9 +1,10 @@
 """decd.search.format: `load` refuses a damaged or outdated index in one line, `verify=False` skips the full
-read, file names that are not UTF-8 survive (and descriptions from a terminal that is not UTF-8), and the model
-checksum an index records."""
+read, file names that are not UTF-8 survive (and descriptions from a terminal that is not UTF-8), the model
+checksum an index records, and docs/index-format.md (and docs/milvus.md's collection) says what the code writes."""
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import numpy as np
 import pytest
 
 from decd.cli import main
-from decd.search import GalleryIndex, GalleryIndexError
+from decd.search import BuildInterrupted, GalleryIndex, GalleryIndexError
+from decd.search import format as index_format
 from decd.search.display import display_path
 from decd.search.format import model_checksum
+from decd.search.milvus import store as milvus_store
 from modeling_decd import DecdModel
 from PIL import Image
 
-from .search_fixtures import _build, built, five_images, workspace  # noqa: F401
+from .search_fixtures import REPO, _build, built, five_images, workspace  # noqa: F401
 
 QUERY = "a man in a red shirt"
 
@@ -148,3 +151,64 @@ def test_description_with_undecodable_bytes_is_decoded_or_refused(setup, tmp_pat
     assert main(["query", str(output), latin1]) == 1
     captured = capsys.readouterr()
     assert "not valid UTF-8" in captured.err and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# The format pages say what the code writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(page: str, heading: str) -> dict[str, str]:
+    """{name: rest of the row} of the table under `## heading` (or `### heading`): each backticked name in a row's
+    first cell (a row may name several)."""
+    section = page.split(f"# {heading}\n", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and not set(cells[0]) <= set("-"):
+            rows.update({name: cells[1] for name in re.findall(r"`([^`]+)`", cells[0])})
+    return rows
+
+
+def _names(cell: str) -> set[str]:
+    return set(re.findall(r"`([a-z_0-9]+)`", cell))
+
+
+def test_the_index_format_page_names_the_files_fields_and_version_a_build_writes(setup, tmp_path):
+    page = (REPO / "docs" / "index-format.md").read_text()
+    files = _table(page, "Files")
+    assert set(files) == {index_format.EMBEDDINGS_FILE, index_format.PATHS_FILE, index_format.FILES_FILE,
+                          index_format.META_FILE, index_format.ANN_FILE, index_format.PARTIAL_DIR + "/",
+                          index_format.LOCK_FILE} == set(index_format.INDEX_FILES) | {"partial/", ".build.lock"}
+    assert '`{"fingerprints":' in files[index_format.FILES_FILE]
+    # every version the page gives is this code's, and it reads the versions it says
+    assert {int(number) for number in re.findall(r"format_version`?[\s|=]*`?(\d+)", page)} == \
+        {index_format.INDEX_FORMAT_VERSION, 1}  # 1: the folders from before the format tag, refused
+    versions = " and ".join(str(version) for version in index_format.READABLE_FORMAT_VERSIONS)
+    assert f"Format versions {versions} are read" in page and f'`"{index_format.INDEX_FORMAT}"`' in page
+
+    documented = set(_table(page, "meta.json"))
+    approximate_only = {"ann_file", "ann_sha256", "ann_bytes", "ann_train_size", "ann_nlist"}
+    exact = _build(setup, tmp_path / "exact")  # the fields and files a build writes
+    assert set(json.loads((exact.path / index_format.META_FILE).read_text())) == documented - approximate_only
+    assert json.loads((exact.path / index_format.FILES_FILE).read_text()) == {"fingerprints": exact.meta["fingerprints"]}
+
+    with pytest.raises(BuildInterrupted):  # an unfinished build: progress.json and one shard
+        _build(setup, tmp_path / "unfinished", max_batches=1)
+    partial = _table(page, "An unfinished build: `partial/`")
+    progress = tmp_path / "unfinished" / index_format.PARTIAL_DIR / index_format.PROGRESS_FILE
+    assert _names(partial[index_format.PROGRESS_FILE]) == set(json.loads(progress.read_text()))
+    [shard] = progress.parent.glob("shard_*.json")
+    assert index_format.SHARD_FILE.fullmatch(shard.name) and re.fullmatch(r"shard_\d{12}\.json", shard.name)
+    assert _names(partial["shard_<start>.json"]) == set(json.loads(shard.read_text()))
+
+    pytest.importorskip("faiss")
+    approximate = _build(setup, tmp_path / "hnsw", backend="HNSW8")
+    assert set(json.loads((approximate.path / index_format.META_FILE).read_text())) == documented
+    assert sorted(path.name for path in approximate.path.iterdir()) == sorted(index_format.INDEX_FILES)
+
+
+def test_the_milvus_page_names_the_collection_s_fields_and_record():
+    page = (REPO / "docs" / "milvus.md").read_text()
+    assert tuple(_table(page, "What the collection holds")) == milvus_store.OWN_FIELDS
+    assert f"`{milvus_store.META_PROPERTY}`" in page and f"(`{milvus_store.MILVUS_FORMAT}`)" in page
