@@ -88,20 +88,24 @@ def main(argv=None):
             data_args.data_dir = str(generate_synthetic_person_search(**sizes, progress=training_args.should_log))
     load = dict(dataset_name=data_args.dataset_name, data_dir=data_args.data_dir,
                 annotation_file=data_args.annotation_file, skip_bad_records=data_args.skip_bad_records)
-    train_set = load_person_search(split="train", **load)
-    if data_args.max_train_samples is not None:
-        train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
-    # Every split the run will use is loaded (and its images decoded) now, not after hours of training.
-    test_set = load_person_search(split=data_args.test_split, **load)
-    eval_split = data_args.eval_split
-    try:
-        eval_set = test_set if eval_split == data_args.test_split else load_person_search(split=eval_split, **load)
+    try:  # a bad record or file in any split: its message (the file, the split, each record), not a traceback
+        train_set = load_person_search(split="train", **load)
+        if data_args.max_train_samples is not None:
+            train_set = train_set.select(range(min(data_args.max_train_samples, len(train_set))))
+        # Every split the run will use is loaded (and its images decoded) now, not after hours of training.
+        test_set = load_person_search(split=data_args.test_split, **load)
+        eval_split = data_args.eval_split
+        try:
+            eval_set = test_set if eval_split == data_args.test_split else load_person_search(split=eval_split, **load)
+        except PersonSearchDataError as error:
+            no_val = "unknown split" in str(error) or ("no usable records" in str(error)
+                                                       and "skipped" not in str(error))
+            if eval_split != "val" or not no_val:
+                raise
+            logger.warning("No val split (%s); selecting the model on %s instead.", error, data_args.test_split)
+            eval_split, eval_set = data_args.test_split, test_set
     except PersonSearchDataError as error:
-        no_val = "unknown split" in str(error) or ("no usable records" in str(error) and "skipped" not in str(error))
-        if eval_split != "val" or not no_val:
-            raise
-        logger.warning("No val split (%s); selecting the model on %s instead.", error, data_args.test_split)
-        eval_split, eval_set = data_args.test_split, test_set
+        raise SystemExit(f"error: {error}") from None
     check_settings(training_args, train_set)
     identities = num_identities(train_set)
     logger.info("%d training pairs, %d identities; model selection on %s (%d queries, %d gallery images)",

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from decd.data import PersonSearchDataError
 from decd.training import DecdTrainer, NonFiniteLossError
 from inference_decd import load_model
 
@@ -61,15 +60,22 @@ def _copy_set(source: Path, target: Path) -> Path:
     return target
 
 
-def test_a_bad_test_record_stops_the_run_before_training(train_script, tiny_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_bad_record_in_any_split_stops_the_run_before_training(train_script, tiny_set, tmp_path, monkeypatch, split):
+    """The run stops with the loader's message (the annotation file, the split, the record and its image) as the
+    script's error, not a traceback, whichever split holds the bad record."""
     data = _copy_set(tiny_set, tmp_path / "data")
     records = json.loads((data / "reid_raw.json").read_text())
-    victim = next(record for record in records if record["split"] == "test")
+    number, victim = next((number, record) for number, record in enumerate(records) if record["split"] == split)
     _truncated(data / "imgs" / victim["file_path"])
     trained = []
     monkeypatch.setattr(DecdTrainer, "train", lambda self, *a, **k: trained.append(1))
-    with pytest.raises(PersonSearchDataError, match=rf"(?s)split 'test'.*{victim['file_path']}.*cannot be read"):
+    with pytest.raises(SystemExit) as stopped:
         train_script.main(_arguments(data, tmp_path / "run"))
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {data / 'reid_raw.json'}: 1 problem(s) in split {split!r}"), message
+    assert f"record {number} (id {victim['id']}, {victim['file_path']!r}): image " in message, message
+    assert f"{data / 'imgs' / victim['file_path']} cannot be read" in message, message
     assert trained == []  # found while loading, not after the run
 
 
