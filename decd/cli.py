@@ -10,6 +10,7 @@
                       [--backend exact|faiss] [--nprobe 32] [--ef_search 256] [--rerank 100]
     decd-search query URI [--collection NAME] "a woman in a red coat" [--filter 'camera == "c12"'] [...]
     decd-search query INDEX --image query_crop.png [...]     (search by photo: re-identification)
+    decd-search serve GALLERY --model MODEL [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_queue 256]
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
 interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
@@ -20,8 +21,9 @@ inserts only what is missing or changed and deletes what is gone. `query` prints
 similarity (with the rank as a share of the gallery, `decd.search.describe_match`) and optionally
 draws them (`--grid`); `--image PATH` ranks the gallery by image-image similarity to a photo of the
 person instead of (or besides) a description. By default `query` loads the model recorded in the
-index. User errors (empty description, missing index, index built by another model, ...) print one
-line on stderr and exit with status 1; no traceback.
+index. `serve` answers searches over HTTP, many clients at once (`decd.serve`, docs/serving.md). User errors
+(empty description, missing index, index built by another model, ...) print one line on stderr and exit with
+status 1; no traceback.
 """
 
 from __future__ import annotations

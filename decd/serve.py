@@ -257,7 +257,8 @@ class GalleryFiles:
         probe[0, 0] = 1.0  # any query: the filter decides whether a row comes back
         expression = f"path == {json.dumps(relative, ensure_ascii=False)}"
         try:
-            named = int(self.gallery.search(probe, top_k=1, filter=expression).indices[0, 0]) >= 0
+            found = self.gallery.search(probe, top_k=1, filter=expression).indices  # [1, 0] when no row matches
+            named = found.shape[1] > 0 and int(found[0, 0]) >= 0
         except GalleryIndexError:  # a path Milvus cannot even express: not a gallery image
             named = False
         with self._lock:

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import pytest
@@ -29,6 +30,7 @@ from decd.synthetic import generate_synthetic_person_search  # noqa: E402
 from inference_decd import load_model  # noqa: E402
 
 from .helpers import save_tiny_model  # noqa: E402
+from .milvus_fixtures import milvus_gallery  # noqa: E402,F401
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -298,3 +300,32 @@ def test_cli_serves_on_loopback_and_refuses_bad_options_in_one_line(served, tmp_
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def test_a_milvus_gallery_is_served_with_its_filter_and_only_its_images(milvus_gallery, tmp_path):
+    from decd.search import MilvusGallery, open_gallery
+
+    model, processor, folder = milvus_gallery["model"], milvus_gallery["processor"], milvus_gallery["gallery"]
+    store = f"{tmp_path / 'gallery.db'}/crops"
+    MilvusGallery.build(model, processor, folder, store, show_progress=False, metadata=milvus_gallery["metadata"],
+                        model_id=str(milvus_gallery["model_dir"]))
+    gallery = open_gallery(model, processor, store)
+    (folder / "beside.png").write_bytes(next(folder.rglob("*.png")).read_bytes())  # an image the store does not name
+    try:
+        with running(create_app(model, processor, gallery)) as base:
+            expression = 'camera == "c3"'
+            status, answer, _ = call(f"{base}/search", {"text": DESCRIPTIONS[0], "top_k": 12, "filter": expression})
+            alone = gallery.search_text(model, processor, DESCRIPTIONS[0], top_k=12, filter=expression)
+            assert status == 200 and answer["searched"] == alone.searched < 12
+            assert_same(answer, [path for path in alone.paths[0] if path is not None],
+                        [score for score, path in zip(alone.scores[0].tolist(), alone.paths[0]) if path is not None])
+            status, answer, _ = call(f"{base}/search", {"text": DESCRIPTIONS[0], "filter": "camra == 1"})
+            assert status == 400 and answer["field"] == "filter" and "camera (str)" in answer["detail"]
+            named = alone.paths[0][0]
+            status, data, _ = call(f"{base}/images/{named}")
+            assert status == 200 and data == (folder / named).read_bytes()
+            for other in ("beside.png", "../" + Path(milvus_gallery["metadata"]).name, 'x" or path != "'):
+                assert call(f"{base}/images/{quote(other)}")[0] == 404, other
+    finally:
+        (folder / "beside.png").unlink()
+        gallery.close()
