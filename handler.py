@@ -29,18 +29,21 @@ For a Milvus gallery, ``parameters.filter`` (e.g. ``"camera == \"c12\""``) ranks
 This mode needs the ``decd`` package installed next to the handler (``pip install decd``); requests with
 images work without it.
 
-Limits (``EndpointHandler(path, max_images=..., max_texts=..., max_image_bytes=..., max_text_chars=...)``,
-defaults below) are checked before anything is decoded: the number of images and captions, each
-image's encoded size (from the base64 length) and each caption's length; the processor's
-``max_image_pixels`` then refuses an image with too many pixels before its pixels are decoded.
+Limits (``EndpointHandler(path, max_images=..., max_texts=..., max_image_bytes=..., max_text_chars=...,
+max_request_pixels=...)``, defaults below) are checked before anything is decoded: the number of images and
+captions, each image's encoded size (from the base64 length), each caption's length, and the pixels of all
+the request's images together (width x height from each file's header: decoding time follows them); the
+processor's ``max_image_pixels`` then refuses an image with too many pixels before its pixels are decoded.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,10 @@ MAX_IMAGES = 64  # images per request
 MAX_TEXTS = 256  # captions per request
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # encoded (file) size of one image
 MAX_TEXT_CHARS = 4096  # characters per caption (the tokenizer keeps at most the model's context anyway)
+# Pixels of all a request's images together, as their headers declare them. Decoding time grows with them, and
+# the other limits alone let one request hold a worker for the better part of a minute (64 images at the
+# processor's pixel limit); this admits two images at that limit, or a batch of camera photos.
+MAX_REQUEST_PIXELS = 200_000_000
 GALLERY_TOP_K = 10  # gallery matches per caption when the request sets no top_k
 
 
@@ -107,6 +114,22 @@ def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes
         raise ValueError(f"inputs.image[{index}] is not valid base64 ({error}).") from None
 
 
+def _stored_pixels(data: bytes) -> tuple[int, bool]:
+    """(width x height as an image file's header declares it, whether exactly), nothing decoded: (0, True) when PIL
+    cannot read the header; the least it can be for a header PIL refuses to open as a decompression bomb."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are what is being counted
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height, True
+    except Image.DecompressionBombError:  # more than twice PIL's limit
+        return 2 * Image.MAX_IMAGE_PIXELS + 1, False
+    except Exception:  # noqa: BLE001 - any unreadable header (PIL raises several types): the loader names it
+        return 0, True
+
+
 def _as_list(value, name: str, limit: int | None = None) -> list:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values:
@@ -125,15 +148,16 @@ class EndpointHandler:
 
     def __init__(self, path: str = "", max_images: int | None = MAX_IMAGES, max_texts: int | None = MAX_TEXTS,
                  max_image_bytes: int | None = MAX_IMAGE_BYTES, max_text_chars: int | None = MAX_TEXT_CHARS,
-                 gallery=None):
+                 gallery=None, max_request_pixels: int | None = MAX_REQUEST_PIXELS):
         """Load the model in `path`; the `max_*` limits (None: no limit) and `gallery` (default: $DECD_GALLERY,
         else none) are described in the module docstring."""
         for name, value in dict(max_images=max_images, max_texts=max_texts, max_image_bytes=max_image_bytes,
-                                max_text_chars=max_text_chars).items():
-            if value is not None and (not isinstance(value, int) or value < 1):
+                                max_text_chars=max_text_chars, max_request_pixels=max_request_pixels).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
         self.max_images, self.max_texts = max_images, max_texts
         self.max_image_bytes, self.max_text_chars = max_image_bytes, max_text_chars
+        self.max_request_pixels = max_request_pixels
         folder = Path(path) if path else Path(__file__).resolve().parent
         self.spine = _spine(folder)
         self.model, self.processor = self.spine.load_model(str(folder))
@@ -178,6 +202,7 @@ class EndpointHandler:
         encoded = _as_list(inputs["image"], "image", self.max_images)
         self._check_lengths(texts)
         raw = [_decode_base64(item, index, self.max_image_bytes) for index, item in enumerate(encoded)]
+        self._check_pixels(raw)
         images = [self.processor.load_image(data, name=f"inputs.image[{index}]") for index, data in enumerate(raw)]
         text_embeds = self.spine.embed_texts(self.model, self.processor, texts)
         image_embeds = self.spine.embed_images(self.model, self.processor, images)
@@ -196,6 +221,19 @@ class EndpointHandler:
                     entry["text"] = texts[entry["index"]]
             answers.append(entries)
         return answers[0] if len(answers) == 1 else answers
+
+    def _check_pixels(self, raw: list[bytes]) -> None:
+        """Refuse a request whose images hold more than `max_request_pixels` together, from their headers (nothing
+        is decoded; an image whose header PIL cannot read is left to the loader, which names what is wrong)."""
+        if self.max_request_pixels is None:
+            return
+        counts = [_stored_pixels(data) for data in raw]
+        total = sum(pixels for pixels, _ in counts)
+        if total > self.max_request_pixels:
+            least = "" if all(exact for _, exact in counts) else "at least "
+            raise ValueError(f"inputs.image holds {least}{total:,} pixels in its {len(raw)} images, more than the limit "
+                             f"of {self.max_request_pixels:,} per request (max_request_pixels): send fewer or smaller "
+                             "images, or split the request.")
 
     def _check_lengths(self, texts: list) -> None:
         for index, text in enumerate(texts):

@@ -3,7 +3,9 @@ gallery (`gallery=` / DECD_GALLERY, opened once by `open_gallery`) searched by c
 
 import base64
 import io
+import struct
 import sys
+import zlib
 
 import pytest
 from PIL import Image
@@ -119,6 +121,48 @@ def test_handler_gallery_errors_are_one_line_at_start_up(setup, index_dir, tmp_p
     with pytest.raises(ImportError, match="needs the decd package: pip install decd") as error:
         checkout_handler.EndpointHandler(str(setup["model_dir"]), gallery=str(index_dir))
     assert "\n" not in str(error.value)
+
+
+def _png_header_base64(width: int, height: int) -> str:
+    """A PNG whose header declares width x height over a few bytes of data (refused before it would be decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return base64.b64encode(data).decode()
+
+
+def test_handler_refuses_a_request_over_its_pixel_budget_before_decoding(setup, monkeypatch):
+    """64 images of 100 megapixels, each within every per-image limit, are refused together by the default budget,
+    read from their headers; a budget set on the handler counts the same way and a request within it is answered."""
+    import handler as checkout_handler
+
+    endpoint = checkout_handler.EndpointHandler(str(setup["model_dir"]))
+    assert endpoint.max_request_pixels == checkout_handler.MAX_REQUEST_PIXELS
+    decoded = []
+    monkeypatch.setattr(endpoint.processor, "load_image", lambda *a, **k: decoded.append(1))
+    at_the_limit = _png_header_base64(10_000, 10_000)  # the processor's max_image_pixels, not over it
+    with pytest.raises(ValueError) as error:
+        endpoint({"inputs": {"text": "a man", "image": [at_the_limit] * checkout_handler.MAX_IMAGES}})
+    assert str(error.value) == (
+        f"inputs.image holds 6,400,000,000 pixels in its 64 images, more than the limit of "
+        f"{checkout_handler.MAX_REQUEST_PIXELS:,} per request (max_request_pixels): send fewer or smaller images, "
+        "or split the request.")
+    over_pil = _png_header_base64(20_000, 10_000)  # beyond PIL's own limit: counted as the least it can hold
+    with pytest.raises(ValueError, match=r"^inputs.image holds at least 357,913,942 pixels in its 2 images"):
+        endpoint({"inputs": {"text": "a man", "image": [over_pil] * 2}})
+    assert decoded == []  # refused from the headers alone
+
+    crop = _png_base64((48, 96))
+    budget = checkout_handler.EndpointHandler(str(setup["model_dir"]), max_request_pixels=2 * 48 * 96)
+    with pytest.raises(ValueError, match=r"holds 13,824 pixels in its 3 images, more than the limit of 9,216 "):
+        budget({"inputs": {"text": "a man", "image": [crop] * 3}})
+    assert len(budget({"inputs": {"text": "a man", "image": [crop] * 2}})) == 2
+    assert len(checkout_handler.EndpointHandler(str(setup["model_dir"]), max_request_pixels=None)(
+        {"inputs": {"text": "a man", "image": [crop] * 3}})) == 3
+    with pytest.raises(ValueError, match="max_request_pixels must be a positive integer or None, got 0"):
+        checkout_handler.EndpointHandler(str(setup["model_dir"]), max_request_pixels=0)
 
 
 def test_handler_names_the_bad_image(setup):
