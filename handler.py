@@ -53,8 +53,8 @@ MAX_TEXTS = 256  # captions per request
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # encoded (file) size of one image
 MAX_TEXT_CHARS = 4096  # characters per caption (the tokenizer keeps at most the model's context anyway)
 # Pixels of all a request's images together, as their headers declare them. Decoding time grows with them, and
-# the other limits alone let one request hold a worker for the better part of a minute (64 images at the
-# processor's pixel limit); this admits two images at that limit, or a batch of camera photos.
+# the other limits alone admit 64 images at the processor's pixel limit, far more decoding than a search needs;
+# this admits two images at that limit, or a batch of camera photos.
 MAX_REQUEST_PIXELS = 200_000_000
 GALLERY_TOP_K = 10  # gallery matches per caption when the request sets no top_k
 
