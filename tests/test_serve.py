@@ -329,3 +329,22 @@ def test_a_milvus_gallery_is_served_with_its_filter_and_only_its_images(milvus_g
     finally:
         (folder / "beside.png").unlink()
         gallery.close()
+
+
+def test_the_load_benchmark_counts_an_answer_equal_only_when_files_and_scores_agree():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    reference = [("a.png", 0.9), ("b.png", 0.5), ("c.png", 0.50001), ("d.png", 0.1)]
+    assert serve_load.same_answer(list(reference), reference, 1e-4)
+    assert serve_load.same_answer([("a.png", 0.9), ("c.png", 0.50001), ("b.png", 0.5), ("d.png", 0.1)], reference,
+                                  1e-4)  # a tie within the tolerance may swap
+    assert not serve_load.same_answer([("b.png", 0.9), ("a.png", 0.5), ("c.png", 0.50001), ("d.png", 0.1)],
+                                      reference, 1e-4)  # not a tie
+    assert not serve_load.same_answer([("a.png", 0.9), ("b.png", 0.51), ("c.png", 0.50001), ("d.png", 0.1)],
+                                      reference, 1e-4)  # a score off
+    assert not serve_load.same_answer(reference[:3], reference, 1e-4)
+    assert not serve_load.same_answer([("a.png", 0.9), ("b.png", 0.5), ("e.png", 0.50001), ("d.png", 0.1)],
+                                      reference, 1e-4)  # another file in a tied place
