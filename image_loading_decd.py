@@ -512,6 +512,9 @@ def _open_file(file, name: str, max_pixels) -> PIL.Image.Image:
             return PIL.Image.open(file)
     except PIL.Image.DecompressionBombError:  # PIL's own limit (2x PIL.Image.MAX_IMAGE_PIXELS): the same words
         raise ValueError(_too_many_pixels(name, _stored_size(file), max_pixels)) from None
+    except PIL.UnidentifiedImageError:  # its message names the file object, which the caller's name replaces
+        raise ValueError(f"{name}: not a readable image (UnidentifiedImageError: no image format PIL reads)."
+                         ) from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not an image I can read"
         raise ValueError(f"{name}: not a readable image ({type(error).__name__}: {error}).") from None
 

@@ -253,9 +253,10 @@ def test_a_picture_decoded_from_partial_data_is_refused_in_every_format_and_deco
 
 
 def test_a_gallery_names_and_skips_what_is_not_a_whole_image_and_never_blocks(tmp_path):
-    """A gallery folder holding a named pipe, a 0-byte .jpg, truncated JPEG and PNG files and a symbolic link to
-    /dev/zero named x.png: the build finishes, indexes the good images only and lists each bad file with its
-    reason; a folder opened as a gallery does the same."""
+    """A gallery folder holding a named pipe, a 0-byte .jpg, truncated JPEG and PNG files, a text file named .png
+    and a symbolic link to /dev/zero named x.png: the build finishes, indexes the good images only and lists each
+    bad file with its reason (the same in every process: no file object in it); a folder opened as a gallery does
+    the same."""
     from decd.search import GalleryIndex, open_gallery
     from modeling_decd import DecdModel
     from processing_decd import DecdProcessor
@@ -268,6 +269,7 @@ def test_a_gallery_names_and_skips_what_is_not_a_whole_image_and_never_blocks(tm
     (gallery / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2] + b"\xff\xd9")  # a grey lower half, to the decoder
     (gallery / "cut.png").write_bytes(png[: len(png) // 2])
     (gallery / "empty.jpg").write_bytes(b"")
+    (gallery / "notes.png").write_text("not a picture")
     os.mkfifo(gallery / "pipe.jpg")
     os.symlink("/dev/zero", gallery / "x.png")
     torch.manual_seed(0)
@@ -277,15 +279,16 @@ def test_a_gallery_names_and_skips_what_is_not_a_whole_image_and_never_blocks(tm
                    "grey); replace the file.",
         "cut.png": "the image data cannot be decoded (OSError: image file is truncated); replace the file.",
         "empty.jpg": "empty (0 bytes); replace the file.",
+        "notes.png": "not a readable image (UnidentifiedImageError: no image format PIL reads).",
         "pipe.jpg": "not an image file but a named pipe (FIFO); only regular files are read.",
         "x.png": "not an image file but a symbolic link to a character device (/dev/zero); only regular files are "
                  "read.",
     }
-    with _within(60), pytest.warns(UserWarning, match=r"skipped 5 unreadable image\(s\) of 8"):
+    with _within(60), pytest.warns(UserWarning, match=r"skipped 6 unreadable image\(s\) of 9"):
         index = GalleryIndex.build(model, processor, gallery, tmp_path / "index", batch_size=4, show_progress=False)
     assert index.paths == ["good-0.png", "good-1.png", "good-2.png"]
     assert {item["path"]: item["error"] for item in index.skipped} == reasons
-    with _within(60), pytest.warns(UserWarning, match=r"skipped 5 unreadable image\(s\) of 8"):
+    with _within(60), pytest.warns(UserWarning, match=r"skipped 6 unreadable image\(s\) of 9"):
         opened = open_gallery(model, processor, str(gallery))
     assert opened.paths == index.paths
     assert {item["path"]: item["error"] for item in opened.skipped} == reasons
