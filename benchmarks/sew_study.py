@@ -11,10 +11,12 @@ its loss settings in full, so a later change of the defaults does not change wha
     mcm            MCM off (`--mcm_weight 0`) for the best of those three, on seeds 1-5
 
 The results file (default `benchmarks/results/sew_study_cpu.json`, the sweep format: each run's `variant`, `seed`,
-`arguments`, `metrics`) is rewritten after every run. Started again, the study reads it and runs only what is
-missing (a run that failed is kept, with its log, and tried again); the file must describe the same setup.
+`arguments`, `metrics`) is rewritten after every run, with a picture of each variant's R@1 difference to SDM per
+seed beside it (the same name, .png). Started again, the study reads it and runs only what is missing (a run that
+failed is kept, with its log, and tried again); the file must describe the same setup.
 
     python benchmarks/sew_study.py                                   # the study (benchmarks/README.md)
+    python benchmarks/sew_study.py --report                          # its table and picture, nothing trained
     python benchmarks/sew_study.py --json /tmp/smoke.json --output_root /tmp/smoke --screening_seeds 1 \\
         --confirmation_seeds 2 --pretrain_args "--num_images 640 --max_steps 5" -- --max_steps 3 \\
         --eval_strategy no --save_strategy no --load_best_model_at_end false      # a smoke run
@@ -121,6 +123,36 @@ def summary(runs: list[dict], choices: dict, all_seeds: list[int]) -> dict:
     return out
 
 
+def plot(result: dict, path: Path) -> None:
+    """Each variant's R@1 minus SDM's, one dot per seed and a bar at the mean, into the PNG `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diffs = result["differences_to_sdm"]
+    mcm = result.get("mcm_on_minus_off")
+    rows = [(variant, diffs[variant]["per_seed"]) for variant in diffs]
+    if mcm:
+        rows.append((f"MCM on - off ({mcm['variant']})", mcm["per_seed"]))
+    if not rows:
+        return
+    figure, axes = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for row, (label, per_seed) in enumerate(rows):
+        values = [difference["R1"] for difference in per_seed.values()]
+        axes.scatter(values, [row] * len(values), s=18, color="tab:blue", zorder=3)
+        mean = statistics.fmean(values)
+        axes.plot([mean, mean], [row - 0.3, row + 0.3], color="tab:red", linewidth=2, zorder=4)
+    axes.axvline(0, color="grey", linewidth=1)
+    axes.set_yticks(range(len(rows)), [f"{label} (n={len(per_seed)})" for label, per_seed in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("test R@1 difference to SDM, same seed (points; red: mean)")
+    axes.set_title("Sew readings and MCM against SDM, paired by seed")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def read_results(path: Path, setup: dict) -> dict:
     """The results file to continue, or a new one; a file of another setup is refused (nothing overwritten)."""
     if not path.is_file():
@@ -139,16 +171,25 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain_args", default="", help="Arguments for examples/pretrain_clip.py (one string).")
     parser.add_argument("--output_root", default="outputs/sew_study")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sew_study_cpu.json"))
+    parser.add_argument("--report", action="store_true",
+                        help="print the table and draw the picture of the results file; train nothing")
     args, passthrough = parser.parse_known_args(argv)
     if passthrough[:1] == ["--"]:
         passthrough = passthrough[1:]
+    json_path = Path(args.json)
+    if args.report:
+        payload = json.loads(json_path.read_text())
+        plot(payload["summary"], json_path.with_suffix(".png"))
+        print_table(payload["summary"])
+        print(f"\nDrawn: {json_path.with_suffix('.png')}")
+        return 0
 
     stage1 = stage_one(shlex.split(args.pretrain_args))
     clip_folder = stage1["folder"]
     setup = {"recipe": json.loads(RECIPE.read_text()), "passthrough": passthrough,
              "pretrain_args": args.pretrain_args, "screening_seeds": args.screening_seeds,
              "confirmation_seeds": args.confirmation_seeds}
-    json_path, output_root = Path(args.json), Path(args.output_root)
+    output_root = Path(args.output_root)
     payload = read_results(json_path, setup)
     payload.setdefault("stage1", stage1)
     payload["environment"] = environment()
@@ -158,6 +199,7 @@ def main(argv=None) -> int:
         payload["summary"] = summary(payload["runs"], choices, all_seeds)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(payload, indent=2))
+        plot(payload["summary"], json_path.with_suffix(".png"))
 
     failed_now: set = set()  # tried again in the next invocation, not in a loop in this one
     while True:
