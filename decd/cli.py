@@ -29,6 +29,8 @@ status 1; no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Optional, Sequence
 
 from captions_decd import caption_problem
 
+from .processes import ProcessCountError, process_state
 from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery, describe_match, filter_options,
                      open_gallery)
 from .search.backends import import_faiss
@@ -202,14 +205,15 @@ def _run_index(arguments) -> int:
             import_pymilvus(arguments.store)
         except ImportError as error:
             raise _UserError(str(error)) from error
+    # The processes a launcher started (torchrun, accelerate launch on GPUs), joined on CPUs too, or this one alone.
     try:
-        from accelerate import PartialState
-    except ImportError:
-        state = None  # without accelerate: this process alone
-    else:
-        state = PartialState()  # one process unless started by `accelerate launch`
-    device = arguments.device if arguments.device is not None or state is None or state.num_processes == 1 \
-        else state.device  # under `accelerate launch`: this process's GPU (or the CPU with --cpu)
+        state = process_state(f"-m decd.cli {shlex.join(arguments.argv)}", arguments.device)
+    except ProcessCountError as error:
+        raise _UserError(str(error)) from None
+    if state.num_processes > 1:
+        _report_each_share()
+    device = arguments.device if arguments.device is not None or state.num_processes == 1 \
+        else state.device  # several processes: this process's GPU, or the CPU
     model, processor = _load_model(arguments.model, device)
     if arguments.store is not None:
         return _run_index_milvus(arguments, model, processor, state)
@@ -227,6 +231,16 @@ def _run_index(arguments) -> int:
           + (f", backend {index.backend}" if index.backend != "exact" else "") + ").")
     _print_skipped(index.skipped, f"unreadable file(s) (listed in {Path(arguments.output) / 'meta.json'})")
     return 0
+
+
+def _report_each_share() -> None:
+    """Several processes: each says on stderr what it encoded (the builds log one line per process)."""
+    logger = logging.getLogger("decd.search")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("decd-search index: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _print_skipped(skipped: Sequence[dict], what: str, shown: int = 20) -> None:
@@ -417,6 +431,7 @@ def _run_serve(arguments) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `decd-search`; returns the exit status (0 on success, 1 on a user error)."""
     arguments = parse_arguments(argv)
+    arguments.argv = list(sys.argv[1:] if argv is None else argv)  # named again in a message on how to launch it
     try:
         if arguments.command == "index":
             return _run_index(arguments)

@@ -12,6 +12,7 @@ Trainer -> train -> save -> test evaluation.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from decd.data import PersonSearchDataError, load_person_search, num_identities  # noqa: E402
+from decd.processes import ProcessCountError, check_process_count  # noqa: E402
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator, keep_freed_cpu_memory  # noqa: E402
 from decd.training.recipe import RecipeError, build_model, parse_arguments  # noqa: E402
 from decd.training.runs import RunFolderError, prepare_output_dir, resolve_resume  # noqa: E402
@@ -54,6 +56,12 @@ def main(argv=None):
         model_args, data_args, training_args = parse_arguments(argv)
     except (RecipeError, ValueError) as error:  # a bad recipe, start or loss setting, before any data is loaded
         raise SystemExit(f"error: {error}") from None
+    # Asked to be one of several processes but alone (accelerate launch --cpu starts one): said, not trained alone.
+    command = shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])  # named in how to launch it
+    try:
+        check_process_count(training_args.world_size, command)
+    except ProcessCountError as error:
+        raise SystemExit(f"error: {error}") from None
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -61,6 +69,10 @@ def main(argv=None):
         logger.setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    world = training_args.world_size
+    logger.info("Training on %d process%s (%s): the Sew loss compares each pair with the global batch of %d pairs",
+                world, "es" if world > 1 else "", training_args.device.type,
+                world * training_args.per_device_train_batch_size)
     # Process-wide, hence here: glibc keeps the memory a CPU step frees for the next step (decd.training.memory).
     if training_args.device.type == "cpu" and training_args.keep_freed_cpu_memory and keep_freed_cpu_memory():
         logger.info("Freed CPU memory is kept for reuse between steps (--keep_freed_cpu_memory).")

@@ -1,11 +1,10 @@
 """decd.search.build: building an index (skipping unreadable files), resuming an interrupted build, never
-touching files it does not own, several processes building one index, and memory that follows the model's
-input size rather than the photos'."""
+touching files it does not own, the shares of several processes (stood in for in this one; real processes are in
+test_multiprocess.py), and memory that follows the model's input size rather than the photos'."""
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,11 +21,8 @@ from decd.search.format import model_checksum
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
 
-from .search_fixtures import (REPO, _build, _count_images, _index_command, _snapshot, five_images,  # noqa: F401
-                              gallery_and_model, workspace)
-
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
-
+from .search_fixtures import (REPO, _build, _count_images, _snapshot, five_images, gallery_and_model,  # noqa: F401
+                              workspace)
 
 # ---------------------------------------------------------------------------------------------
 # Building, resuming
@@ -242,72 +238,8 @@ def test_only_our_shard_files_are_removed_from_partial(setup, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Several processes (accelerate launch)
+# Several processes, stood in for by hand in this one (real processes: test_multiprocess.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def _launch(tmp_path, processes, arguments):
-    """`accelerate launch --cpu --num_processes N -m decd.cli ARGS` (one thread per process, like the one-process run)."""
-    command = [ACCELERATE, "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-               "-m", "decd.cli", *arguments]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _single(tmp_path, arguments):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "decd.cli", *arguments], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _same_index(first: Path, second: Path):
-    np.testing.assert_array_equal(np.load(first / "embeddings.npy"), np.load(second / "embeddings.npy"))
-    assert (first / "embeddings.npy").read_bytes() == (second / "embeddings.npy").read_bytes()
-    assert json.loads((first / "paths.json").read_text()) == json.loads((second / "paths.json").read_text())
-    meta_one, meta_two = (json.loads((folder / "meta.json").read_text()) for folder in (first, second))
-    for key in ("count", "embedding_dim", "embeddings_sha256", "model_checksum", "model_id", "skipped",
-                "num_skipped", "num_files", "backend", "format", "format_version"):
-        assert meta_one[key] == meta_two[key], key
-    assert sorted(path.name for path in second.iterdir()) == ["embeddings.npy", "files.json", "meta.json", "paths.json"]
-
-
-@pytest.mark.skipif(not os.path.exists(ACCELERATE), reason="accelerate's launcher is not installed next to this Python")
-def test_accelerate_launch_two_processes_builds_the_one_process_index_bit_for_bit(gallery_and_model, tmp_path):
-    _, gallery, model = gallery_and_model
-    one = _single(tmp_path, _index_command(gallery, model, tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch(tmp_path, 2, _index_command(gallery, model, tmp_path / "two"))
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    _same_index(tmp_path / "one", tmp_path / "two")
-    # The skipped file is reported once (by the main process), like a one-process build.
-    assert two.stdout.count("Indexed ") == 1 and two.stdout.count("Skipped 1 unreadable") == 1, two.stdout
-    assert two.stdout.count("  bad.png: not a readable image") == 1, two.stdout
-    assert json.loads((tmp_path / "two" / "meta.json").read_text())["skipped"][0]["path"] == "bad.png"
-
-    # Resumable across process counts: one process stops after 2 batches, two processes finish the rest.
-    torch.set_num_threads(1)
-    try:
-        loaded_model = DecdModel.from_pretrained(model).eval()
-        processor = DecdProcessor.from_pretrained(model)
-        with pytest.raises(BuildInterrupted):
-            GalleryIndex.build(loaded_model, processor, gallery, tmp_path / "resumed", batch_size=3, shard_batches=1,
-                               max_batches=2, show_progress=False)
-    finally:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    assert len(list((tmp_path / "resumed" / "partial").glob("shard_*.json"))) == 2
-    resumed = _launch(tmp_path, 2, _index_command(gallery, model, tmp_path / "resumed"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _same_index(tmp_path / "one", tmp_path / "resumed")
-
-    # The output-folder safety check holds under the launcher: a foreign folder is refused, untouched.
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    refused = _launch(tmp_path, 2, _index_command(gallery, model, foreign))
-    assert refused.returncode != 0
-    assert "not a DECD gallery index" in refused.stderr
-    assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
 
 
 class _FakeState:
@@ -339,6 +271,11 @@ def test_each_rank_encodes_a_contiguous_share_and_the_main_one_assembles_in_list
     assert not (output / "meta.json").exists()
     starts = sorted(json.loads(path.read_text())["start"] for path in (output / "partial").glob("shard_*.json"))
     assert starts == list(range(0, starts[-1] + 1, 3))
+    # Each shard names its writer: the processes' shares are contiguous, in process order.
+    writers = [json.loads(path.read_text())["writer"] for path in sorted((output / "partial").glob("shard_*.json"))]
+    ranks = [writer["process"] for writer in writers]
+    assert ranks == sorted(ranks) and set(ranks) == {0, 1, 2} and {writer["processes"] for writer in writers} == {3}
+    assert {writer["pid"] for writer in writers} == {os.getpid()}  # stood in for by this one
     with pytest.warns(UserWarning, match="bad.png"):
         index = GalleryIndex.build(model, processor, gallery, output, distributed=_FakeState(0, 3), **options)
     assert index.paths == reference.paths and index.skipped == reference.skipped

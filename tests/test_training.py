@@ -1,9 +1,9 @@
-"""Training: gradient accumulation, two-process Sew loss, sampler, collator, Trainer integration, accelerate launch."""
+"""Training: gradient accumulation, two-process Sew loss, sampler, collator, Trainer integration (a launched
+two-process run: test_multiprocess.py)."""
 
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,29 +185,6 @@ def test_resume_from_checkpoint(tmp_path, tiny_set):
     second = _trainer(tmp_path, train_set, max_steps=3, save_strategy="no")
     second.train(resume_from_checkpoint=str(checkpoint))
     assert second.state.global_step == 3
-
-
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="accelerate's launcher is not installed next to this Python")
-def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_set):
-    output_dir = tmp_path / "run"
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--cpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "examples" / "train.py"), str(REPO / "recipes" / "synthetic.json"), "--max_steps", "2",
-        "--data_dir", str(tiny_set), "--output_dir", str(output_dir), "--per_device_train_batch_size", "4",
-        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-        "--logging_steps", "1", "--disable_tqdm", "true",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((output_dir / "all_results.json").read_text())
-    for name in ("test_R1", "test_R5", "test_R10", "test_mAP", "test_mINP"):
-        assert 0 <= results[name] <= 100
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 2
-    assert any("loss_sew" in entry for entry in state["log_history"])
 
 
 # One CPU training step's allocation pattern, reduced: two lookups in a 49,409-row embedding (caption and

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..processes import stop_together
 from .backends import (EXACT_BACKEND, ann_num_lists, ann_train_size, build_ann_index, check_ann_size, import_faiss,
                        is_exact, new_ann_index)
 from .display import display_path
@@ -37,6 +39,8 @@ try:
 except ImportError:  # not POSIX
     fcntl = None
 
+logger = logging.getLogger(__name__)
+
 # --------------------------------------------------------------------------------------------
 # Saved progress: shards in partial/
 # --------------------------------------------------------------------------------------------
@@ -46,13 +50,14 @@ class _ShardStore:
     """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}.
 
     A shard covers the listing positions [start, end) (whole batches) and holds the embeddings of the
-    readable files among them; its json (written after its npy) is the proof that it is complete. Shards
-    are named by their start position, not by the process that wrote them, so a build resumes with any
-    number of processes: each process skips the batches of its share that a complete shard covers.
+    readable files among them; its json (written after its npy) is the proof that it is complete, and names
+    its writer (process index and count, host, pid). Shards are named by their start position, not by the
+    process that wrote them, so a build resumes with any number of processes: each process skips the batches
+    of its share that a complete shard covers.
     """
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, writer: Optional[dict] = None):
+        self.folder, self.writer = folder, writer
         self.shards: list[dict] = []
         self.reload()
         self._clear_staged()
@@ -117,7 +122,8 @@ class _ShardStore:
         np.save(self.folder / f"{stem}.npy.tmp.npy", array.astype(np.float32, copy=False))  # temporary + rename
         os.replace(self.folder / f"{stem}.npy.tmp.npy", self.folder / f"{stem}.npy")
         record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
-                      skipped=self._staged_skipped, fingerprints=self._staged_fingerprints, file=f"{stem}.npy")
+                      skipped=self._staged_skipped, fingerprints=self._staged_fingerprints, file=f"{stem}.npy",
+                      writer=self.writer)
         write_json(self.folder / f"{stem}.json", record)
         self.shards.append(record)  # sorted when tiled
         self._clear_staged()
@@ -265,16 +271,20 @@ def build_index(model, processor, gallery_dir: PathLike, output: PathLike, batch
             _ShardStore.prepare(output / PARTIAL_DIR, fingerprint, resume)
             _ShardStore(output / PARTIAL_DIR).drop_changed(gallery_dir)  # files replaced since their shard was written
         state.wait_for_everyone()
-        if read_json(output / PARTIAL_DIR / PROGRESS_FILE) != fingerprint:
-            raise GalleryIndexError(f"process {rank} of {world} sees another gallery listing, model or batch size "
-                                    f"than the main process; every process must see the same folder and model")
-        store = _ShardStore(output / PARTIAL_DIR)
+        mismatch = None if read_json(output / PARTIAL_DIR / PROGRESS_FILE) == fingerprint else GalleryIndexError(
+            f"process {rank} of {world} sees another gallery listing, model or batch size than the main process; "
+            f"every process must see the same folder and model")
+        stop_together(state, mismatch)  # all stop now, rather than encode their shares and wait for this one at the end
+        writer = dict(process=rank, processes=world, host=socket.gethostname(), pid=os.getpid())
+        store = _ShardStore(output / PARTIAL_DIR, writer)
         batches = encode_gallery(model, processor, gallery_dir, todo_files, batch_size, share=(rank, world),
                                  done=store.covered_batches(batch_size), max_batches=max_batches,
                                  show_progress=show_progress and main, desc="Indexing gallery")
+        encoded = []  # (start, end) of the batches this process encodes in this call
         with one_share(state):  # all shards are written (or their process failed) before the join
             try:
                 for batch in batches:
+                    encoded.append((batch.start, batch.end))
                     if store.stage(batch) == shard_batches:
                         store.flush()
             except BaseException:
@@ -282,6 +292,10 @@ def build_index(model, processor, gallery_dir: PathLike, output: PathLike, batch
                     store.flush()  # keep what was embedded, whether interrupted or failed
                 raise
             store.flush()
+        if world > 1:
+            logger.info("process %d of %d (pid %d on %s) encoded %d of the %d files%s", rank, world, writer["pid"],
+                        writer["host"], sum(end - start for start, end in encoded), len(todo_files),
+                        f" (listing positions {encoded[0][0]} to {encoded[-1][1] - 1})" if encoded else "")
         store.reload()
         shards = store.tiling(len(todo_files))
         if shards is None:  # only with several processes: another one stopped or failed

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 from modeling_decd import NEW_MODULE_PREFIXES
 
 from ..data import without_image_decoding
+from ..processes import launched_processes, runs_on_cpus
 from ..retrieval import evaluate_retrieval
 from .runs import resolve_resume, write_manifest
 from .sampler import IdentityBalancedSampler
@@ -69,6 +70,13 @@ class DecdTrainingArguments(TrainingArguments):
                           "instead of returning it to the kernel (decd.training.keep_freed_cpu_memory). "
                           "Same results, fewer page faults; the process keeps its peak heap."},
     )
+
+    def __post_init__(self):
+        # Processes a launcher (torchrun) started on CPUs join only as `use_cpu` processes: without it each one
+        # would train alone on all the data, with a Sew loss over its own batch (decd.processes).
+        if not self.use_cpu and launched_processes() > 1 and runs_on_cpus():
+            self.use_cpu = True
+        super().__post_init__()
 
 
 class DecdTrainer(Trainer):

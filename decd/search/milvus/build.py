@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +16,19 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+from ...processes import all_processes, stop_together
 from ..display import display_path
 from ..encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, list_images,
                       one_share, warn_skipped)
-from ..errors import MilvusStoreError, StaleIndexError
+from ..errors import BuildInterrupted, GalleryIndexError, MilvusStoreError, StaleIndexError
 from ..format import PathLike, file_sha256, model_checksum, model_meta
 from .metadata import read_metadata
 from .store import (KEY_FIELD, MAX_PATH_BYTES, META_PROPERTY, MILVUS_FORMAT, MILVUS_FORMAT_VERSION, SHA_FIELD,
                     STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, check_collection_name, collection_record,
                     connect, create_collection, default_collection_name, delete_rows, index_parameters, index_settings,
                     insert_rows, milvus_index, parse_location, read_rows, stat_text, vector_index_info)
+
+logger = logging.getLogger(__name__)
 
 
 def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, os.PathLike],
@@ -61,14 +66,21 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
                 format_version=MILVUS_FORMAT_VERSION, embedding_dim=dim, gallery_dir=str(gallery_dir.resolve()),
                 extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
     client = connect(location, token, create=True)
-    _check_collection(client, location, name, meta, resume, metadata)  # every process, before any writes
+    try:  # every process, before any writes; if one finds a problem, all stop
+        _check_collection(client, location, name, meta, resume, metadata)
+        problem = None
+    except GalleryIndexError as error:
+        problem = error if world == 1 else type(error)(f"process {rank} of {world}: {error}")
+    stop_together(state, problem)
     state.wait_for_everyone()
     if main:
         _prepare_collection(client, location, name, meta, types, wanted, resume)
     state.wait_for_everyone()
     stored_meta, types = collection_record(client, location, name)
-    if stored_meta is None or stored_meta.get("model_checksum") != checksum:
-        raise MilvusStoreError(f"process {rank} of {world} finds {location.describe(name)} prepared for another model")
+    prepared = stored_meta is not None and stored_meta.get("model_checksum") == checksum
+    stop_together(state, None if prepared else MilvusStoreError(
+        f"process {rank} of {world} finds {location.describe(name)} prepared for another model; every process must "
+        f"use the same model"))
     if metadata is not None:
         types, values = read_metadata(metadata, types)  # the collection's field types win over the CSV's guess
     stored = read_rows(client, location, name, list(types))
@@ -81,11 +93,33 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
     batches = encode_gallery(model, processor, gallery_dir, [item[0] for item in plan.work], batch_size,
                              share=(rank, world), max_batches=max_batches, select=writer.to_encode,
                              show_progress=show_progress and main, desc="Indexing gallery into Milvus")
-    with one_share(state):
-        for batch in batches:
-            writer.write(batch)
+    encoded, failure = [], None  # (start, end) of the batches this process writes; why it stopped
+    with one_share(state):  # then every process says how its share went, a process that failed too
+        try:
+            for batch in batches:
+                encoded.append((batch.start, batch.end))
+                writer.write(batch)
+        except Exception as error:  # noqa: BLE001 - raised below, once the others know
+            failure = error
+    own = dict(changes={key: changes[key] for key in ("new", "changed", "updated")},
+               skipped=writer.skipped[len(plan.skipped):])
+    if world > 1 and failure is None:
+        logger.info("process %d of %d (pid %d on %s) wrote %d of the %d files to write%s: %d new, %d changed, "
+                    "%d rewritten", rank, world, os.getpid(), socket.gethostname(),
+                    sum(end - start for start, end in encoded), len(plan.work),
+                    f" (listing positions {encoded[0][0]} to {encoded[-1][1] - 1})" if encoded else "",
+                    *own["changes"].values())
+    shares = all_processes(state, None if failure is not None else own)
+    if failure is not None:
+        raise failure
+    if any(share is None for share in shares):
+        raise BuildInterrupted(f"another process stopped before its share of the {len(plan.work)} files was "
+                               f"written; build again with the same model and folder to resume")
     if not main:
         return None
+    for key in ("new", "changed", "updated"):  # the whole build's, not the main process's share's
+        changes[key] = sum(share["changes"][key] for share in shares)
+    writer.skipped = list(plan.skipped) + [item for share in shares for item in share["skipped"]]
     finish_build(client, location, name, meta, wanted, bool(plan.work or plan.gone), show_progress)
     warn_skipped(writer.skipped, len(files), meta["gallery_dir"],
                  "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=3)
