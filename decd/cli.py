@@ -4,7 +4,8 @@
                       [--backend exact|HNSW32|IVF4096,Flat|IVF4096,PQ64|...]
     decd-search index GALLERY_DIR --model MODEL --store URI [--collection NAME] [--token T]
                       [--metadata crops.csv] [--backend exact|HNSW|IVF_FLAT|IVF1024,PQ64|...]
-    accelerate launch [--cpu] --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX
+    torchrun --nproc_per_node N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX    (N processes: CPUs, GPUs)
+    accelerate launch --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX   (N GPUs)
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
                       [--no-verify]
                       [--backend exact|faiss] [--nprobe 32] [--ef_search 256] [--rerank 100]
@@ -13,8 +14,8 @@
     decd-search serve GALLERY --model MODEL [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_queue 256]
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
-interrupted run resumes where it stopped; under `accelerate launch` each process encodes its share
-(same index, bit for bit, as one process). `--backend` also builds an approximate FAISS index
+interrupted run resumes where it stopped; as N processes (torchrun; `accelerate launch` on GPUs) each
+encodes its share (same index, bit for bit, as one process; docs/large-galleries.md). `--backend` also builds an approximate FAISS index
 (index-factory string) that `query` then uses. `--store URI` writes a Milvus collection instead of a
 folder (`decd.search.MilvusGallery`: a Milvus Lite path `gallery.db` or `http://host:19530`); a re-run
 inserts only what is missing or changed and deletes what is gone. `query` prints the ranked images with their cosine

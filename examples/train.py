@@ -3,6 +3,7 @@
 
     python examples/train.py recipes/synthetic.json                     # the main job (`make train`): CPU, offline
     accelerate launch examples/train.py recipes/cuhk-pedes.json --data_dir /data/CUHK-PEDES   # the paper's recipe
+    torchrun --nproc_per_node 2 examples/train.py recipes/synthetic.json   # N processes on CPUs (or GPUs)
 
 A recipe (`recipes/*.json`, read by `decd.training.recipe`) states every value it changes from the method's
 defaults (docs/method.md); flags after it override it. Reads top to bottom: arguments -> data -> model ->

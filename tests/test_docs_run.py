@@ -3,9 +3,9 @@
 Every shell command shown in README.md, docs/*.md and benchmarks/README.md (fenced bash/sh/shell/console blocks,
 unmarked blocks of commands, and inline `...` spans that start with a program) goes through the parser of the
 program it names: `decd-search` and `decd-convert` (their entry points), `python examples/*.py`, `app.py`,
-`scripts/*.py` and `benchmarks/*.py` (their argparse / HfArgumentParser parsing), `accelerate launch` (accelerate's
-own parser, then the command it launches), `make` (the Makefile's targets and variables), `pip install` (the
-extras setup.cfg declares) and `milvus-server` (its parser). The usage lines of the command-line modules'
+`scripts/*.py` and `benchmarks/*.py` (their argparse / HfArgumentParser parsing), `accelerate launch` and
+`torchrun` (the launcher's own parser, then the command it launches), `make` (the Makefile's targets and
+variables), `pip install` (the extras setup.cfg declares) and `milvus-server` (its parser). The usage lines of the command-line modules'
 docstrings are parsed the same way. The README's `decd-search` commands for the tiny model and its Python
 examples run against a tiny model saved here; the "without this package" example runs in a process that cannot
 import `decd`.
@@ -58,7 +58,7 @@ CONSOLE_SCRIPTS = dict(line.replace(" ", "").split("=", 1)
                        for line in SETUP["options.entry_points"]["console_scripts"].strip().splitlines())
 EXTRAS = set(SETUP["options.extras_require"])
 SCRIPT = re.compile(r"(?:examples|scripts|benchmarks)/\w+\.py|app\.py")
-PROGRAMS = {"python", "python3", "accelerate", "make", "pip", "milvus-server", *CONSOLE_SCRIPTS}
+PROGRAMS = {"python", "python3", "accelerate", "torchrun", "make", "pip", "milvus-server", *CONSOLE_SCRIPTS}
 OPERATORS = {";", "&&", "||", "|", "&"}
 # What an inline fragment may leave out: argparse's required arguments, examples/train.py's recipe or dataset.
 FRAGMENT_LEAVES_OUT = r"arguments are required|one of the arguments .* is required|no dataset: give a recipe"
@@ -344,6 +344,17 @@ def check_accelerate(argv: list[str]) -> str:
     return "accelerate launch " + check_python(inner)
 
 
+def check_torchrun(argv: list[str]) -> str:
+    from torch.distributed.run import get_args_parser
+
+    parsed = []
+    _parse("torchrun", argv, lambda argv: parsed.append(get_args_parser().parse_args(argv)))
+    launched = parsed[0]
+    assert not launched.no_python, "torchrun --no-python: only Python programs are checked"
+    inner = (["-m"] if launched.module else []) + [launched.training_script, *launched.training_script_args]
+    return "torchrun " + check_python(inner)
+
+
 def _makefile() -> tuple[set[str], set[str]]:
     text = (REPO / "Makefile").read_text()
     targets = set(re.findall(r"^([A-Za-z_][\w.-]*)\s*:(?!=)", text, flags=re.MULTILINE))
@@ -406,7 +417,7 @@ def check_words(words: list[str]) -> str:
         module = CONSOLE_SCRIPTS[program].split(":")[0]
         _parse(program, argv, PARSERS[module])
         return program
-    checks = {"accelerate": check_accelerate, "make": check_make, "pip": check_pip,
+    checks = {"accelerate": check_accelerate, "torchrun": check_torchrun, "make": check_make, "pip": check_pip,
               "milvus-server": check_milvus_server}
     assert program in checks, f"no parser is known for {program!r}: add one to tests/test_docs_run.py"
     return checks[program](argv)
@@ -477,6 +488,7 @@ def test_the_docs_show_each_program_and_the_search_synopsis_in_both_orders():
             checked.update(check(shown))
     assert {"decd-search", "decd-convert", "examples/train.py", "examples/evaluate.py", "examples/pretrain_clip.py",
             "app.py", "make", "pip", "accelerate launch decd.cli", "accelerate launch examples/train.py",
+            "torchrun decd.cli", "torchrun examples/train.py",
             "scripts/push_space.py", "milvus-server"} <= checked, checked
     assert len(ALL_SHOWN) > 40
     usage = [shown.text for shown in usage_lines("decd/cli.py")]
@@ -491,6 +503,8 @@ def test_the_docs_show_each_program_and_the_search_synopsis_in_both_orders():
     ("python examples/evaluate.py outputs/m --dataset_name synthetic --split train", "invalid choice: 'train'"),
     ("accelerate launch --num_processes 2 -m decd.cli query INDEX --top_k ten", "invalid int value: 'ten'"),
     ("accelerate launch --no_such_option examples/train.py", "--no_such_option"),
+    ("torchrun --nproc_per_node 2 -m decd.cli index G --model M --output I --batch_size many", "invalid int value"),
+    ("torchrun --no_such_option 2 examples/train.py", "--no_such_option"),
     ("decd-convert best.pth out --dtype float8", "invalid choice: 'float8'"),
     ("python app.py --port high", "invalid int value: 'high'"),
     ("python scripts/push_space.py --model org/m", "required: --space"),
