@@ -15,8 +15,8 @@
 
 `index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
 interrupted run resumes where it stopped; as N processes (torchrun; `accelerate launch` on GPUs) each
-encodes its share (same index, bit for bit, as one process; docs/large-galleries.md). `--backend` also builds an approximate FAISS index
-(index-factory string) that `query` then uses. `--store URI` writes a Milvus collection instead of a
+encodes its share (same index, bit for bit, as one process; docs/large-galleries.md). `--backend` also
+builds an approximate FAISS index (index-factory string) that `query` then uses. `--store URI` writes a Milvus collection instead of a
 folder (`decd.search.MilvusGallery`: a Milvus Lite path `gallery.db` or `http://host:19530`); a re-run
 inserts only what is missing or changed and deletes what is gone. `query` prints the ranked images with their cosine
 similarity (with the rank as a share of the gallery, `decd.search.describe_match`) and optionally
