@@ -71,6 +71,7 @@ if str(_HERE) not in sys.path:
 from decd.search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, SkippedImagesWarning,  # noqa: E402
                          check_top_k, describe_match, filter_options, open_gallery)
 from decd.search import Gallery as SearchableGallery  # noqa: E402
+from decd.search.format import check_gallery_paths  # noqa: E402
 from decd.search.milvus import is_milvus_uri  # noqa: E402
 from decd.serve import GalleryFiles, Query, SearchBatcher, default_threads, image_endpoint, image_url  # noqa: E402
 from inference_decd import ModelLoadError  # noqa: E402
@@ -226,6 +227,11 @@ def load_gallery(
                        image_roots=[root.resolve()] if root is not None else [], root=root)
     built = index.path is not None  # an index folder, not a folder encoded just now
     root = _index_images_root(index, path, images_root) if built else path
+    if built and images_root is not None:  # the index's paths were checked against its own folder: now against this
+        try:
+            check_gallery_paths(index.paths, root, f"index {str(path)!r} in the images root {str(root)!r}")
+        except GalleryIndexError as error:
+            raise AppConfigError(str(error)) from error
     paths = [(root / relative).resolve() for relative in index.paths]
     notes = []
     missing = sum(1 for image in paths[:100] if not image.is_file()) if built else 0

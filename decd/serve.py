@@ -29,6 +29,7 @@ from captions_decd import caption_problem
 from inference_decd import embed_images, embed_texts
 
 from .search import GalleryIndex, GalleryIndexError, SearchResult, check_top_k, describe_matches, filter_options
+from .search.format import path_problem
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -226,7 +227,8 @@ class GalleryFiles:
 
     A local gallery's paths are known up front (a set); a Milvus gallery is asked whether it holds a row with that
     path (a one-row filtered search), and the answers are remembered (`cache_size` of them). Anything else (a file
-    beside the gallery's images, the index folder, `..`) is not found.
+    beside the gallery's images, the index folder, `..`) is not found, nor is a path `decd.search.format.path_problem`
+    refuses (one that leaves the folder `root`, through `..` or a symbolic link made since the gallery was opened).
     """
 
     def __init__(self, gallery, root: Optional[Path] = None, cache_size: int = 4096):
@@ -241,7 +243,7 @@ class GalleryFiles:
 
     def file(self, relative: str) -> Optional[Path]:
         """The file of the gallery image `relative`, or None when the gallery names no such image (or it is gone)."""
-        if not isinstance(relative, str) or not relative or not self._named(relative):
+        if not isinstance(relative, str) or path_problem(relative, self.root) is not None or not self._named(relative):
             return None
         path = self.root / relative if self.root is not None else Path(relative)
         return path if path.is_file() else None

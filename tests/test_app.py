@@ -13,6 +13,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_SSR_MODE", "False")
 
+import re  # noqa: E402
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -374,6 +375,43 @@ def test_only_the_indexed_images_are_served_and_a_moved_gallery_is_refused(loade
     with pytest.raises(app.AppConfigError, match=r"were in .*crops.*which does not exist here: set DECD_IMAGES"):
         app.load_gallery(model, processor, home / "gal.index")
     assert len(app.load_gallery(model, processor, home / "gal.index", images_root=tmp_path / "moved")) == 10
+
+
+def test_an_index_recording_a_path_outside_its_gallery_is_refused_and_never_served(loaded, gallery_dir, tmp_path):
+    """An index from elsewhere whose paths.json names '../secret.txt' (or a file by its absolute path): the app does
+    not start on it (one line naming the entry), and a gallery that names such a file anyway (built in memory, not
+    read from disk), or an image that became a link out of the folder since, is never served by /images/."""
+    import json
+    import shutil
+
+    from decd.serve import GalleryFiles
+
+    model, processor, _ = loaded
+    home = tmp_path / "home"
+    gallery = home / "crops"
+    shutil.copytree(gallery_dir, gallery)
+    (home / "secret.txt").write_text("PRIVATE")
+    (home / "secret.png").write_bytes(next(gallery.rglob("*.png")).read_bytes())
+    built = GalleryIndex.build(model, processor, gallery, home / "gal.index", batch_size=5, show_progress=False)
+    paths = list(built.paths)
+    for recorded in ("../secret.txt", "../secret.png", str(home / "secret.png")):
+        tampered = paths[:1] + [recorded] + paths[2:]
+        (home / "gal.index" / "paths.json").write_text(json.dumps(tampered))
+        with pytest.raises(app.AppConfigError, match=rf"entry 1 \({re.escape(repr(recorded))}\) .*rebuild it") \
+                as refused:
+            app.load_gallery(model, processor, home / "gal.index")
+        assert "\n" not in str(refused.value)
+        files = GalleryFiles(GalleryIndex(built.embeddings, tampered, dict(built.meta)), gallery)
+        assert files.file(recorded) is None and files.file(paths[0]) == gallery / paths[0], recorded
+    (home / "gal.index" / "paths.json").write_text(json.dumps(paths))
+    opened = app.load_gallery(model, processor, home / "gal.index")
+    files = app.build_demo(model, processor, opened).gallery_files  # what the app's /images/ route serves
+    assert files.file(paths[0]) == gallery / paths[0]
+    (gallery / paths[0]).unlink()
+    os.symlink(home / "secret.png", gallery / paths[0])  # a link out of the folder, made while the app runs
+    assert files.file(paths[0]) is None
+    with pytest.raises(app.AppConfigError, match=r"leads through a symbolic link to .*secret.png"):
+        app.load_gallery(model, processor, home / "gal.index")
 
 
 def test_top_k_that_is_not_a_positive_whole_number_is_one_clear_message(server):

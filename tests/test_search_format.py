@@ -5,6 +5,7 @@ checksum an index records, and docs/index-format.md (and docs/milvus.md's collec
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +102,66 @@ def test_verify_false_skips_the_full_read_and_nan_never_ranks_first(built, setup
     assert result.indices[0, 0].item() != 3 and result.indices[0, -1].item() == 3
     assert main(["query", str(built), QUERY, "--no-verify", "--top_k", "5"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].split()[-1] == "3.png"  # the NaN row comes last
+
+
+def _record_path(folder: Path, entry: int, recorded: str) -> None:
+    paths = json.loads((folder / "paths.json").read_text())
+    paths[entry] = recorded
+    (folder / "paths.json").write_text(json.dumps(paths))
+
+
+@pytest.mark.parametrize("recorded, gallery_dir, message", [
+    ("../secret.txt", None, r"index '.*' \(paths.json\): entry 1 \('../secret.txt'\) goes up out of the gallery "
+                            r"folder \('..'\)"),
+    ("cam/../../secret.png", None, r"entry 1 \('cam/../../secret.png'\) goes up"),
+    ("/etc/hostname", None, r"entry 1 \('/etc/hostname'\) is an absolute path"),
+    ("hostname", "/etc", r"entry 1 \('hostname'\) is not an image file name \(no extension\)"),
+    (".ssh/id_rsa", "/root", r"entry 1 \('.ssh/id_rsa'\) is not an image file name"),
+    ("1.png", "../crops", r"\(meta.json\) records the gallery folder '../crops', which is not an absolute path"),
+], ids=["up", "up-inside", "absolute", "gallery-dir-etc", "gallery-dir-home", "relative-gallery-dir"])
+def test_an_index_recording_a_path_outside_its_gallery_is_refused_naming_the_entry(built, capsys, recorded,
+                                                                                    gallery_dir, message):
+    """An index folder is input from whoever wrote it: a paths.json entry or a meta.json gallery folder that leads
+    out of the gallery makes the open fail in one line naming it (with or without the full read), and
+    `decd-search query` lists nothing."""
+    _record_path(built, 1, recorded)
+    if gallery_dir is not None:
+        _rewrite_meta(built, gallery_dir=gallery_dir)
+    for verify in (True, False):
+        with pytest.raises(GalleryIndexError, match=message) as refused:
+            GalleryIndex.load(built, verify=verify)
+        assert "\n" not in str(refused.value) and "rebuild it from the gallery folder" in str(refused.value)
+    assert main(["query", str(built), QUERY]) == 1
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err) and "Traceback" not in captured.err and captured.out == ""
+
+
+def test_an_index_whose_image_became_a_link_out_of_its_gallery_is_refused(setup, tmp_path):
+    """The gallery folder itself may lead out: an image the index names replaced by a symbolic link to a file outside
+    the folder (or a folder of it linked outside) refuses the open; a link that stays inside is an image like any."""
+    gallery = tmp_path / "gallery"
+    (gallery / "cam").mkdir(parents=True)
+    for number, image in enumerate(sorted(setup["gallery"].iterdir())):
+        (gallery / ("cam" if number == 4 else "") / image.name).write_bytes(image.read_bytes())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((gallery / "1.png").read_bytes())
+    _build(setup, tmp_path / "index", gallery=gallery)
+    (gallery / "2.png").unlink()
+    os.symlink(gallery / "0.png", gallery / "2.png")  # inside: opened as before
+    assert len(GalleryIndex.load(tmp_path / "index")) == 5
+    (gallery / "1.png").unlink()
+    os.symlink(outside / "secret.png", gallery / "1.png")
+    with pytest.raises(GalleryIndexError, match=r"entry 1 \('1.png'\) leads through a symbolic link to "
+                                                r".*outside/secret.png, outside the gallery folder"):
+        GalleryIndex.load(tmp_path / "index")
+    (gallery / "1.png").unlink()
+    (gallery / "1.png").write_bytes((outside / "secret.png").read_bytes())
+    (outside / "4.png").write_bytes((gallery / "cam" / "4.png").read_bytes())
+    shutil.rmtree(gallery / "cam")
+    os.symlink(outside, gallery / "cam")  # a folder of the gallery linked outside
+    with pytest.raises(GalleryIndexError, match=r"entry 4 \('cam/4.png'\) leads through a symbolic link"):
+        GalleryIndex.load(tmp_path / "index", verify=False)
 
 
 def test_load_of_a_good_index_checks_and_passes(built):

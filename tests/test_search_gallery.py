@@ -2,6 +2,7 @@
 listed, like a build), a list of images or any `Gallery`, the same way for the pipeline, the app, the CLI
 and the handler."""
 
+import os
 import warnings
 
 import numpy as np
@@ -122,6 +123,29 @@ def test_open_gallery_errors_are_one_line_naming_the_path(setup, tmp_path):
         open_gallery(None, None, setup["gallery"])  # without a model only an index can be opened
     with pytest.raises(TypeError, match="not int"):
         open_gallery(model, processor, 3)
+
+
+def test_a_folder_whose_image_links_to_a_file_outside_it_is_refused_naming_the_link(setup, tmp_path):
+    """The folder listing keeps to the rule of every gallery path (`path_problem`): an image that is a symbolic link
+    to a file outside the folder stops the open and the build, naming it, before anything is encoded; a link inside
+    the folder is an image like any other."""
+    model, processor = setup["model"], setup["processor"]
+    gallery, outside = tmp_path / "crops", tmp_path / "elsewhere"
+    gallery.mkdir()
+    outside.mkdir()
+    for image in sorted(setup["gallery"].iterdir()):
+        (gallery / image.name).write_bytes(image.read_bytes())
+    (outside / "private.png").write_bytes((gallery / "0.png").read_bytes())
+    os.symlink(gallery / "0.png", gallery / "same.png")  # inside: listed and encoded
+    assert "same.png" in open_gallery(model, processor, gallery).paths
+    os.symlink(outside / "private.png", gallery / "link.png")
+    message = r"the gallery folder '.*crops': entry \d \('link.png'\) leads through a symbolic link to " \
+              r".*elsewhere/private.png, outside the gallery folder .*; a gallery is the image files inside its folder"
+    with pytest.raises(GalleryIndexError, match=message):
+        open_gallery(model, processor, gallery)
+    with pytest.raises(GalleryIndexError, match=message):
+        GalleryIndex.build(model, processor, gallery, tmp_path / "index", show_progress=False)
+    assert not any((tmp_path / "index").iterdir())  # refused before anything was written
 
 
 def test_a_gallery_of_one_s_own_is_opened_as_it_is_and_searched_through_the_protocol(setup, tmp_path):

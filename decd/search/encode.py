@@ -17,7 +17,7 @@ from inference_decd import embed_images
 
 from .display import display_path
 from .errors import BuildInterrupted, GalleryIndexError, IndexNotFoundError, SkippedImagesWarning
-from .format import PathLike, file_fingerprint
+from .format import PathLike, check_gallery_paths, file_fingerprint
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
 
@@ -33,7 +33,9 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
 
     `extensions` are matched case-insensitively, with or without a leading dot. Files under `exclude` (e.g. an
     index folder placed inside the gallery) are left out. Raises IndexNotFoundError for a missing folder and
-    GalleryIndexError for a file or a folder without images (naming the extensions looked for).
+    GalleryIndexError for a file or a folder without images (naming the extensions looked for), and for a file
+    that `decd.search.format.path_problem` refuses (a link to a file outside the folder, a name that is not an
+    image's), naming it.
     """
     root = Path(gallery_dir)
     if not root.exists():
@@ -54,6 +56,9 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
     if not found:
         raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for "
                                 f"{', '.join(suffixes)})")
+    check_gallery_paths(found, root, f"the gallery folder {display_path(root)!r}", links_to_files_only=True,
+                        remedy="a gallery is the image files inside its folder: copy a linked image into it (or "
+                               "remove the link), and give image extensions only")
     return sorted(found)
 
 

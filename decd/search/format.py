@@ -140,6 +140,119 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The paths a gallery records: image files inside its folder
+# --------------------------------------------------------------------------------------------
+
+# Extensions PIL opens that name data or documents it can read a picture out of, not pictures: never gallery images.
+_NOT_PICTURES = frozenset({".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".eps", ".ps", ".mpeg", ".mpg", ".wmf",
+                           ".emf"})
+_SUFFIXES: dict[int, frozenset] = {}
+RECORDED_BY_SOMEONE_ELSE = ("it was not written by decd-search as it is (edited, or from elsewhere): nothing of it was "
+                            "opened; rebuild it from the gallery folder with `decd-search index`")
+
+
+def image_suffixes() -> frozenset:
+    """The file name extensions (lower case, with the dot) a gallery image may have: those of the formats PIL opens
+    (its plugins registered now), less `_NOT_PICTURES`."""
+    from PIL import Image
+
+    Image.init()
+    key = len(Image.EXTENSION)  # grows when a plugin registers more formats
+    if key not in _SUFFIXES:
+        _SUFFIXES.clear()
+        _SUFFIXES[key] = frozenset(suffix.lower() for suffix, kind in Image.EXTENSION.items()
+                                   if kind in Image.OPEN) - _NOT_PICTURES
+    return _SUFFIXES[key]
+
+
+def path_problem(relative: Any, gallery_dir: Optional[PathLike] = None) -> Optional[str]:
+    """Why `relative`, a path a gallery records, does not name an image file inside the gallery folder, or None when
+    it does. The one rule for every such path: an index's paths.json, a folder listing, a Milvus collection's rows,
+    the files the app and the service serve. The path is relative (POSIX), does not go up ('..'), has an image file
+    name (`image_suffixes`) and, when `gallery_dir` exists, no symbolic link on its way leads outside the folder.
+
+    The reason is worded to follow the path: "'../x.txt' goes up out of the gallery folder ('..')".
+    """
+    if not isinstance(relative, str) or not relative:
+        return "is not a file name"
+    if "\x00" in relative:
+        return "holds a NUL character"
+    if os.path.isabs(relative):
+        return "is an absolute path, not one relative to the gallery folder"
+    if ".." in relative.split("/"):
+        return "goes up out of the gallery folder ('..')"
+    suffix = os.path.splitext(relative)[1].lower()
+    if suffix not in image_suffixes():
+        return f"is not an image file name ({suffix or 'no extension'})"
+    if gallery_dir is None or not os.path.isdir(gallery_dir):
+        return None
+    root = os.path.realpath(gallery_dir)
+    target = os.path.realpath(os.path.join(root, relative))
+    if os.path.commonpath([root, target]) != root:
+        return f"leads through a symbolic link to {target}, outside the gallery folder {root}"
+    return None
+
+
+def check_gallery_dir(gallery_dir: Any, where: str) -> Optional[Path]:
+    """A gallery folder as a record names it (meta.json, a collection's decd.meta): None, or an absolute path that
+    does not go up ('..'), as a build writes it; GalleryIndexError naming `where` otherwise."""
+    if gallery_dir is None:
+        return None
+    if not (isinstance(gallery_dir, str) and os.path.isabs(gallery_dir) and ".." not in gallery_dir.split("/")
+            and "\x00" not in gallery_dir):
+        raise GalleryIndexError(f"{where} records the gallery folder {display_path(str(gallery_dir))!r}, which is not "
+                                f"an absolute path without '..'; {RECORDED_BY_SOMEONE_ELSE}")
+    return Path(gallery_dir)
+
+
+def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], where: str,
+                        remedy: str = RECORDED_BY_SOMEONE_ELSE, links_to_files_only: bool = False) -> None:
+    """Raise GalleryIndexError naming the first of `paths` (relative to `gallery_dir`) that `path_problem` refuses,
+    and `where` they are recorded ("index 'x' (paths.json)"), followed by `remedy`.
+
+    Every path is checked by `path_problem`; the symbolic links are found one folder at a time (a `scandir` of each
+    folder that holds a path, not a `stat` of each path), so a 10^6-image gallery is checked in about a read of its
+    folders. `links_to_files_only` (a folder being listed): a link to something other than a regular file (a device,
+    a pipe) is left to `load_image`, which refuses it without reading it; only a file's bytes could be embedded and
+    served from outside.
+    """
+    def refuse(number: int, relative: Any, problem: str) -> GalleryIndexError:
+        name = display_path(relative) if isinstance(relative, str) else relative
+        return GalleryIndexError(f"{where}: entry {number} ({name!r}) {problem}; {remedy}")
+
+    by_folder: dict[str, list[tuple[int, str]]] = {}
+    for number, relative in enumerate(paths):
+        problem = path_problem(relative)
+        if problem is not None:
+            raise refuse(number, relative, problem)
+        folder, _, name = relative.rpartition("/")
+        by_folder.setdefault(folder, []).append((number, name))
+    if gallery_dir is None or not os.path.isdir(gallery_dir):
+        return
+    root = os.path.realpath(gallery_dir)
+    for folder, names in by_folder.items():
+        real = os.path.realpath(os.path.join(root, folder))
+        if os.path.commonpath([root, real]) != root:  # the folder itself is (behind) a link out
+            number, name = names[0]
+            relative = f"{folder}/{name}"
+            raise refuse(number, relative, path_problem(relative, gallery_dir))
+        try:
+            with os.scandir(real) as entries:
+                links = {entry.name for entry in entries if entry.is_symlink()}
+        except OSError:  # gone or unreadable: nothing in it can lead anywhere
+            continue
+        for number, name in names:
+            if name not in links:
+                continue
+            relative = f"{folder}/{name}" if folder else name
+            if links_to_files_only and not os.path.isfile(os.path.join(real, name)):
+                continue
+            problem = path_problem(relative, gallery_dir)
+            if problem is not None:
+                raise refuse(number, relative, problem)
+
+
+# --------------------------------------------------------------------------------------------
 # Reading an index folder
 # --------------------------------------------------------------------------------------------
 
@@ -184,6 +297,9 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
         raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
     if len(paths) != count:
         raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
+    # An index folder is input from whoever wrote it: every path it records must stay inside its gallery folder.
+    gallery_dir = check_gallery_dir(meta.get("gallery_dir"), f"index {display_path(path)!r} ({META_FILE})")
+    check_gallery_paths(paths, gallery_dir, f"index {display_path(path)!r} ({PATHS_FILE})")
     if meta["format_version"] >= 3:
         files = read_json(path / FILES_FILE)
         fingerprints = files.get("fingerprints") if isinstance(files, dict) else None
