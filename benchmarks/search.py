@@ -279,12 +279,12 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
     else:
         location = MilvusLocation(os.path.join(scratch, "bench.db"), "bench")
     try:
-        client = connect(location, create=True)
+        client = connect(location, server.token if server is not None else None, create=True)  # the server's password
         index_type, params = milvus_index(kind, lite=engine == "lite")
         meta = dict(format=MILVUS_FORMAT, format_version=MILVUS_FORMAT_VERSION, model_checksum="benchmark",
                     model_id="benchmark", embedding_dim=dim, gallery_dir=None, updated=None, num_files=gallery_size)
         create_collection(client, location, "bench", dim, {}, index_type, params, meta)
-        paths = [str(row) for row in range(gallery_size)]
+        paths = [f"{row}.png" for row in range(gallery_size)]  # a gallery records image file names (path_problem)
         empty = [""] * gallery_size
         begin = time.perf_counter()
         for start in tqdm_range(gallery_size, 10_000, f"{engine} {kind}: inserting"):
@@ -323,7 +323,8 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
                 found = []
                 for start in range(0, len(many), 256):
                     result = collection.search(many[start:start + 256], top_k=top_k, **setting)
-                    found += [[int(path) if path is not None else -1 for path in row] for row in result.paths]
+                    found += [[int(path.removesuffix(".png")) if path is not None else -1 for path in row]
+                              for row in result.paths]
                 recall = recall_at_k(np.array(found), truth)
             rows.append(dict(backend=f"milvus-{engine}", index=index_type, setting=setting, gallery_size=gallery_size,
                              insert_s=insert_s, insert_rows_per_s=gallery_size / insert_s, build_s=index_s,

@@ -3,7 +3,7 @@
     decd-search index GALLERY_DIR --model MODEL --output INDEX [--batch_size 64] [--no-resume]
                       [--backend exact|HNSW32|IVF4096,Flat|IVF4096,PQ64|...]
     decd-search index GALLERY_DIR --model MODEL --store URI [--collection NAME] [--token T]
-                      [--metadata crops.csv] [--backend exact|HNSW|IVF_FLAT|IVF1024,PQ64|...]
+                      [--metadata crops.csv] [--backend exact|HNSW|IVF_FLAT|IVF1024,PQ64|...] [--replace]
     torchrun --nproc_per_node N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX    (N processes: CPUs, GPUs)
     accelerate launch --num_processes N -m decd.cli index GALLERY_DIR --model MODEL --output INDEX   (N GPUs)
     decd-search query INDEX "a woman in a red coat" [--model MODEL] [--top_k 10] [--grid out.png]
@@ -13,18 +13,19 @@
     decd-search query INDEX --image query_crop.png [...]     (search by photo: re-identification)
     decd-search serve GALLERY --model MODEL [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_queue 256]
 
-`index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an
-interrupted run resumes where it stopped; as N processes (torchrun; `accelerate launch` on GPUs) each
-encodes its share (same index, bit for bit, as one process; docs/large-galleries.md). `--backend` also
-builds an approximate FAISS index (index-factory string) that `query` then uses. `--store URI` writes a Milvus collection instead of a
-folder (`decd.search.MilvusGallery`: a Milvus Lite path `gallery.db` or `http://host:19530`); a re-run
-inserts only what is missing or changed and deletes what is gone. `query` prints the ranked images with their cosine
-similarity (with the rank as a share of the gallery, `decd.search.describe_match`) and optionally
-draws them (`--grid`); `--image PATH` ranks the gallery by image-image similarity to a photo of the
-person instead of (or besides) a description. By default `query` loads the model recorded in the
-index. `serve` answers searches over HTTP, many clients at once (`decd.serve`, docs/serving.md). User errors
-(empty description, missing index, index built by another model, ...) print one line on stderr and exit with
-status 1; no traceback.
+`index` encodes every image under GALLERY_DIR (recursively) into the index folder INDEX; an interrupted run resumes
+where it stopped; as N processes (torchrun; `accelerate launch` on GPUs) each encodes its share (same index, bit
+for bit, as one process; docs/large-galleries.md). `--backend` also builds an approximate FAISS index
+(index-factory string) that `query` then uses.
+`--store URI` writes a Milvus collection instead of a folder (`decd.search.MilvusGallery`: a Milvus Lite path
+`gallery.db` or `http://host:19530`); a re-run inserts only what is missing or changed and deletes what is gone; on
+a server one build writes a collection at a time, and a collection of another folder is refused unless `--replace`
+makes it this folder's. `query` prints the ranked images with their cosine similarity (with the rank as a share of
+the gallery, `decd.search.describe_match`) and optionally draws them (`--grid`); `--image PATH` ranks the gallery by
+image-image similarity to a photo of the person instead of (or besides) a description. By default `query` loads the
+model recorded in the index. `serve` answers searches over HTTP, many clients at once (`decd.serve`,
+docs/serving.md). User errors (empty description, missing index, index built by another model, ...) print one line
+on stderr and exit with status 1; no traceback.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     index.add_argument("--no-resume", dest="resume", action="store_false",
                        help="start over instead of resuming an unfinished build in INDEX (--store: drop and rebuild "
                             "the collection)")
+    index.add_argument("--replace", action="store_true",
+                       help="--store: a collection of another gallery folder becomes this folder's (the rows of "
+                            "images this folder lacks are deleted); without it, such a collection is refused")
     index.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.add_argument("--backend", default=None, metavar="SPEC",
@@ -187,6 +191,7 @@ def _run_index(arguments) -> int:
         raise _UserError(f"gallery folder {arguments.gallery_dir!r} does not exist")
     if arguments.store is None:
         given = [f"--{name}" for name in ("collection", "token", "metadata") if getattr(arguments, name) is not None]
+        given += ["--replace"] if arguments.replace else []
         if given:
             raise _UserError(f"{', '.join(given)} go with --store (a Milvus collection), not --output")
         check_output_folder(arguments.output, arguments.gallery_dir)  # before the (slow) model load
@@ -257,17 +262,23 @@ def _print_skipped(skipped: Sequence[dict], what: str, shown: int = 20) -> None:
 
 def _run_index_milvus(arguments, model, processor, state) -> int:
     """`index --store`: write the gallery into a Milvus collection (`MilvusGallery.build`)."""
+    from .search.milvus.metadata import MetadataRowsWarning
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", UserWarning)  # the skipped files are printed below instead
+            warnings.simplefilter("always", MetadataRowsWarning)  # printed below
             gallery = MilvusGallery.build(
                 model, processor, arguments.gallery_dir, arguments.store, collection=arguments.collection,
                 token=arguments.token, metadata=arguments.metadata, batch_size=arguments.batch_size,
                 model_id=arguments.model, resume=arguments.resume, show_progress=not arguments.quiet,
-                backend=arguments.backend, distributed=state,
+                backend=arguments.backend, distributed=state, replace=arguments.replace,
             )
     except ImportError as error:  # pymilvus / milvus-lite missing: what to install
         raise _UserError(str(error)) from error
+    for warning in caught:
+        if issubclass(warning.category, MetadataRowsWarning):
+            print(f"Note: {warning.message}", file=sys.stderr)
     if gallery is None:
         return 0  # the main process reports
     changes = gallery.changes

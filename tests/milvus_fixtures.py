@@ -3,13 +3,15 @@ test_cli.py, test_pipeline.py, test_app.py and test_handler.py).
 
 - `milvus_server`: a real Milvus standalone server (the PyPI `milvus` package) on 127.0.0.1, started once per
   test session in a temporary data folder and stopped at the end by its own process id. If it cannot start,
-  the tests that use it fail with the server's log tail; they never skip.
+  the tests that use it fail with the server's log tail; they never skip. It asks for credentials: its token is
+  in $DECD_MILVUS_TOKEN while it runs, as a user would give it (the app and the handler read only that).
 - `milvus_gallery`: a tiny saved model, a second one, a synthetic gallery of 12 crops, a metadata CSV
   (camera, timestamp, score per crop) and the local exact index of that gallery (`GalleryIndex.build`),
   the reference every Milvus result is compared with.
 """
 
 import csv
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from decd.search import GalleryIndex, MilvusStoreError
-from decd.search.milvus import LocalMilvusServer
+from decd.search.milvus import TOKEN_ENV, LocalMilvusServer
 from decd.synthetic import generate_synthetic_person_search
 from modeling_decd import DecdModel
 from processing_decd import DecdProcessor
@@ -42,12 +44,19 @@ def milvus_server(tmp_path_factory):
         except MilvusStoreError as error:
             pytest.fail(f"the Milvus standalone server did not start: {error}", pytrace=False)
         _SERVER["server"] = server
+        _SERVER["token"] = os.environ.get(TOKEN_ENV)
+        os.environ[TOKEN_ENV] = server.token
     yield _SERVER["server"]
     server = _SERVER.pop("server", None)
     if server is not None:
         process = server.process
         server.stop()
         assert process.poll() is not None  # the launcher is gone (and its session was killed with it)
+        token = _SERVER.pop("token", None)
+        if token is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = token
 
 
 def write_metadata(path: Path, paths, timestamps=None, cameras=None) -> Path:

@@ -1,14 +1,21 @@
 """decd.search.milvus: galleries in Milvus, tested against the real engines: Milvus Lite (embedded) and a Milvus
 standalone server started for the session (tests/milvus_fixtures.py). On both: the FLAT collection gives the local
 exact index's top-10 (paths and scores), text and photo queries, filters, resuming an interrupted build, added /
-changed / deleted files, and a model mismatch refused. Then the errors a user meets, each one line."""
+changed / deleted files, and a model mismatch refused. Then the errors a user meets, each one line, and what
+hostile or careless use meets: rows whose path leaves the gallery, two builds at once, a build of another folder,
+filters that would flood the terminal, a long-running service, and a server reached without its password."""
 
 import csv
+import json
+import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,3 +375,251 @@ def test_a_lite_store_held_by_another_process_is_one_line(milvus_gallery, tmp_pa
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Under hostile or careless use: rows from elsewhere, two writers, long filters, a long-running service, the server
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_collection_recording_a_path_outside_its_gallery_is_refused(milvus_gallery, tmp_path, capsys):
+    """Rows written into a collection by something else: a path that leaves the gallery folder ('..', absolute) or
+    a gallery folder that is not absolute makes the open fail in one line naming the entry, nothing opened; such a
+    row written after the open stops the search that returns it."""
+    from decd.cli import main
+    from decd.search.milvus.store import META_PROPERTY, insert_rows
+
+    store = f"{tmp_path / 'gallery.db'}/crops"
+    gallery = _build(milvus_gallery, store, metadata=None)
+    vector = np.array(milvus_gallery["index"].embeddings[:1])
+    for recorded, message in (("../secret.txt", "goes up out of the gallery folder"),
+                              ("/etc/hostname", "is an absolute path")):
+        keys = insert_rows(gallery.client, gallery.location, "crops", vector, [recorded], ["0" * 64], ["1:1"], [{}])
+        with pytest.raises(MilvusStoreError, match=rf"the row with key {keys[0]} \({re.escape(repr(recorded))}\) "
+                                                   rf"{message}.*: nothing was returned; rebuild") as refused:
+            gallery.search(vector, top_k=3)  # the new row is the closest to its own vector
+        assert "\n" not in str(refused.value)
+        with pytest.raises(GalleryIndexError, match=rf"collection 'crops' in .*gallery.db \(its rows' path\): entry "
+                                                    rf"12 \({re.escape(repr(recorded))}\) {message}"):
+            open_gallery(None, None, store)
+        assert main(["query", store, QUERIES[0]]) == 1
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
+        gallery.client.delete("crops", ids=keys)
+    assert len(open_gallery(None, None, store)) == 12  # whole again
+    meta = dict(gallery.meta, gallery_dir="crops")
+    gallery.client.alter_collection_properties("crops", properties={META_PROPERTY: json.dumps(meta)})
+    with pytest.raises(GalleryIndexError, match=r"records the gallery folder 'crops', which is not an absolute path"):
+        MilvusGallery.open(store)
+
+
+def test_every_filter_is_run_or_refused_in_one_line_showing_it_once(built, capfd):
+    """A deeply nested filter and a 126 KB one with a syntax error at its end: each is run or refused in one short
+    line that shows the expression once (cut), and no engine traceback reaches the terminal (Milvus Lite's records
+    go to its log file, which the message names, and not to the root logger, whose last resort is stderr)."""
+    model, processor = built["model"], built["processor"]
+    nested = "(" * 200 + 'camera == "c1"' + ")" * 200
+    broken = 'camera == "c1" and ' * 6700 + "camera === 1"
+    capfd.readouterr()
+    reaching_the_root = []  # what a program's handlers, or logging's last resort (stderr), would print
+    root = logging.Handler(logging.DEBUG)
+    root.emit = reaching_the_root.append
+    logging.getLogger().addHandler(root)
+    try:
+        for expression in (nested, broken):
+            message = None
+            try:
+                result = built["collection"].search_text(model, processor, QUERIES[0], top_k=12, filter=expression)
+            except MilvusStoreError as error:
+                message = str(error)
+                assert "\n" not in message and len(message) < 1500, message[:3000]
+            else:
+                assert expression is nested and len(result.paths[0]) == 4  # run: the 4 images of camera c1
+            terminal = capfd.readouterr()
+            assert "Traceback" not in terminal.err + terminal.out and len(terminal.err) < 2000, terminal.err[:3000]
+            engine = [record for record in reaching_the_root if record.name.startswith("milvus_lite")]
+            assert not engine, engine[0].getMessage()
+            if message is not None:
+                from decd.search.milvus.store import engine_log, shown_filter
+
+                assert message.count(shown_filter(expression)) == 1 and "camera (str)" in message
+                if built["engine"] == "lite":
+                    assert f"Milvus Lite's log: {engine_log()}" in message
+                    assert "Traceback" in Path(engine_log()).read_text()  # Lite's own record of it is kept there
+    finally:
+        logging.getLogger().removeHandler(root)
+
+
+def test_a_gallery_remembers_the_paths_of_recent_results_only(built):
+    """A long-running service searches ever more rows: the keys whose path `image_path` remembers stay within
+    PATH_CACHE_SIZE, and a forgotten key is looked up again, to the same file."""
+    model, processor = built["model"], built["processor"]
+    gallery = MilvusGallery.open(built["store"])
+    gallery.PATH_CACHE_SIZE = 3
+    for path in built["index"].paths:
+        gallery.search_image(model, processor, built["gallery"] / path, top_k=12)
+        assert len(gallery._paths) <= 3
+    result = gallery.search_text(model, processor, QUERIES[0], top_k=12)
+    assert [gallery.image_path(key) for key in result.indices[0].tolist()] == \
+        [built["gallery"].resolve() / path for path in result.paths[0]]
+    assert len(gallery._paths) == 3
+
+
+def test_one_build_writes_a_server_collection_at_a_time(milvus_gallery, milvus_server, request, tmp_path,
+                                                        monkeypatch):
+    """Two builds into one server collection at once, of the same folder or of another: the second is refused in
+    one line naming the first (its process, host and folder) and writes nothing; the first ends as if alone, and
+    its lease goes with it."""
+    from decd.search.milvus import build as milvus_build
+
+    store = store_uri("server", request, tmp_path)
+    writing, go_on = threading.Event(), threading.Event()
+    write = milvus_build._Writer.write
+
+    def held_write(self, batch):  # the first build stops at its first write until the others have tried
+        if threading.current_thread().name == "first build":
+            writing.set()
+            assert go_on.wait(120)
+        return write(self, batch)
+
+    monkeypatch.setattr(milvus_build._Writer, "write", held_write)
+    results, errors = {}, []
+
+    def first():
+        try:
+            results["first"] = _build(milvus_gallery, store)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            writing.set()
+
+    thread = threading.Thread(target=first, name="first build")
+    thread.start()
+    try:
+        assert writing.wait(120) and not errors, errors
+        other = copy_gallery(milvus_gallery["gallery"], tmp_path / "other")
+        holder = rf"pid {os.getpid()} of .* on {re.escape(socket.gethostname())}, gallery " \
+                 rf"{re.escape(repr(str(milvus_gallery['gallery'].resolve())))}, started "
+        for gallery in (milvus_gallery["gallery"], other):
+            with pytest.raises(MilvusStoreError, match=rf"is being written by another build \({holder}") as refused:
+                _build(milvus_gallery, store, gallery=gallery)
+            assert "\n" not in str(refused.value) and "nothing was changed" in str(refused.value)
+    finally:
+        go_on.set()
+        thread.join(120)
+    assert not errors, errors
+    built = results["first"]
+    assert len(built) == 12 and built.changes["new"] == 12
+    from decd.search.milvus.lease import lease_name
+
+    assert lease_name(built.name) not in built.client.list_collections()
+
+
+def test_a_stale_lease_is_taken_over_and_a_live_one_is_renewed(milvus_gallery, milvus_server, request, tmp_path):
+    """The lease of a build that was killed (never renewed) refuses other builds until it expires, then the next
+    build takes it over; a running build's lease is renewed past its first expiry."""
+    from decd.search.milvus.lease import CollectionLease
+    from decd.search.milvus.store import connect
+
+    store = store_uri("server", request, tmp_path)
+    location = parse_location(store)
+    client = connect(location)
+    killed = CollectionLease(client, location, location.collection, "/elsewhere", seconds=3, renew=False).acquire()
+    with pytest.raises(MilvusStoreError, match="is being written by another build .*gallery '/elsewhere'"):
+        _build(milvus_gallery, store)
+    time.sleep(max(0.0, killed.record["expires"] - time.time()) + 0.5)
+    with pytest.raises(MilvusStoreError, match="lost its lease .*it expired"):
+        killed.check()  # had it still run, it would stop writing now
+    assert _build(milvus_gallery, store).changes["new"] == 12  # took the stale lease over
+    running = CollectionLease(client, location, location.collection, "/here", seconds=3).acquire()
+    try:
+        first_expiry = running.record["expires"]
+        time.sleep(4)
+        running.check()  # renewed every second: still held
+        assert running.record["expires"] > first_expiry
+        with pytest.raises(MilvusStoreError, match="gallery '/here'"):
+            _build(milvus_gallery, store)
+    finally:
+        running.release()
+    assert _build(milvus_gallery, store).changes["unchanged"] == 12
+
+
+def test_a_build_of_another_folder_is_refused_unless_asked_to_replace(milvus_gallery, tmp_path, capsys):
+    """A collection records its gallery folder: a build from another folder is refused (nothing deleted) unless
+    --replace (replace=True) makes the collection that folder's; metadata rows naming no image of the folder are
+    named, with what to do."""
+    from decd.cli import main
+
+    store = f"{tmp_path / 'gallery.db'}/crops"
+    _build(milvus_gallery, store).close()
+    other = copy_gallery(milvus_gallery["gallery"], tmp_path / "other")
+    gone = milvus_gallery["index"].paths[0]
+    (other / gone).unlink()
+    first = re.escape(repr(str(milvus_gallery["gallery"].resolve())))
+    with pytest.raises(MilvusStoreError, match=rf"holds the gallery {first} \(12 rows\), this build is of '.*other'; "
+                                               r"nothing was changed: pass --replace"):
+        _build(milvus_gallery, store, gallery=other)
+    command = ["index", str(other), "--model", str(milvus_gallery["model_dir"]), "--store", store, "--metadata",
+               str(milvus_gallery["metadata"]), "--quiet"]
+    assert main(command) == 1 and "--replace" in capsys.readouterr().err
+    kept = MilvusGallery.open(store)
+    assert len(kept) == 12 and kept.gallery_dir == milvus_gallery["gallery"].resolve()
+    kept.close()
+    from decd.search.milvus.metadata import MetadataRowsWarning
+
+    with pytest.warns(MetadataRowsWarning, match=rf"1 row\(s\) of the metadata file '.*crops.csv' name no image of "
+                                                 rf"'.*other' and were not stored: '{re.escape(gone)}'; a row's path"):
+        replaced = _build(milvus_gallery, store, gallery=other, replace=True)
+    assert len(replaced) == 11 and replaced.gallery_dir == other.resolve()
+    assert replaced.changes == dict(new=0, changed=0, updated=0, removed=1, unchanged=11)  # copied: no encoding
+    replaced.close()
+    assert main(command + ["--replace"]) == 0  # a run of the CLI names the unmatched row too
+    captured = capsys.readouterr()
+    assert "name no image of" in captured.err and gone in captured.err and "11 unchanged" in captured.out
+
+
+def test_the_local_server_asks_for_credentials_and_serves_no_http_api(milvus_server):
+    """LocalMilvusServer, reached over loopback only: a client without its generated password (none, Milvus's
+    built-in one, a wrong one) is refused; the HTTP API Milvus 2.3 serves without credentials on its metrics port is
+    off and /expr no longer runs code for the built-in key; etcd listens on 127.0.0.1; the password is on no command
+    line and the data folder is its user's only."""
+    import stat
+    import urllib.error
+    import urllib.request
+
+    from decd.search.milvus.store import call_milvus, connect
+
+    location = parse_location(milvus_server.uri)
+
+    def refused(token):
+        try:
+            call_milvus(location, "listing collections", connect(location, token).list_collections)
+        except MilvusStoreError as error:
+            return str(error)
+        return None
+
+    for token in ("", "root:Milvus", "root:wrong"):
+        message = refused(token)
+        assert message is not None and "\n" not in message, token
+    assert refused(milvus_server.token) is None
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{milvus_server.metrics_port()}{path}", timeout=10) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    assert get("/healthz") == (200, b"OK")
+    assert get("/api/v1/collections")[0] == 404 and get("/api/v1/credential/users")[0] == 404
+    assert b"output" not in get("/expr?code=1%2B1&auth=by-dev")[1]
+    settings = json.loads((milvus_server.data_dir / "decd-server.json").read_text())
+    listening = milvus_server.listening()
+    etcd = {port: address for address, port in listening
+            if port in (settings["etcd_client_port"], settings["etcd_peer_port"])}
+    assert etcd == {settings["etcd_client_port"]: "127.0.0.1", settings["etcd_peer_port"]: "127.0.0.1"}
+    assert milvus_server.port in {port for _, port in listening}
+    password = milvus_server.token.split(":", 1)[1]
+    for pid in (milvus_server.process.pid, milvus_server.server_pid()):
+        assert password not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    assert stat.S_IMODE(milvus_server.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((milvus_server.data_dir / "decd-server.json").stat().st_mode) == 0o600

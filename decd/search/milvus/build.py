@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,11 +23,12 @@ from ..encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gall
                       one_share, warn_skipped)
 from ..errors import BuildInterrupted, GalleryIndexError, MilvusStoreError, StaleIndexError
 from ..format import PathLike, file_sha256, model_checksum, model_meta
-from .metadata import read_metadata
+from .lease import CollectionLease
+from .metadata import MetadataRowsWarning, read_metadata
 from .store import (KEY_FIELD, MAX_PATH_BYTES, META_PROPERTY, MILVUS_FORMAT, MILVUS_FORMAT_VERSION, SHA_FIELD,
                     STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, check_collection_name, collection_record,
-                    connect, create_collection, default_collection_name, delete_rows, index_parameters, index_settings,
-                    insert_rows, milvus_index, parse_location, read_rows, stat_text, vector_index_info)
+                    connect, count_rows, create_collection, default_collection_name, delete_rows, index_parameters,
+                    index_settings, insert_rows, milvus_index, parse_location, read_rows, stat_text, vector_index_info)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,10 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
                      collection: Optional[str] = None, token: Optional[str] = None, metadata: Optional[PathLike] = None,
                      batch_size: int = 64, model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
                      resume: bool = True, show_progress: bool = True, max_batches: Optional[int] = None,
-                     backend: Optional[str] = None, distributed=None):
-    """Write (or bring up to date) the collection: see `MilvusGallery.build` for the arguments. Returns (client,
+                     backend: Optional[str] = None, distributed=None, replace: bool = False,
+                     lease: Optional[CollectionLease] = None):
+    """Write (or bring up to date) the collection: see `MilvusGallery.build` for the arguments; `lease`: the one the
+    main process holds on a server (`MilvusGallery.build` takes it), checked before each write. Returns (client,
     location, collection name, skipped, changes) on the main process, None on the others."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -57,6 +61,7 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
         examples = ", ".join(display_path(path) for path in missing[:3])
         raise MilvusStoreError(f"the metadata file {display_path(metadata)!r} has no row for {len(missing)} of the "
                                f"{len(files)} images (e.g. {examples}); every image needs one")
+    unmatched = sorted(set(values) - set(files))  # metadata rows naming no image: named once the build is done
     dim = getattr(getattr(model, "config", None), "projection_dim", None)
     if not isinstance(dim, int):
         raise ValueError(f"cannot tell the embedding size of {type(model).__name__} (no config.projection_dim)")
@@ -67,7 +72,7 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
                 extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
     client = connect(location, token, create=True)
     try:  # every process, before any writes; if one finds a problem, all stop
-        _check_collection(client, location, name, meta, resume, metadata)
+        _check_collection(client, location, name, meta, resume, metadata, replace)
         problem = None
     except GalleryIndexError as error:
         problem = error if world == 1 else type(error)(f"process {rank} of {world}: {error}")
@@ -87,9 +92,11 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
     state.wait_for_everyone()  # every process has read the rows before any process writes
     plan = _plan(gallery_dir, files, stored, values, types)
     if main and plan.gone:
+        if lease is not None:
+            lease.check()
         delete_rows(client, location, name, plan.gone)
     changes = dict(new=0, changed=0, updated=0, removed=len(plan.gone), unchanged=plan.unchanged)
-    writer = _Writer(client, location, name, gallery_dir, plan.work, changes, list(plan.skipped))
+    writer = _Writer(client, location, name, gallery_dir, plan.work, changes, list(plan.skipped), lease)
     batches = encode_gallery(model, processor, gallery_dir, [item[0] for item in plan.work], batch_size,
                              share=(rank, world), max_batches=max_batches, select=writer.to_encode,
                              show_progress=show_progress and main, desc="Indexing gallery into Milvus")
@@ -120,15 +127,21 @@ def build_collection(model, processor, gallery_dir: PathLike, store: Union[str, 
     for key in ("new", "changed", "updated"):  # the whole build's, not the main process's share's
         changes[key] = sum(share["changes"][key] for share in shares)
     writer.skipped = list(plan.skipped) + [item for share in shares for item in share["skipped"]]
+    if lease is not None:
+        lease.check()
     finish_build(client, location, name, meta, wanted, bool(plan.work or plan.gone), show_progress)
     warn_skipped(writer.skipped, len(files), meta["gallery_dir"],
                  "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=3)
+    if unmatched:
+        warnings.warn(unmatched_rows_message(metadata, unmatched, gallery_dir), MetadataRowsWarning, stacklevel=4)
     return client, location, name, writer.skipped, changes
 
 
-def _check_collection(client, location: MilvusLocation, name: str, meta: dict, resume: bool, metadata) -> None:
+def _check_collection(client, location: MilvusLocation, name: str, meta: dict, resume: bool, metadata,
+                      replace: bool = False) -> None:
     """Refuse (nothing changed) an existing collection this build may not write: one decd-search did not write,
-    or, when resuming, one of another model or with other metadata fields."""
+    or, when resuming, one of another model or with other metadata fields, or one of another gallery folder
+    (unless `replace`: its rows then become this folder's, those of images this folder lacks deleted)."""
     where = location.describe(name)
     if not call_milvus(location, "looking for the collection", client.has_collection, name):
         return
@@ -138,6 +151,13 @@ def _check_collection(client, location: MilvusLocation, name: str, meta: dict, r
                                f"property); nothing was changed: choose another --collection")
     if not resume:
         return
+    if stored_meta.get("gallery_dir") != meta["gallery_dir"] and not replace:
+        rows = count_rows(client, location, name, "Strong")
+        raise MilvusStoreError(
+            f"{where} holds the gallery {display_path(str(stored_meta.get('gallery_dir')))!r} ({rows} rows), this "
+            f"build is of {display_path(meta['gallery_dir'])!r}; nothing was changed: pass --replace (replace=True) "
+            f"to make it this folder's gallery (the rows of images this folder lacks are deleted), or choose another "
+            f"--collection")
     if stored_meta.get("model_checksum") != meta["model_checksum"]:
         raise StaleIndexError(
             f"{where} holds embeddings of {stored_meta.get('model_id')} (checksum "
@@ -223,8 +243,9 @@ class _Writer:
     replace: the new row exists before the old one goes, so an interruption never loses an image."""
 
     def __init__(self, client, location: MilvusLocation, name: str, gallery_dir: Path, work: list, changes: dict,
-                 skipped: list):
+                 skipped: list, lease: Optional[CollectionLease] = None):
         self.client, self.location, self.name, self.gallery_dir = client, location, name, gallery_dir
+        self.lease = lease  # held by the main process on a server: checked before each write
         self.items = {item[0]: item for item in work}  # path -> (path, action, old rows, stat, metadata)
         self.changes, self.skipped = changes, skipped
         self.digests: dict[str, Union[str, OSError]] = {}  # sha256 of the current batch's files (or why not)
@@ -258,6 +279,8 @@ class _Writer:
                 if path in batch.paths:
                     self.changes["new" if action == "new" else "changed"] += 1
         self.skipped += batch.skipped
+        if self.lease is not None:
+            self.lease.check()
         if batch.paths:
             items = [self.items[path] for path in batch.paths]
             insert_rows(self.client, self.location, self.name, batch.embeddings, batch.paths,
@@ -277,6 +300,16 @@ class _Writer:
             self.changes["updated"] += len(kept)
         if replaced:
             delete_rows(self.client, self.location, self.name, replaced)
+
+
+def unmatched_rows_message(metadata, unmatched: list[str], gallery_dir: Path) -> str:
+    """What to say of the metadata rows whose path names no image of the gallery (they are not stored)."""
+    examples = ", ".join(repr(display_path(path)) for path in unmatched[:5])
+    more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+    return (f"{len(unmatched)} row(s) of the metadata file {display_path(metadata)!r} name no image of "
+            f"{display_path(str(gallery_dir))!r} and were not stored: {examples}{more}; a row's path is the image's "
+            f"path relative to the gallery folder, as decd-search prints it: correct those rows, or remove them if "
+            f"their images are gone")
 
 
 def finish_build(client, location: MilvusLocation, name: str, meta: dict, wanted: Optional[tuple[str, dict]],

@@ -4,22 +4,26 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..display import check_top_k
+from ..display import check_top_k, display_path
 from ..encode import IMAGE_EXTENSIONS
 from ..errors import IndexNotFoundError, MilvusStoreError, StaleIndexError
-from ..format import PathLike
+from ..format import PathLike, check_gallery_dir, check_gallery_paths, path_problem
 from ..protocol import Gallery, SearchResult, is_text, query_embeddings
 from .build import build_collection
+from .lease import CollectionLease
 from .store import (DEFAULT_CONSISTENCY, KEY_FIELD, MAX_TOP_K, META_PROPERTY, MILVUS_FORMAT_VERSION, PATH_FIELD,
                     STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, collection_record, connect, count_rows,
-                    import_pymilvus, index_settings, one_line, parse_location, quiet_pymilvus, search_parameters,
-                    stat_text, vector_index_info)
+                    default_collection_name, engine_log, import_pymilvus, index_settings, milvus_errors, one_line,
+                    parse_location, quiet_pymilvus, read_paths, search_parameters, shown_filter, stat_text,
+                    vector_index_info)
 
 
 class MilvusGallery(Gallery):
@@ -27,7 +31,13 @@ class MilvusGallery(Gallery):
     rows' Milvus keys (int64) and `image_path` takes one; `backend` is the Milvus index type; `search(...,
     filter='camera == "c12"')` takes a Milvus boolean expression over `filter_fields`. Open one with
     `MilvusGallery.open` (or `open_gallery`), write one with `MilvusGallery.build`.
+
+    A collection is input from whoever wrote into it: `open` checks every row's path (and the gallery folder the
+    collection records) with `decd.search.format.path_problem`, and so does every search for the rows it returns.
     """
+
+    PATH_CACHE_SIZE = 4096  # keys whose path `image_path` remembers (the most recent): a long-running service's
+    #                         searches return ever more keys, and each is looked up again once forgotten
 
     def __init__(self, client, location: MilvusLocation, name: str, meta: dict, metadata_fields: dict,
                  consistency: str = DEFAULT_CONSISTENCY):
@@ -37,7 +47,8 @@ class MilvusGallery(Gallery):
         self.path = None  # no index folder: the embeddings live in Milvus
         self.skipped: list[dict] = []  # unreadable files the last `build` of this object left out
         self.changes: dict[str, int] = {}  # what that build did (see `build`)
-        self._paths: dict[int, str] = {}  # key -> relative path of rows seen in searches, for image_path
+        self._paths: OrderedDict[int, str] = OrderedDict()  # key -> relative path of recent rows, for image_path
+        self._paths_lock = threading.Lock()  # the service searches and serves images from several threads
         self.index_type, self.index_params = index_settings(vector_index_info(client, location, name), meta)
         self._count = count_rows(client, location, name, consistency)
 
@@ -74,6 +85,10 @@ class MilvusGallery(Gallery):
             raise MilvusStoreError(f"{location.describe(name)} has format version {meta.get('format_version')}, this "
                                    f"code reads version {MILVUS_FORMAT_VERSION}; rebuild it with --no-resume")
         call_milvus(location, "loading the collection", client.load_collection, name)
+        # every path the collection records stays inside the gallery folder it records, or nothing is opened
+        gallery_dir = check_gallery_dir(meta.get("gallery_dir"), f"{location.describe(name)} ({META_PROPERTY})")
+        check_gallery_paths(read_paths(client, location, name, consistency), gallery_dir,
+                            f"{location.describe(name)} (its rows' {PATH_FIELD})")
         return cls(client, location, name, meta, fields, consistency)
 
     # ---- properties -------------------------------------------------------------------------------
@@ -105,14 +120,34 @@ class MilvusGallery(Gallery):
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of the image whose key is `index` (looked up in Milvus unless a search returned it)."""
         key = int(index)
-        if key not in self._paths:
+        with self._paths_lock:
+            relative = self._paths.get(key)
+        if relative is None:
             rows = call_milvus(self.location, "reading a row", self.client.get, self.name, ids=[key],
                                output_fields=[PATH_FIELD], consistency_level=self.consistency)
             if not rows:
                 raise MilvusStoreError(f"{self.location.describe(self.name)} has no row with key {key}")
-            self._paths[key] = rows[0][PATH_FIELD]
-        relative = self._paths[key]
+            relative = self._checked(key, rows[0][PATH_FIELD])
+        self._remember(key, relative)
         return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
+
+    def _remember(self, key: int, relative: str) -> None:
+        with self._paths_lock:
+            self._paths[key] = relative
+            self._paths.move_to_end(key)
+            while len(self._paths) > self.PATH_CACHE_SIZE:
+                self._paths.popitem(last=False)
+
+    def _checked(self, key: int, relative: str) -> str:
+        """`relative`, a row's path, if `path_problem` accepts it; MilvusStoreError naming the row otherwise (a row
+        written into the collection after it was opened)."""
+        problem = path_problem(relative)
+        if problem is not None:
+            raise MilvusStoreError(f"{self.location.describe(self.name)}: the row with key {key} "
+                                   f"({display_path(str(relative))!r}) {problem}; it was written by something other "
+                                   f"than decd-search: nothing was returned; rebuild the collection from the gallery "
+                                   f"folder with `decd-search index --store`")
+        return relative
 
     def close(self) -> None:
         self.client.close()
@@ -168,13 +203,16 @@ class MilvusGallery(Gallery):
                 hits = self.client.search(self.name, data=list(queries), limit=limit, filter=filter or "",
                                           output_fields=[PATH_FIELD, STAT_FIELD], search_params=parameters,
                                           anns_field=VECTOR_FIELD, consistency_level=self.consistency)
-            except pymilvus.exceptions.MilvusException as error:
+            except milvus_errors(pymilvus) as error:
+                log = f" (Milvus Lite's log: {display_path(engine_log())})" if self.location.lite and engine_log() \
+                    else ""
                 if filter:
                     fields = ", ".join(f"{field} ({kind})" for field, kind in self.filter_fields.items())
-                    raise MilvusStoreError(f"Milvus rejected the filter {filter!r} ({one_line(error)}); the fields "
-                                           f"of {self.location.describe(self.name)} are: {fields}") from None
+                    raise MilvusStoreError(f"Milvus rejected the filter {shown_filter(filter)} ("
+                                           f"{one_line(error, filter)}); the fields of "
+                                           f"{self.location.describe(self.name)} are: {fields}{log}") from None
                 raise MilvusStoreError(f"Milvus refused the search ({self.location.describe(self.name)}): "
-                                       f"{one_line(error)}") from None
+                                       f"{one_line(error)}{log}") from None
         width = max([len(row) for row in hits] + [0])
         scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
         keys = np.full((len(queries), width), -1, dtype=np.int64)
@@ -182,10 +220,11 @@ class MilvusGallery(Gallery):
         status: list[list[Optional[str]]] = [[None] * width for _ in range(len(queries))]
         for row, found in enumerate(hits):
             for place, hit in enumerate(found):
-                key, path = int(hit[KEY_FIELD]), hit["entity"][PATH_FIELD]
+                key = int(hit[KEY_FIELD])
+                path = self._checked(key, hit["entity"][PATH_FIELD])
                 scores[row, place], keys[row, place], paths[row][place] = hit["distance"], key, path
                 status[row][place] = self._file_status(path, hit["entity"][STAT_FIELD])
-                self._paths[key] = path
+                self._remember(key, path)
         # "top p% of N" counts the images the filter lets through (at least those found, should rows arrive between
         # the search and the count)
         searched = len(self) if not filter else count_rows(self.client, self.location, self.name, self.consistency,
@@ -221,6 +260,7 @@ class MilvusGallery(Gallery):
         max_batches: Optional[int] = None,
         backend: Optional[str] = None,
         distributed=None,
+        replace: bool = False,
     ) -> Optional["MilvusGallery"]:
         """Write (or bring up to date) the collection of every image under `gallery_dir` in the Milvus `store`.
 
@@ -242,16 +282,38 @@ class MilvusGallery(Gallery):
             distributed: an `accelerate` `PartialState` when several processes build together (`accelerate
                 launch`, a server only): each process embeds and inserts a contiguous share of the files to
                 encode; the main process creates the collection and deletes rows of files that are gone.
+            replace: an existing collection of another gallery folder becomes this folder's (rows of images it
+                lacks are deleted); without it, such a collection is refused, nothing changed.
+
+        On a server, the build holds the collection's lease (`decd.search.milvus.lease`) from start to end: a second
+        build of the collection, of any folder, is refused while it runs, naming it (process, host, folder).
 
         Unreadable files are skipped with one `SkippedImagesWarning` (listed in the result's `skipped`, and
-        tried again on the next build). Returns the opened `MilvusGallery` with `changes` = {"new", "changed",
-        "updated", "removed", "unchanged"} counts (new/changed/updated: this process's share), on the main
-        process; None on the others.
+        tried again on the next build); metadata rows naming no image of the folder, with one
+        `MetadataRowsWarning`. Returns the opened `MilvusGallery` with `changes` = {"new", "changed", "updated",
+        "removed", "unchanged"} counts (new/changed/updated: this process's share), on the main process; None on
+        the others.
         """
-        built = build_collection(model, processor, gallery_dir, store, collection=collection, token=token,
-                                 metadata=metadata, batch_size=batch_size, model_id=model_id, extensions=extensions,
-                                 resume=resume, show_progress=show_progress, max_batches=max_batches, backend=backend,
-                                 distributed=distributed)
+        location = parse_location(store, collection)
+        lease = None
+        if not location.lite and (distributed is None or distributed.is_main_process):
+            name = location.collection or default_collection_name(gallery_dir)
+            lease = CollectionLease(connect(location, token), location, name, str(Path(gallery_dir).resolve()))
+            try:
+                lease.acquire()
+            except BaseException:
+                lease.client.close()
+                raise
+        try:
+            built = build_collection(model, processor, gallery_dir, store, collection=collection, token=token,
+                                     metadata=metadata, batch_size=batch_size, model_id=model_id,
+                                     extensions=extensions, resume=resume, show_progress=show_progress,
+                                     max_batches=max_batches, backend=backend, distributed=distributed,
+                                     replace=replace, lease=lease)
+        finally:
+            if lease is not None:
+                lease.release()
+                lease.client.close()
         if built is None:  # another process than the main one
             return None
         client, location, name, skipped, changes = built

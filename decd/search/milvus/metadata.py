@@ -21,6 +21,10 @@ from .store import MAX_TEXT_BYTES, NAME_PATTERN, OWN_FIELDS, PATH_FIELD
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
+class MetadataRowsWarning(UserWarning):
+    """Rows of a metadata CSV whose path names no image of the gallery: named, and not stored."""
+
+
 def _metadata_type(values: list[str]) -> str:
     """int when every value is an integer in int64's range, float when every value is a finite number, else str."""
     if all(re.fullmatch(r"[+-]?\d+", value) and _INT64[0] <= int(value) <= _INT64[1] for value in values):

@@ -1,9 +1,11 @@
-"""A Milvus standalone server on this machine, on 127.0.0.1 (tests, benchmarks, trying a server out), from
-the PyPI `milvus` package."""
+"""A Milvus standalone server on this machine (tests, benchmarks, trying a server out), from the PyPI `milvus`
+package, that asks for credentials (docs/milvus.md says what it exposes)."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,7 +17,7 @@ from typing import Optional
 
 from ..errors import MilvusStoreError
 from ..format import PathLike
-from .store import import_pymilvus, one_line, quiet_pymilvus
+from .store import import_pymilvus, milvus_errors, one_line, quiet_pymilvus
 
 # --------------------------------------------------------------------------------------------
 # A standalone server on this machine (tests, benchmarks, trying a server out)
@@ -23,6 +25,9 @@ from .store import import_pymilvus, one_line, quiet_pymilvus
 
 # The components of a standalone server, whose advertised address `LocalMilvusServer` pins to 127.0.0.1.
 _SERVER_COMPONENTS = ("proxy", "rootCoord", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
+ROOT_USER, DEFAULT_ROOT_PASSWORD = "root", "Milvus"  # Milvus's built-in user and the password it starts with
+SETTINGS_FILE = "decd-server.json"  # in the data folder (mode 600): the password, etcd's root path and ports
+ETCD_CONFIG_FILE = "decd-etcd.yaml"  # in the data folder: the embedded etcd's addresses (written from SETTINGS_FILE)
 
 
 def _free_port() -> int:
@@ -33,12 +38,19 @@ def _free_port() -> int:
 
 class LocalMilvusServer:
     """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own
-    etcd and local storage), with its data, logs and unpacked binaries in `data_dir`.
+    etcd and local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
 
-    Every component's advertised address is 127.0.0.1, so nothing is announced beyond this machine. `start`
-    waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it
-    exits or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a
-    context manager.
+    It asks for credentials: authentication is on, and `start` replaces the built-in root password with one
+    generated for this data folder (kept in its `decd-server.json`, mode 600, so a restart finds it) before it returns;
+    `token` ("root:PASSWORD") is what this package's clients pass (`--token`, $DECD_MILVUS_TOKEN, `token=`). The
+    HTTP API that Milvus 2.3 also serves, without credentials, on its metrics port is off, and the key of that
+    port's /expr debugging endpoint (etcd's root path) is generated too; its embedded etcd listens on 127.0.0.1
+    only, on ports of its own. Every component's advertised address is 127.0.0.1. Milvus 2.3 still listens on
+    every interface, the components' internal ports without credentials: docs/milvus.md says what that exposes.
+
+    `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it
+    exits or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context
+    manager.
     """
 
     def __init__(self, data_dir: PathLike, port: Optional[int] = None, start_timeout: float = 180.0):
@@ -46,12 +58,19 @@ class LocalMilvusServer:
         self.port = port
         self.start_timeout = start_timeout
         self.process: Optional[subprocess.Popen] = None
+        self._saved: Optional[dict] = None  # SETTINGS_FILE's content
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def token(self) -> str:
+        """"root:PASSWORD": the credentials of this server's root user, generated for its data folder."""
+        return f"{ROOT_USER}:{self._settings()['password']}"
+
     def command(self) -> list[str]:
+        """The launcher's command line: nothing secret in it (any user of the machine can read a command line)."""
         script = shutil.which("milvus-server", path=os.path.dirname(sys.executable)) or shutil.which("milvus-server")
         if script is None:
             raise MilvusStoreError("milvus-server is not installed next to this Python: pip install 'decd[milvus]' "
@@ -60,15 +79,55 @@ class LocalMilvusServer:
                  for argument in ("--extra-config", f"{component}.ip=127.0.0.1")]
         return [script, "--data", str(self.data_dir), "--proxy-port", str(self.port), *extra]
 
+    def environment(self) -> dict:
+        """The server's settings that are secret or that the launcher's template lacks, as the environment variables
+        Milvus reads over its configuration file (a process's environment is readable by its own user only)."""
+        return dict(os.environ, COMMON_SECURITY_AUTHORIZATIONENABLED="true", PROXY_HTTP_ENABLED="false",
+                    ETCD_ROOTPATH=self._settings()["etcd_root_path"],
+                    ETCD_CONFIG_PATH=str(self.data_dir / ETCD_CONFIG_FILE))
+
+    def _settings(self) -> dict:
+        """This data folder's password, etcd root path and etcd ports: generated on its first start, then read from
+        SETTINGS_FILE (mode 600)."""
+        if self._saved is None:
+            path = self.data_dir / SETTINGS_FILE
+            if path.is_file():
+                self._saved = json.loads(path.read_text())
+            elif (self.data_dir / "data").exists():
+                raise MilvusStoreError(
+                    f"{self.data_dir} holds a Milvus server's data but no {SETTINGS_FILE}: a server started without "
+                    f"credentials (by hand, or by an older decd); start this one in a new folder")
+            else:
+                self._saved = dict(password=secrets.token_urlsafe(24), etcd_root_path="decd_" + secrets.token_hex(16),
+                                   etcd_client_port=_free_port(), etcd_peer_port=_free_port(), password_set=False)
+        return self._saved
+
+    def _save_settings(self) -> None:
+        path = self.data_dir / SETTINGS_FILE
+        temporary = path.with_name(path.name + ".tmp")
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            json.dump(self._saved, file)
+        os.replace(temporary, path)
+        settings = self._saved
+        client, peer = settings["etcd_client_port"], settings["etcd_peer_port"]
+        # The embedded etcd on 127.0.0.1 and ports of its own (Milvus's defaults, 2379 and 2380, let one server run).
+        (self.data_dir / ETCD_CONFIG_FILE).write_text(
+            f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
+            f"advertise-client-urls: http://127.0.0.1:{client}\nlisten-peer-urls: http://127.0.0.1:{peer}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\ninitial-cluster: default=http://127.0.0.1:{peer}\n")
+
     def start(self) -> "LocalMilvusServer":
         if self.process is not None:
             return self
         self.port = self.port or _free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # its data, logs, password and configuration are this user's only
+        self._settings()
+        self._save_settings()
         log = open(self.data_dir / "server.log", "w")
         try:  # a session of its own: `stop` can end the server's child processes with it
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=self.environment())
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
@@ -84,16 +143,40 @@ class LocalMilvusServer:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     pass
                 with quiet_pymilvus():
-                    client = pymilvus.MilvusClient(uri=self.uri, timeout=5)
+                    if not self._saved["password_set"]:
+                        self._set_password(pymilvus)
+                    client = pymilvus.MilvusClient(uri=self.uri, token=self.token, timeout=5)
                     client.list_collections()
                     client.close()
                 return self
-            except (OSError, pymilvus.exceptions.MilvusException) as error:
+            except (OSError, *milvus_errors(pymilvus)) as error:
                 reason = one_line(error)
                 time.sleep(0.5)
         self.stop()
         raise MilvusStoreError(f"the Milvus server did not answer on {self.uri} within {self.start_timeout:g} s "
                                f"({reason}); log tail: {self.log_tail()}")
+
+    def _set_password(self, pymilvus) -> None:
+        """A new server: the generated password replaces the built-in one, which anyone who reaches the port can use
+        until then (on an empty server); root must then be the only user (none was added meanwhile)."""
+        client = pymilvus.MilvusClient(uri=self.uri, token=f"{ROOT_USER}:{DEFAULT_ROOT_PASSWORD}", timeout=5)
+        try:
+            client.update_password(ROOT_USER, DEFAULT_ROOT_PASSWORD, self._saved["password"])
+        finally:
+            client.close()
+        self._saved["password_set"] = True
+        self._save_settings()
+        client = pymilvus.MilvusClient(uri=self.uri, token=self.token, timeout=5)
+        try:
+            users = list(client.list_users())
+        finally:
+            client.close()
+        if users != [ROOT_USER]:
+            self.stop()
+            raise MilvusStoreError(f"the new Milvus server in {self.data_dir} has the users {', '.join(users)}, where "
+                                   f"only {ROOT_USER} should be (someone reached its port before its password was "
+                                   f"set); it was stopped: delete that folder, and start it on a machine whose ports "
+                                   f"others cannot reach")
 
     def server_pid(self) -> Optional[int]:
         """The process id of the milvus binary (a child of the `milvus-server` launcher), for its memory."""
@@ -106,6 +189,44 @@ class LocalMilvusServer:
                 continue  # a process that ended meanwhile
             if int(fields[1]) == self.process.pid:  # the parent's id follows the state
                 return int(status.parent.name)
+        return None
+
+    def listening(self) -> list[tuple[str, int]]:
+        """(address, port) of each socket the milvus binary listens on, from /proc (Linux): what it exposes, with
+        '0.0.0.0' or '::' for every interface; [] when it does not run."""
+        import ipaddress
+
+        pid = self.server_pid()
+        if pid is None:
+            return []
+        sockets = set()
+        for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(descriptor)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
+        found = []
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
+                    continue
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)  # each 32-bit word in the host's (little-endian) order
+                raw = b"".join(raw[start:start + 4][::-1] for start in range(0, len(raw), 4))
+                found.append((str(ipaddress.ip_address(raw)), int(port, 16)))
+        return sorted(found, key=lambda item: item[1])
+
+    def metrics_port(self) -> Optional[int]:
+        """The port of the server's metrics and health endpoints (/metrics, /healthz), which the launcher chooses."""
+        pid = self.server_pid()
+        if pid is None:
+            return None
+        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if entry.startswith(b"METRICS_PORT="):
+                return int(entry.split(b"=", 1)[1])
         return None
 
     def log_tail(self, lines: int = 30) -> str:

@@ -11,6 +11,7 @@ import threading
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -40,6 +41,12 @@ DEFAULT_HNSW_M = 32  # links per node, as the local backend HNSW32
 DEFAULT_EF_CONSTRUCTION = 200  # hnswlib's default build-time candidate list
 DEFAULT_NLIST = 1024  # IVF lists when the backend names none (IVF_FLAT); IVF4096,Flat names its own
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for collection and field names
+MESSAGE_CHARACTERS = 500  # a Milvus error message is cut after this many characters (it may quote a whole filter)
+FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
+PATHS_PER_CALL = 10_000  # paths read per call when a gallery is opened (at most 40 MB of 4096-byte paths)
+LITE_LOGGER = "milvus_lite"  # the logger of Milvus Lite's engine, which runs in this process
+ENGINE_LOG = "decd-engine.log"  # in a Milvus Lite store's folder: where its engine's log records go
+ENGINE_LOG_BYTES = 1 << 22  # the engine's log is rotated past this size (one old file kept)
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,6 +62,14 @@ def import_pymilvus(uri: str = ""):
         raise ImportError(f"the Milvus gallery {uri!r} needs pymilvus: pip install 'decd[milvus]' (or pip install "
                           f"pymilvus milvus-lite)") from error
     return pymilvus
+
+
+def milvus_errors(pymilvus) -> tuple:
+    """What a pymilvus call raises when Milvus refuses it: its MilvusException, or gRPC's own error (a client made
+    with a token the server no longer accepts gets UNAUTHENTICATED from each call)."""
+    import grpc
+
+    return pymilvus.exceptions.MilvusException, grpc.RpcError
 
 
 class _OwnCalls(logging.Filter):
@@ -87,11 +102,68 @@ def quiet_pymilvus():
         _QUIET.local.depth -= 1
 
 
-def one_line(error: BaseException) -> str:
-    """A Milvus error message on one line (Lite points at the column with a line of carets: dropped)."""
-    message = str(getattr(error, "message", "") or error)
+def one_line(error: BaseException, expression: Optional[str] = None) -> str:
+    """A Milvus error message on one line of at most MESSAGE_CHARACTERS (Lite points at the column with a line of
+    carets: dropped). `expression`: the filter the message is about, which Milvus repeats in it (the user's message
+    shows it once, cut if long: `shown_filter`): left out here."""
+    if callable(getattr(error, "details", None)) and callable(getattr(error, "code", None)):  # a gRPC error
+        message = f"{getattr(error.code(), 'name', error.code())}: {error.details()}"
+    else:
+        message = str(getattr(error, "message", "") or error)
     lines = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
-    return "; ".join(lines) or type(error).__name__
+    if expression and expression.strip():
+        lines = [line.replace(expression.strip(), "(the filter)") for line in lines if line != expression.strip()]
+    return cut("; ".join(lines) or type(error).__name__, MESSAGE_CHARACTERS)
+
+
+def cut(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters followed by how long it is: one line stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown_filter(expression: str) -> str:
+    """A filter expression as a message shows it: quoted (so on one line), cut after FILTER_CHARACTERS."""
+    if len(expression) <= FILTER_CHARACTERS:
+        return repr(expression)
+    return f"{expression[:FILTER_CHARACTERS]!r}... ({len(expression):,} characters)"
+
+
+class _QuietHandler(RotatingFileHandler):
+    """A log file that never writes to the terminal, not even when it cannot be written (then its records are lost)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+_ENGINE_LOG: dict = {}
+
+
+def route_engine_log(store: Path) -> Path:
+    """Send Milvus Lite's log records to ENGINE_LOG in the `store` folder, never to the terminal: one file for all the
+    stores this process has open, in the one it opened last (`engine_log`). Lite runs in this process and logs a
+    traceback of every request it fails (thousands of lines for a deeply nested filter) with Python's logging, whose
+    last-resort handler writes to stderr; the errors themselves reach the user as one line from here, which names
+    this file. Returns its path."""
+    logger = logging.getLogger(LITE_LOGGER)
+    logger.propagate = False
+    target = Path(os.path.abspath(store)) / ENGINE_LOG
+    current = _ENGINE_LOG.get("handler")
+    if current is not None and current.baseFilename == str(target):
+        return target
+    handler = _QuietHandler(target, maxBytes=ENGINE_LOG_BYTES, backupCount=1, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    if current is not None:
+        logger.removeHandler(current)
+        current.close()
+    _ENGINE_LOG["handler"] = handler
+    return target
+
+
+def engine_log() -> Optional[str]:
+    """The file Milvus Lite's log records go to now (see `route_engine_log`), or None before a store is opened."""
+    handler = _ENGINE_LOG.get("handler")
+    return handler.baseFilename if handler is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +296,13 @@ def connect(location: MilvusLocation, token: Optional[str] = None, create: bool 
         except ImportError as error:
             raise ImportError(f"the Milvus Lite store {display_path(path)!r} needs milvus-lite: pip install "
                               f"'decd[milvus]' (or pip install milvus-lite)") from error
+        route_engine_log(path)
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     with quiet_pymilvus():
         try:
             return pymilvus.MilvusClient(uri=location.uri, token=token or "", db_name=location.db_name,
                                          timeout=timeout)
-        except pymilvus.exceptions.MilvusException as error:
+        except milvus_errors(pymilvus) as error:
             reason = one_line(error)
             if location.lite:
                 if _lite_locked(Path(location.uri)):
@@ -251,7 +324,7 @@ def call_milvus(location: MilvusLocation, what: str, function, *args, **kwargs):
     with quiet_pymilvus():
         try:
             return function(*args, **kwargs)
-        except pymilvus.exceptions.MilvusException as error:
+        except milvus_errors(pymilvus) as error:
             raise MilvusStoreError(f"Milvus refused {what} ({location.describe()}): {one_line(error)}") from None
 
 
@@ -415,6 +488,21 @@ def read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str]
         raise MilvusStoreError(f"reading {location.describe(name)} returned {total} of its {expected} rows; "
                                f"run the build again")
     return stored
+
+
+def read_paths(client, location: MilvusLocation, name: str, consistency: str = "Strong") -> list[str]:
+    """Every row's path, PATHS_PER_CALL at a time in key order (what `MilvusGallery.open` checks; rows written
+    meanwhile are checked when a search returns them)."""
+    paths: list[str] = []
+    last = None
+    while True:
+        rows = call_milvus(location, "reading the paths", client.query, name,
+                           filter="" if last is None else f"{KEY_FIELD} > {last}", limit=PATHS_PER_CALL,
+                           output_fields=[KEY_FIELD, PATH_FIELD], consistency_level=consistency)
+        if not rows:
+            return paths
+        paths += [row[PATH_FIELD] for row in rows]
+        last = max(int(row[KEY_FIELD]) for row in rows)
 
 
 def count_rows(client, location: MilvusLocation, name: str, consistency: str, filter: str = "") -> int:

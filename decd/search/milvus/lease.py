@@ -1,0 +1,168 @@
+"""One writer per collection on a Milvus server: the lease a build holds while it writes (docs/milvus.md).
+
+Milvus has no conditional write, but creating a collection is decided by the server alone, one request after
+another: the lease is a small collection, `decd_lease_<collection>`, created by the build that takes it, its holder
+recorded in its `decd.lease` property (a token of its own, user, host, process id, gallery folder, start and expiry).
+A build that finds another holder's lease refuses to start, naming it; the holder renews the expiry while it runs and
+drops the lease when it ends, so the lease of a build that was killed expires and is taken over. Milvus Lite needs
+none: it lets one process open a store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Optional
+
+from ..display import display_path
+from ..errors import MilvusStoreError
+from .store import MilvusLocation, call_milvus, import_pymilvus, milvus_errors
+
+LEASE_SECONDS = 60.0  # a lease not renewed for this long is stale: its build no longer runs
+RENEW_SECONDS = 15.0  # how often a running build renews its lease
+LEASE_PROPERTY = "decd.lease"
+LEASE_PREFIX = "decd_lease_"
+
+
+def lease_name(collection: str) -> str:
+    """The lease collection of `collection`: a valid Milvus name (at most 255 characters) of its own."""
+    name = LEASE_PREFIX + collection
+    if len(name) > 255:
+        name = f"{name[:230]}_{hashlib.sha256(collection.encode()).hexdigest()[:20]}"
+    return name
+
+
+def _when(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class CollectionLease:
+    """The lease of one build on `collection` (see the module docstring): `acquire` takes it or raises
+    MilvusStoreError naming the build that holds it (nothing changed); `check` raises if it was lost (its expiry
+    passed without a renewal, or another build took it over); `release` drops it. A context manager.
+
+    `renew=False` takes it without renewing it (as a build that was killed right after taking it: for tests).
+    """
+
+    def __init__(self, client, location: MilvusLocation, collection: str, gallery_dir: str,
+                 seconds: float = LEASE_SECONDS, renew: bool = True):
+        self.client, self.location, self.collection = client, location, collection
+        self.name = lease_name(collection)
+        self.seconds, self.renews = float(seconds), renew
+        self.token = uuid.uuid4().hex
+        self.record = dict(token=self.token, user=getpass.getuser(), host=socket.gethostname(), pid=os.getpid(),
+                           gallery_dir=str(gallery_dir), started=time.time(), expires=0.0)
+        self.lost: Optional[str] = None  # why the lease was lost, once it is
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- the record -------------------------------------------------------------------------------
+    def _read(self) -> Optional[dict]:
+        """The lease record in Milvus, or None when there is no lease (or one no build wrote)."""
+        if not call_milvus(self.location, "looking for the lease", self.client.has_collection, self.name):
+            return None
+        try:
+            description = self.client.describe_collection(self.name)
+        except milvus_errors(import_pymilvus(self.location.uri)):
+            return None  # dropped meanwhile
+        try:
+            record = json.loads((description.get("properties") or {}).get(LEASE_PROPERTY) or "null")
+        except ValueError:
+            record = None
+        return record if isinstance(record, dict) and isinstance(record.get("token"), str) else {}
+
+    def describe(self, record: dict) -> str:
+        """'pid 123 of alice on host-1, gallery /data/crops, started ..., lease valid until ...'."""
+        return (f"pid {record.get('pid')} of {record.get('user')} on {record.get('host')}, gallery "
+                f"{display_path(str(record.get('gallery_dir')))!r}, started {_when(float(record.get('started') or 0))}"
+                f", its lease valid until {_when(float(record.get('expires') or 0))}")
+
+    # ---- taking, keeping and dropping it ----------------------------------------------------------
+    def acquire(self) -> "CollectionLease":
+        where = self.location.describe(self.collection)
+        for _ in range(5):
+            record = self._read()
+            if record is not None:
+                if record == {}:
+                    raise MilvusStoreError(f"{self.location.describe(self.name)} exists and is not a decd-search lease;"
+                                           f" nothing was changed: drop it, or choose another --collection")
+                if float(record.get("expires") or 0) > time.time():
+                    raise MilvusStoreError(
+                        f"{where} is being written by another build ({self.describe(record)}); nothing was changed: "
+                        f"wait for it to end, or, if that process is gone, run again once its lease has expired")
+                # A stale lease (its build was killed): dropped if it is still that one, then taken.
+                if (self._read() or {}).get("token") == record["token"]:
+                    call_milvus(self.location, "dropping a stale lease", self.client.drop_collection, self.name)
+                continue
+            self.record["expires"] = time.time() + self.seconds
+            if self._create():
+                mine = self._read()
+                if mine and mine.get("token") == self.token:
+                    if self.renews:
+                        self._thread = threading.Thread(target=self._renew, name=f"lease {self.name}", daemon=True)
+                        self._thread.start()
+                    return self
+        raise MilvusStoreError(f"could not take the lease of {where}: other builds kept taking it; run again")
+
+    def _create(self) -> bool:
+        """Create the lease collection holding this record; False when the server refuses (another build's exists)."""
+        pymilvus = import_pymilvus(self.location.uri)
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                                     description=f"decd-search build lease {self.token}")
+        schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
+        schema.add_field("unused", pymilvus.DataType.FLOAT_VECTOR, dim=2)  # a collection needs a vector field
+        try:
+            self.client.create_collection(self.name, schema=schema,
+                                          properties={LEASE_PROPERTY: json.dumps(self.record)})
+        except milvus_errors(pymilvus):
+            return False
+        return True
+
+    def _renew(self) -> None:
+        """The renewal thread: push the expiry forward every RENEW_SECONDS while the lease is still this build's."""
+        while not self._stop.wait(min(RENEW_SECONDS, self.seconds / 3)):
+            try:
+                current = self._read()
+                if current is None or current.get("token") != self.token:
+                    self.lost = (f"another build took it over ({self.describe(current)})" if current
+                                 else "it was dropped by another process")
+                    return
+                expires = time.time() + self.seconds
+                call_milvus(self.location, "renewing the lease", self.client.alter_collection_properties, self.name,
+                            properties={LEASE_PROPERTY: json.dumps(dict(self.record, expires=expires))})
+                self.record["expires"] = expires
+            except MilvusStoreError:
+                continue  # the server did not answer: tried again; `check` fails once the expiry has passed
+
+    def check(self) -> None:
+        """Raise MilvusStoreError when this build no longer holds the lease: it must not write any more."""
+        if self.lost is None and time.time() >= float(self.record["expires"]):
+            self.lost = f"it expired at {_when(float(self.record['expires']))} without a renewal"
+        if self.lost is not None:
+            raise MilvusStoreError(f"this build lost its lease on {self.location.describe(self.collection)} ("
+                                   f"{self.lost}) and stopped writing; run it again")
+
+    def release(self) -> None:
+        """Stop renewing and drop the lease if it is still this build's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if (self._read() or {}).get("token") == self.token:
+                call_milvus(self.location, "dropping the lease", self.client.drop_collection, self.name)
+        except MilvusStoreError:
+            pass  # the server went away: the lease expires on its own
+
+    def __enter__(self) -> "CollectionLease":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
