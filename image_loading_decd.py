@@ -174,8 +174,10 @@ def _rgb_reduced(image: PIL.Image.Image, size, name: str) -> PIL.Image.Image:
 
 
 # ---- files: only regular ones are opened, and every pixel must come from the file's data --------------------------
-def _open_regular_file(path, name: str):
-    """`path` opened for binary reading, once os.stat (which follows symbolic links) shows a non-empty regular file."""
+def open_image_file(path, name: str):
+    """`path` opened for binary reading, once os.stat (which follows symbolic links) shows a non-empty regular file;
+    else a ValueError naming `name` and what the path is (a named pipe, a device, ...: never opened, so never
+    waited on). Everything that reads a gallery file's bytes opens it here."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
@@ -489,7 +491,7 @@ def load_image(image, size=None, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, name=None)
             raise ValueError(f"{name}: empty (0 bytes); send the image file's contents.")
         file = io.BytesIO(bytes(source))
     elif isinstance(source, (str, Path)) or hasattr(source, "__fspath__"):
-        file = _open_regular_file(source, name)
+        file = open_image_file(source, name)
     else:
         raise ValueError(
             f"{name} is a {type(image).__name__}: pass a file path, file bytes, a PIL image, a numpy array or a "
@@ -604,4 +606,4 @@ def is_single_image(images) -> bool:
 
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "describe_image_source", "is_single_image", "load_image"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "describe_image_source", "is_single_image", "load_image", "open_image_file"]

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -292,3 +293,14 @@ def test_a_gallery_names_and_skips_what_is_not_a_whole_image_and_never_blocks(tm
         opened = open_gallery(model, processor, str(gallery))
     assert opened.paths == index.paths
     assert {item["path"]: item["error"] for item in opened.skipped} == reasons
+    # A Milvus build hashes each file before it is read (a file whose bytes did not change keeps its embedding): the
+    # hash opens the file as load_image does, so the pipe and the device are named there, never read.
+    from decd.search import MilvusGallery
+
+    with _within(120), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        stored = MilvusGallery.build(model, processor, gallery, str(tmp_path / "gallery.db"), batch_size=4,
+                                     show_progress=False)
+    assert len(stored) == 3
+    assert sorted(stored.search_text(model, processor, ["a person"], top_k=3).paths[0]) == index.paths
+    assert {item["path"]: item["error"] for item in stored.skipped} == reasons

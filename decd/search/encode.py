@@ -140,10 +140,17 @@ def _embed_files(model, processor, folder: Path, names: list[str]) -> tuple[Opti
             images.append(processor.load_image(folder / name, name=name))
             kept.append(name)
         except ValueError as error:  # load_image names the file and says what is wrong
-            skipped.append(dict(path=name, error=str(error).removeprefix(f"{name}: ")))
+            skipped.append(skipped_file(name, error))
     if not images:
         return None, kept, skipped
     return embed_images(model, processor, images, batch_size=len(images), show_progress=False).numpy(), kept, skipped
+
+
+def skipped_file(name: str, error: Exception) -> dict:
+    """A gallery file a build leaves out: {"path": its name, "error": why} (the loader's message without the name it
+    starts with; an OSError's own words)."""
+    reason = getattr(error, "strerror", None) or str(error)
+    return dict(path=name, error=reason.removeprefix(f"{name}: "))
 
 
 def none_readable(num_files: int, gallery_dir: str, skipped: list[dict]) -> GalleryIndexError:

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -74,12 +74,15 @@ def file_fingerprint(path: Union[str, os.PathLike]) -> Optional[list[int]]:
     return [status.st_size, status.st_mtime_ns]
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """sha256 hex digest of a file, read `HASH_BLOCK` bytes at a time (index files, converted checkpoints)."""
+def file_sha256(source: Union[str, os.PathLike, BinaryIO]) -> str:
+    """sha256 hex digest of a file (a path, or a binary file open at its start), read `HASH_BLOCK` bytes at a time
+    (index files, converted checkpoints, gallery images)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as file:
+            return file_sha256(file)
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(HASH_BLOCK):
-            digest.update(block)
+    while block := source.read(HASH_BLOCK):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -17,10 +17,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
+from image_loading_decd import open_image_file
+
 from ...processes import all_processes, stop_together
 from ..display import display_path
 from ..encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, list_images,
-                      one_share, warn_skipped)
+                      one_share, skipped_file, warn_skipped)
 from ..errors import BuildInterrupted, GalleryIndexError, MilvusStoreError, StaleIndexError
 from ..format import PathLike, file_sha256, model_checksum, model_meta
 from .lease import CollectionLease
@@ -248,7 +250,7 @@ class _Writer:
         self.lease = lease  # held by the main process on a server: checked before each write
         self.items = {item[0]: item for item in work}  # path -> (path, action, old rows, stat, metadata)
         self.changes, self.skipped = changes, skipped
-        self.digests: dict[str, Union[str, OSError]] = {}  # sha256 of the current batch's files (or why not)
+        self.digests: dict[str, Union[str, Exception]] = {}  # sha256 of the current batch's files (or why not)
 
     def to_encode(self, paths: list[str]) -> list[str]:
         chosen = []
@@ -256,9 +258,10 @@ class _Writer:
             _, action, rows, _, _ = self.items[path]
             if action == "rewrite":  # the metadata changed, the file did not
                 continue
-            try:
-                self.digests[path] = digest = file_sha256(self.gallery_dir / path)
-            except OSError as error:
+            try:  # opened as load_image opens it: what is not a regular file is named, never read (a pipe blocks)
+                with open_image_file(self.gallery_dir / path, path) as file:
+                    self.digests[path] = digest = file_sha256(file)
+            except (OSError, ValueError) as error:
                 self.digests[path] = error
                 continue
             if not (action == "check" and digest == rows[0][SHA_FIELD]):  # the same bytes: keep the embedding
@@ -269,8 +272,8 @@ class _Writer:
         rewrite, replaced, digests = [], [], {path: self.digests.pop(path, None) for path in batch.files}
         for path in batch.files:
             _, action, rows, _, _ = self.items[path]
-            if isinstance(digests[path], OSError):
-                self.skipped.append(dict(path=path, error=digests[path].strerror or str(digests[path])))
+            if isinstance(digests[path], Exception):
+                self.skipped.append(skipped_file(path, digests[path]))
                 replaced += [row[KEY_FIELD] for row in rows]
             elif action == "rewrite" or (action == "check" and digests[path] == rows[0][SHA_FIELD]):
                 rewrite.append(self.items[path])
