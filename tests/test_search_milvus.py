@@ -440,7 +440,8 @@ def test_every_filter_is_run_or_refused_in_one_line_showing_it_once(built, capfd
             engine = [record for record in reaching_the_root if record.name.startswith("milvus_lite")]
             assert not engine, engine[0].getMessage()
             if message is not None:
-                from decd.search.milvus.store import engine_log, shown_filter
+                from decd.search.display import shown_filter
+                from decd.search.milvus.store import engine_log
 
                 assert message.count(shown_filter(expression)) == 1 and "camera (str)" in message
                 if built["engine"] == "lite":

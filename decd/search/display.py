@@ -12,6 +12,14 @@ SCORE_EXPLANATION = (
     "results of one query, not scores across queries. top p%: the image's rank among all the gallery's "
     "images (top 1% of 400 = among the best 4), or, with a filter, among the images it lets through."
 )
+FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
+
+
+def shown_filter(expression: str) -> str:
+    """A filter expression as a message shows it: quoted (so on one line), cut after FILTER_CHARACTERS."""
+    if len(expression) <= FILTER_CHARACTERS:
+        return repr(expression)
+    return f"{expression[:FILTER_CHARACTERS]!r}... ({len(expression):,} characters)"
 
 
 def printable(text: str) -> str:

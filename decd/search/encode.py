@@ -171,7 +171,7 @@ def warn_skipped(skipped: list[dict], num_files: int, gallery_dir: str, listed_i
 
 
 # --------------------------------------------------------------------------------------------
-# Several processes (`accelerate launch`) or one
+# Several processes (torchrun, accelerate launch: decd.processes) or one
 # --------------------------------------------------------------------------------------------
 
 

@@ -128,9 +128,9 @@ class GalleryIndex(Gallery):
                 index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
                 embeddings (trained on `train_size` of them where the index needs it, default
                 `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
-            distributed: an `accelerate` `PartialState` (or `Accelerator`) when several processes build
-                together (`accelerate launch`): each encodes a contiguous share of the batches into its
-                own shards, and the main process joins them. The result is the same, bit for bit, as a
+            distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when
+                several processes build together (torchrun or accelerate launch: docs/large-galleries.md): each
+                encodes a contiguous share of the batches into its own shards, and the main process joins them. The result is the same, bit for bit, as a
                 one-process build with the same `batch_size` (same batches). Every process must call
                 `build` with the same arguments and see the same gallery. None: this process alone.
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from inference_decd import embed_images, embed_texts
 
+from .display import shown_filter
 from .errors import GalleryIndexError
 from .format import check_model
 
@@ -143,6 +144,6 @@ def filter_options(gallery: Gallery, filter: Optional[str]) -> dict:
     if filter is None or not str(filter).strip():
         return {}
     if not gallery.filter_fields:
-        raise GalleryIndexError(f"a filter ({filter!r}) needs a gallery in Milvus with fields to filter on (built with "
+        raise GalleryIndexError(f"a filter ({shown_filter(str(filter))}) needs a gallery in Milvus with fields to filter on (built with "
                                 f"`decd-search index --store URI [--metadata CSV]`); this gallery is a local index")
     return {"filter": str(filter).strip()}

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..display import check_top_k, display_path
+from ..display import check_top_k, display_path, shown_filter
 from ..encode import IMAGE_EXTENSIONS
 from ..errors import IndexNotFoundError, MilvusStoreError, StaleIndexError
 from ..format import PathLike, check_gallery_dir, check_gallery_paths, path_problem
@@ -22,7 +22,7 @@ from .lease import CollectionLease
 from .store import (DEFAULT_CONSISTENCY, KEY_FIELD, MAX_TOP_K, META_PROPERTY, MILVUS_FORMAT_VERSION, PATH_FIELD,
                     STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, collection_record, connect, count_rows,
                     default_collection_name, engine_log, import_pymilvus, index_settings, milvus_errors, one_line,
-                    parse_location, quiet_pymilvus, read_paths, search_parameters, shown_filter, stat_text,
+                    parse_location, quiet_pymilvus, read_paths, search_parameters, stat_text,
                     vector_index_info)
 
 
@@ -279,8 +279,8 @@ class MilvusGallery(Gallery):
             max_batches: stop (`BuildInterrupted`) after this many batches of this call; for time-boxed jobs and tests.
             backend: the vector index (`milvus_index`): None keeps an existing collection's and gives FLAT (exact)
                 to a new one; another index than the collection's re-indexes it without re-embedding.
-            distributed: an `accelerate` `PartialState` when several processes build together (`accelerate
-                launch`, a server only): each process embeds and inserts a contiguous share of the files to
+            distributed: an `accelerate` `PartialState` (`decd.processes.process_state`) when several processes
+                build together (torchrun or accelerate launch, a server only): each process embeds and inserts a contiguous share of the files to
                 encode; the main process creates the collection and deletes rows of files that are gone.
             replace: an existing collection of another gallery folder becomes this folder's (rows of images it
                 lacks are deleted); without it, such a collection is refused, nothing changed.

@@ -42,7 +42,6 @@ DEFAULT_EF_CONSTRUCTION = 200  # hnswlib's default build-time candidate list
 DEFAULT_NLIST = 1024  # IVF lists when the backend names none (IVF_FLAT); IVF4096,Flat names its own
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for collection and field names
 MESSAGE_CHARACTERS = 500  # a Milvus error message is cut after this many characters (it may quote a whole filter)
-FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
 PATHS_PER_CALL = 10_000  # paths read per call when a gallery is opened (at most 40 MB of 4096-byte paths)
 LITE_LOGGER = "milvus_lite"  # the logger of Milvus Lite's engine, which runs in this process
 ENGINE_LOG = "decd-engine.log"  # in a Milvus Lite store's folder: where its engine's log records go
@@ -119,13 +118,6 @@ def one_line(error: BaseException, expression: Optional[str] = None) -> str:
 def cut(text: str, limit: int) -> str:
     """`text`, or its first `limit` characters followed by how long it is: one line stays short."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def shown_filter(expression: str) -> str:
-    """A filter expression as a message shows it: quoted (so on one line), cut after FILTER_CHARACTERS."""
-    if len(expression) <= FILTER_CHARACTERS:
-        return repr(expression)
-    return f"{expression[:FILTER_CHARACTERS]!r}... ({len(expression):,} characters)"
 
 
 class _QuietHandler(RotatingFileHandler):
