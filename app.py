@@ -223,7 +223,7 @@ def load_gallery(
         raise AppConfigError(f"could not read the gallery {str(path)!r}: {error}") from error
     if not isinstance(index, GalleryIndex):  # a Milvus collection: its images are listed per search only
         root = Path(images_root).expanduser() if images_root is not None else index.gallery_dir
-        return Gallery([], index, source=f"Milvus {index.location.describe(index.name)}",
+        return Gallery([], index, source=f"Milvus {index.collection.where}",
                        image_roots=[root.resolve()] if root is not None else [], root=root)
     built = index.path is not None  # an index folder, not a folder encoded just now
     root = _index_images_root(index, path, images_root) if built else path

@@ -42,8 +42,9 @@ Milvus (`--milvus lite server`, rows beside the local ones in the same run)
     For each engine (Milvus Lite in this process; a standalone server started per case from the PyPI
     `milvus` package, `decd.search.milvus.LocalMilvusServer`, in a temporary folder) and each `--milvus_indexes`
     type (FLAT, HNSW, IVF_FLAT: `decd.search.milvus.store.milvus_index`), the same clustered gallery is written
-    into a collection of `decd-search index --store`'s schema with `decd.search.milvus.store.insert_rows` (insert
-    throughput: rows/s), then flushed and indexed as a build finishes it (index seconds: until every row is
+    into a collection of `decd-search index --store`'s schema with
+    `decd.search.milvus.store.MilvusCollection.insert_rows` (insert throughput: rows/s), then flushed and
+    indexed as a build finishes it (index seconds: until every row is
     indexed), and searched through `MilvusGallery.search` (what `decd-search query` runs; Strong consistency,
     and Bounded for comparison) at each `--nprobe` / `--ef_search`. recall@10 against the exact top-10, peak
     RSS of the benchmark process (the client; with Lite, the engine too; it holds the generated gallery) and
@@ -261,8 +262,8 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
     from decd.search.backends import recall_at_k
     from decd.search.milvus import LocalMilvusServer
     from decd.search.milvus.build import finish_build
-    from decd.search.milvus.store import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusLocation, connect,
-                                          create_collection, insert_rows, milvus_index, vector_index_info)
+    from decd.search.milvus.store import (MILVUS_FORMAT, MILVUS_FORMAT_VERSION, MilvusCollection, MilvusLocation,
+                                          connect, gallery_row, milvus_index)
 
     centres = _centres(data, clusters, dim)
     generator, query_generator = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(99)
@@ -280,28 +281,28 @@ def run_milvus_case(engine: str, kind: str, gallery_size: int, dim: int, num_que
         location = MilvusLocation(os.path.join(scratch, "bench.db"), "bench")
     try:
         client = connect(location, server.token if server is not None else None, create=True)  # the server's password
+        bench = MilvusCollection(client, location, "bench")
         index_type, params = milvus_index(kind, lite=engine == "lite")
         meta = dict(format=MILVUS_FORMAT, format_version=MILVUS_FORMAT_VERSION, model_checksum="benchmark",
                     model_id="benchmark", embedding_dim=dim, gallery_dir=None, updated=None, num_files=gallery_size)
-        create_collection(client, location, "bench", dim, {}, index_type, params, meta)
-        paths = [f"{row}.png" for row in range(gallery_size)]  # a gallery records image file names (path_problem)
-        empty = [""] * gallery_size
+        bench.create_gallery(dim, {}, index_type, params, meta)
         begin = time.perf_counter()
         for start in tqdm_range(gallery_size, 10_000, f"{engine} {kind}: inserting"):
-            insert_rows(client, location, "bench", gallery[start:start + 10_000], paths[start:start + 10_000],
-                        empty[:10_000], empty[:10_000], [{}] * min(10_000, gallery_size - start))
+            # a gallery records image file names (path_problem)
+            bench.insert_rows([gallery_row(gallery[row], f"{row}.png", "", "", {})
+                               for row in range(start, min(start + 10_000, gallery_size))])
         insert_s = time.perf_counter() - begin
         begin = time.perf_counter()
-        finish_build(client, location, "bench", meta, (index_type, params), True, show_progress=False)
+        finish_build(bench, meta, (index_type, params), True, show_progress=False)
         deadline = time.monotonic() + 3600
         while index_type != "FLAT" and time.monotonic() < deadline:  # every sealed row indexed
-            info = vector_index_info(client, location, "bench")
+            info = bench.index_info()
             if int(info.get("indexed_rows") or 0) >= int(info.get("total_rows") or 0) > 0 \
                     and not int(info.get("pending_index_rows") or 0) or str(info.get("state")) == "Failed":
                 break
             time.sleep(2)
         index_s = time.perf_counter() - begin
-        collection = MilvusGallery(client, location, "bench", dict(meta, backend=index_type, index_params=params), {})
+        collection = MilvusGallery(bench, dict(meta, backend=index_type, index_params=params), {})
         settings = ([dict(nprobe=value) for value in nprobes] if index_type.startswith("IVF") else
                     [dict(ef_search=value) for value in ef_searches] if index_type.startswith("HNSW") else [{}])
         truth = np.load(truth_file) if truth_file and os.path.exists(truth_file) else None

@@ -282,7 +282,7 @@ def _run_index_milvus(arguments, model, processor, state) -> int:
     if gallery is None:
         return 0  # the main process reports
     changes = gallery.changes
-    print(f"Indexed {display_path(arguments.gallery_dir)} into Milvus {gallery.location.describe(gallery.name)} "
+    print(f"Indexed {display_path(arguments.gallery_dir)} into Milvus {gallery.collection.where} "
           f"(model {gallery.model_id}, checksum {gallery.model_checksum[:12]}, index {gallery.backend}): "
           f"{len(gallery)} images; {changes['new']} new, {changes['changed']} changed, {changes['updated']} "
           f"rewritten without re-encoding, {changes['removed']} removed, {changes['unchanged']} unchanged.")

@@ -387,14 +387,14 @@ def test_a_collection_recording_a_path_outside_its_gallery_is_refused(milvus_gal
     a gallery folder that is not absolute makes the open fail in one line naming the entry, nothing opened; such a
     row written after the open stops the search that returns it."""
     from decd.cli import main
-    from decd.search.milvus.store import META_PROPERTY, insert_rows
+    from decd.search.milvus.store import META_PROPERTY, gallery_row
 
     store = f"{tmp_path / 'gallery.db'}/crops"
     gallery = _build(milvus_gallery, store, metadata=None)
     vector = np.array(milvus_gallery["index"].embeddings[:1])
     for recorded, message in (("../secret.txt", "goes up out of the gallery folder"),
                               ("/etc/hostname", "is an absolute path")):
-        keys = insert_rows(gallery.client, gallery.location, "crops", vector, [recorded], ["0" * 64], ["1:1"], [{}])
+        keys = gallery.collection.insert_rows([gallery_row(vector[0], recorded, "0" * 64, "1:1", {})])
         with pytest.raises(MilvusStoreError, match=rf"the row with key {keys[0]} \({re.escape(repr(recorded))}\) "
                                                    rf"{message}.*: nothing was returned; rebuild") as refused:
             gallery.search(vector, top_k=3)  # the new row is the closest to its own vector
@@ -405,10 +405,10 @@ def test_a_collection_recording_a_path_outside_its_gallery_is_refused(milvus_gal
         assert main(["query", store, QUERIES[0]]) == 1
         captured = capsys.readouterr()
         assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
-        gallery.client.delete("crops", ids=keys)
+        gallery.collection.client.delete("crops", ids=keys)
     assert len(open_gallery(None, None, store)) == 12  # whole again
     meta = dict(gallery.meta, gallery_dir="crops")
-    gallery.client.alter_collection_properties("crops", properties={META_PROPERTY: json.dumps(meta)})
+    gallery.collection.client.alter_collection_properties("crops", properties={META_PROPERTY: json.dumps(meta)})
     with pytest.raises(GalleryIndexError, match=r"records the gallery folder 'crops', which is not an absolute path"):
         MilvusGallery.open(store)
 
@@ -512,26 +512,26 @@ def test_one_build_writes_a_server_collection_at_a_time(milvus_gallery, milvus_s
     assert len(built) == 12 and built.changes["new"] == 12
     from decd.search.milvus.lease import lease_name
 
-    assert lease_name(built.name) not in built.client.list_collections()
+    assert lease_name(built.collection.name) not in built.collection.client.list_collections()
 
 
 def test_a_stale_lease_is_taken_over_and_a_live_one_is_renewed(milvus_gallery, milvus_server, request, tmp_path):
     """The lease of a build that was killed (never renewed) refuses other builds until it expires, then the next
     build takes it over; a running build's lease is renewed past its first expiry."""
     from decd.search.milvus.lease import CollectionLease
-    from decd.search.milvus.store import connect
+    from decd.search.milvus.store import MilvusCollection, connect
 
     store = store_uri("server", request, tmp_path)
     location = parse_location(store)
-    client = connect(location)
-    killed = CollectionLease(client, location, location.collection, "/elsewhere", seconds=3, renew=False).acquire()
+    collection = MilvusCollection(connect(location), location, location.collection)
+    killed = CollectionLease(collection, "/elsewhere", seconds=3, renew=False).acquire()
     with pytest.raises(MilvusStoreError, match="is being written by another build .*gallery '/elsewhere'"):
         _build(milvus_gallery, store)
     time.sleep(max(0.0, killed.record["expires"] - time.time()) + 0.5)
     with pytest.raises(MilvusStoreError, match="lost its lease .*it expired"):
         killed.check()  # had it still run, it would stop writing now
     assert _build(milvus_gallery, store).changes["new"] == 12  # took the stale lease over
-    running = CollectionLease(client, location, location.collection, "/here", seconds=3).acquire()
+    running = CollectionLease(collection, "/here", seconds=3).acquire()
     try:
         first_expiry = running.record["expires"]
         time.sleep(4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from typing import Union
+from typing import Callable, Union
 
 SCORE_EXPLANATION = (
     "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
@@ -15,11 +15,14 @@ SCORE_EXPLANATION = (
 FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
 
 
+def cut(text: str, limit: int, show: Callable[[str], str] = str) -> str:
+    """`text` as `show` shows it, or its first `limit` characters followed by how long it is: one line stays short."""
+    return show(text) if len(text) <= limit else f"{show(text[:limit])}... ({len(text):,} characters)"
+
+
 def shown_filter(expression: str) -> str:
     """A filter expression as a message shows it: quoted (so on one line), cut after FILTER_CHARACTERS."""
-    if len(expression) <= FILTER_CHARACTERS:
-        return repr(expression)
-    return f"{expression[:FILTER_CHARACTERS]!r}... ({len(expression):,} characters)"
+    return cut(expression, FILTER_CHARACTERS, repr)
 
 
 def printable(text: str) -> str:

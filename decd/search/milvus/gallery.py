@@ -7,30 +7,26 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from ..display import check_top_k, display_path, shown_filter
-from ..encode import IMAGE_EXTENSIONS
 from ..errors import IndexNotFoundError, MilvusStoreError, StaleIndexError
-from ..format import PathLike, check_gallery_dir, check_gallery_paths, path_problem
+from ..format import check_gallery_dir, check_gallery_paths, path_problem
 from ..protocol import Gallery, SearchResult, is_text, query_embeddings
 from .build import build_collection
-from .lease import CollectionLease
 from .store import (DEFAULT_CONSISTENCY, KEY_FIELD, MAX_TOP_K, META_PROPERTY, MILVUS_FORMAT_VERSION, PATH_FIELD,
-                    STAT_FIELD, VECTOR_FIELD, MilvusLocation, call_milvus, collection_record, connect, count_rows,
-                    default_collection_name, engine_log, import_pymilvus, index_settings, milvus_errors, one_line,
-                    parse_location, quiet_pymilvus, read_paths, search_parameters, stat_text,
-                    vector_index_info)
+                    STAT_FIELD, VECTOR_FIELD, MilvusCollection, call_milvus, connect, engine_log, milvus_refusals,
+                    one_line, parse_location, search_parameters, stat_text)
 
 
 class MilvusGallery(Gallery):
     """A gallery in a Milvus collection, a `Gallery` like a local `GalleryIndex`: its `SearchResult.indices` are the
     rows' Milvus keys (int64) and `image_path` takes one; `backend` is the Milvus index type; `search(...,
     filter='camera == "c12"')` takes a Milvus boolean expression over `filter_fields`. Open one with
-    `MilvusGallery.open` (or `open_gallery`), write one with `MilvusGallery.build`.
+    `MilvusGallery.open` (or `open_gallery`), write one with `MilvusGallery.build`; `collection` is where it is.
 
     A collection is input from whoever wrote into it: `open` checks every row's path (and the gallery folder the
     collection records) with `decd.search.format.path_problem`, and so does every search for the rows it returns.
@@ -39,9 +35,9 @@ class MilvusGallery(Gallery):
     PATH_CACHE_SIZE = 4096  # keys whose path `image_path` remembers (the most recent): a long-running service's
     #                         searches return ever more keys, and each is looked up again once forgotten
 
-    def __init__(self, client, location: MilvusLocation, name: str, meta: dict, metadata_fields: dict,
+    def __init__(self, collection: MilvusCollection, meta: dict, metadata_fields: dict,
                  consistency: str = DEFAULT_CONSISTENCY):
-        self.client, self.location, self.name, self.meta = client, location, name, meta
+        self.collection, self.meta = collection, meta
         self.metadata_fields = dict(metadata_fields)
         self.consistency = consistency
         self.path = None  # no index folder: the embeddings live in Milvus
@@ -49,8 +45,11 @@ class MilvusGallery(Gallery):
         self.changes: dict[str, int] = {}  # what that build did (see `build`)
         self._paths: OrderedDict[int, str] = OrderedDict()  # key -> relative path of recent rows, for image_path
         self._paths_lock = threading.Lock()  # the service searches and serves images from several threads
-        self.index_type, self.index_params = index_settings(vector_index_info(client, location, name), meta)
-        self._count = count_rows(client, location, name, consistency)
+        self.index_type, self.index_params = collection.index_settings(meta)
+        self._count = collection.count_rows(consistency)
+
+    # written in decd.search.milvus.build: `build` is the build itself, which returns the opened gallery
+    build = classmethod(build_collection)
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -66,7 +65,8 @@ class MilvusGallery(Gallery):
         names = call_milvus(location, "listing collections", client.list_collections)
         name = location.collection
         if name is None or name not in names:  # the DECD collections there, to choose from
-            ours = [candidate for candidate in names if collection_record(client, location, candidate)[0] is not None]
+            ours = [candidate for candidate in names
+                    if MilvusCollection(client, location, candidate).record()[0] is not None]
         if name is None:
             if len(ours) != 1:
                 raise IndexNotFoundError(
@@ -77,31 +77,31 @@ class MilvusGallery(Gallery):
             raise IndexNotFoundError(f"there is no {location.describe(name)} (DECD collections there: "
                                      f"{', '.join(ours) or 'none'}); build it with `decd-search index GALLERY "
                                      f"--model M --store {location.uri} --collection {name}`")
-        meta, fields = collection_record(client, location, name)
+        found = MilvusCollection(client, location, name)
+        meta, fields = found.record()
         if meta is None:
-            raise MilvusStoreError(f"{location.describe(name)} was not written by decd-search (no DECD {META_PROPERTY} "
-                                   f"property); give a collection built with `decd-search index --store`")
+            raise MilvusStoreError(f"{found.where} was not written by decd-search (no DECD {META_PROPERTY} property); "
+                                   f"give a collection built with `decd-search index --store`")
         if meta.get("format_version") != MILVUS_FORMAT_VERSION:
-            raise MilvusStoreError(f"{location.describe(name)} has format version {meta.get('format_version')}, this "
-                                   f"code reads version {MILVUS_FORMAT_VERSION}; rebuild it with --no-resume")
-        call_milvus(location, "loading the collection", client.load_collection, name)
+            raise MilvusStoreError(f"{found.where} has format version {meta.get('format_version')}, this code reads "
+                                   f"version {MILVUS_FORMAT_VERSION}; rebuild it with --no-resume")
+        found.load()
         # every path the collection records stays inside the gallery folder it records, or nothing is opened
-        gallery_dir = check_gallery_dir(meta.get("gallery_dir"), f"{location.describe(name)} ({META_PROPERTY})")
-        check_gallery_paths(read_paths(client, location, name, consistency), gallery_dir,
-                            f"{location.describe(name)} (its rows' {PATH_FIELD})")
-        return cls(client, location, name, meta, fields, consistency)
+        gallery_dir = check_gallery_dir(meta.get("gallery_dir"), f"{found.where} ({META_PROPERTY})")
+        check_gallery_paths(found.read_paths(consistency), gallery_dir, f"{found.where} (its rows' {PATH_FIELD})")
+        return cls(found, meta, fields, consistency)
 
     # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._count
 
     def __repr__(self) -> str:
-        return (f"MilvusGallery(count={len(self)}, {self.location.describe(self.name)}, index={self.index_type}, "
-                f"model_id={self.model_id!r})")
+        return f"MilvusGallery(count={len(self)}, {self.collection.where}, index={self.index_type}, " \
+               f"model_id={self.model_id!r})"
 
     @property
     def uri(self) -> str:
-        return self.location.uri
+        return self.collection.location.uri
 
     @property
     def backend(self) -> str:
@@ -123,10 +123,10 @@ class MilvusGallery(Gallery):
         with self._paths_lock:
             relative = self._paths.get(key)
         if relative is None:
-            rows = call_milvus(self.location, "reading a row", self.client.get, self.name, ids=[key],
-                               output_fields=[PATH_FIELD], consistency_level=self.consistency)
+            rows = self.collection.call("reading a row", "get", ids=[key], output_fields=[PATH_FIELD],
+                                        consistency_level=self.consistency)
             if not rows:
-                raise MilvusStoreError(f"{self.location.describe(self.name)} has no row with key {key}")
+                raise MilvusStoreError(f"{self.collection.where} has no row with key {key}")
             relative = self._checked(key, rows[0][PATH_FIELD])
         self._remember(key, relative)
         return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
@@ -143,14 +143,14 @@ class MilvusGallery(Gallery):
         written into the collection after it was opened)."""
         problem = path_problem(relative)
         if problem is not None:
-            raise MilvusStoreError(f"{self.location.describe(self.name)}: the row with key {key} "
-                                   f"({display_path(str(relative))!r}) {problem}; it was written by something other "
-                                   f"than decd-search: nothing was returned; rebuild the collection from the gallery "
-                                   f"folder with `decd-search index --store`")
+            raise MilvusStoreError(f"{self.collection.where}: the row with key {key} ({display_path(str(relative))!r}) "
+                                   f"{problem}; it was written by something other than decd-search: nothing was "
+                                   f"returned; rebuild the collection from the gallery folder with `decd-search index "
+                                   f"--store`")
         return relative
 
     def close(self) -> None:
-        self.client.close()
+        self.collection.client.close()
 
     # ---- searching --------------------------------------------------------------------------------
     def verify_model(self, model, model_id: Optional[str] = None) -> None:
@@ -158,8 +158,8 @@ class MilvusGallery(Gallery):
         try:
             super().verify_model(model, model_id)
         except StaleIndexError as error:
-            raise StaleIndexError(f"{self.location.describe(self.name)}: {error} (decd-search index GALLERY --model M "
-                                  f"--store {self.uri} --collection {self.name} --no-resume)") from None
+            raise StaleIndexError(f"{self.collection.where}: {error} (decd-search index GALLERY --model M --store "
+                                  f"{self.uri} --collection {self.collection.name} --no-resume)") from None
 
     def search(self, queries, top_k: int = 10, filter: Optional[str] = None, nprobe: Optional[int] = None,
                ef_search: Optional[int] = None, backend: Optional[str] = None, rerank: Optional[int] = None,
@@ -183,9 +183,10 @@ class MilvusGallery(Gallery):
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
             return self.search_text(model, processor, queries, top_k=top_k, filter=filter, nprobe=nprobe,
                                     ef_search=ef_search, backend=backend, rerank=rerank)
+        where = self.collection.where
         if backend not in (None, self.backend):
-            raise MilvusStoreError(f"{self.location.describe(self.name)} is searched with its own {self.backend} "
-                                   f"index; --backend (backend=) chooses a local index's search, give none")
+            raise MilvusStoreError(f"{where} is searched with its own {self.backend} index; --backend (backend=) "
+                                   f"chooses a local index's search, give none")
         if rerank:
             raise MilvusStoreError("--rerank (rerank=) re-scores from a local index's embeddings.npy; a Milvus "
                                    "collection has none: give none (choose FLAT for exact scores)")
@@ -197,22 +198,21 @@ class MilvusGallery(Gallery):
         limit = min(int(top_k), max(len(self), 1), MAX_TOP_K)
         parameters = dict(metric_type="IP", params=search_parameters(self.index_type, self.index_params, limit,
                                                                         nprobe, ef_search))
-        pymilvus = import_pymilvus(self.uri)
-        with quiet_pymilvus():
-            try:
-                hits = self.client.search(self.name, data=list(queries), limit=limit, filter=filter or "",
-                                          output_fields=[PATH_FIELD, STAT_FIELD], search_params=parameters,
-                                          anns_field=VECTOR_FIELD, consistency_level=self.consistency)
-            except milvus_errors(pymilvus) as error:
-                log = f" (Milvus Lite's log: {display_path(engine_log())})" if self.location.lite and engine_log() \
-                    else ""
-                if filter:
-                    fields = ", ".join(f"{field} ({kind})" for field, kind in self.filter_fields.items())
-                    raise MilvusStoreError(f"Milvus rejected the filter {shown_filter(filter)} ("
-                                           f"{one_line(error, filter)}); the fields of "
-                                           f"{self.location.describe(self.name)} are: {fields}{log}") from None
-                raise MilvusStoreError(f"Milvus refused the search ({self.location.describe(self.name)}): "
-                                       f"{one_line(error)}{log}") from None
+
+        def refused(error: BaseException) -> str:
+            log = f" (Milvus Lite's log: {display_path(engine_log())})" if self.collection.location.lite \
+                and engine_log() else ""
+            if not filter:
+                return f"Milvus refused the search ({where}): {one_line(error)}{log}"
+            fields = ", ".join(f"{field} ({kind})" for field, kind in self.filter_fields.items())
+            return (f"Milvus rejected the filter {shown_filter(filter)} ({one_line(error, filter)}); the fields of "
+                    f"{where} are: {fields}{log}")
+
+        with milvus_refusals(self.uri, refused):
+            hits = self.collection.client.search(
+                self.collection.name, data=list(queries), limit=limit, filter=filter or "",
+                output_fields=[PATH_FIELD, STAT_FIELD], search_params=parameters, anns_field=VECTOR_FIELD,
+                consistency_level=self.consistency)
         width = max([len(row) for row in hits] + [0])
         scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
         keys = np.full((len(queries), width), -1, dtype=np.int64)
@@ -227,8 +227,7 @@ class MilvusGallery(Gallery):
                 self._remember(key, path)
         # "top p% of N" counts the images the filter lets through (at least those found, should rows arrive between
         # the search and the count)
-        searched = len(self) if not filter else count_rows(self.client, self.location, self.name, self.consistency,
-                                                           filter)
+        searched = self.collection.count_rows(self.consistency, filter) if filter else len(self)
         return SearchResult(scores=torch.from_numpy(scores), indices=torch.from_numpy(keys), paths=paths,
                             status=status, searched=max(searched, width))
 
@@ -239,84 +238,3 @@ class MilvusGallery(Gallery):
             return None
         current = stat_text(self.gallery_dir / path)
         return "deleted" if current is None else None if current == stat else "changed"
-
-    # ---- building ---------------------------------------------------------------------------------
-    @classmethod
-    @torch.no_grad()
-    def build(
-        cls,
-        model,
-        processor,
-        gallery_dir: PathLike,
-        store: Union[str, os.PathLike],
-        collection: Optional[str] = None,
-        token: Optional[str] = None,
-        metadata: Optional[PathLike] = None,
-        batch_size: int = 64,
-        model_id: Optional[str] = None,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        resume: bool = True,
-        show_progress: bool = True,
-        max_batches: Optional[int] = None,
-        backend: Optional[str] = None,
-        distributed=None,
-        replace: bool = False,
-    ) -> Optional["MilvusGallery"]:
-        """Write (or bring up to date) the collection of every image under `gallery_dir` in the Milvus `store`.
-
-        Args:
-            store: a Milvus Lite path (`gallery.db`, created if needed) or `http://host:port`, optionally
-                followed by `/COLLECTION` (docs/milvus.md).
-            collection: the collection (default: named in `store`, else `default_collection_name(gallery_dir)`).
-            token: for a server that needs one (default: $DECD_MILVUS_TOKEN).
-            metadata: a CSV with a `path` column and one column per scalar field (`read_metadata`); every image
-                needs a row. A collection built with metadata needs the same columns on every update.
-            batch_size: images per forward pass (and per insert).
-            resume: True: bring an existing collection up to date: insert the images it lacks, re-embed those
-                whose bytes changed (sha256), delete rows of files that are gone, rewrite rows whose metadata or
-                file stat changed with their stored embedding. An interrupted build resumes this way. False:
-                drop the collection and build it again (for another model).
-            max_batches: stop (`BuildInterrupted`) after this many batches of this call; for time-boxed jobs and tests.
-            backend: the vector index (`milvus_index`): None keeps an existing collection's and gives FLAT (exact)
-                to a new one; another index than the collection's re-indexes it without re-embedding.
-            distributed: an `accelerate` `PartialState` (`decd.processes.process_state`) when several processes
-                build together (torchrun or accelerate launch, a server only): each process embeds and inserts a contiguous share of the files to
-                encode; the main process creates the collection and deletes rows of files that are gone.
-            replace: an existing collection of another gallery folder becomes this folder's (rows of images it
-                lacks are deleted); without it, such a collection is refused, nothing changed.
-
-        On a server, the build holds the collection's lease (`decd.search.milvus.lease`) from start to end: a second
-        build of the collection, of any folder, is refused while it runs, naming it (process, host, folder).
-
-        Unreadable files are skipped with one `SkippedImagesWarning` (listed in the result's `skipped`, and
-        tried again on the next build); metadata rows naming no image of the folder, with one
-        `MetadataRowsWarning`. Returns the opened `MilvusGallery` with `changes` = {"new", "changed", "updated",
-        "removed", "unchanged"} counts (new/changed/updated: this process's share), on the main process; None on
-        the others.
-        """
-        location = parse_location(store, collection)
-        lease = None
-        if not location.lite and (distributed is None or distributed.is_main_process):
-            name = location.collection or default_collection_name(gallery_dir)
-            lease = CollectionLease(connect(location, token), location, name, str(Path(gallery_dir).resolve()))
-            try:
-                lease.acquire()
-            except BaseException:
-                lease.client.close()
-                raise
-        try:
-            built = build_collection(model, processor, gallery_dir, store, collection=collection, token=token,
-                                     metadata=metadata, batch_size=batch_size, model_id=model_id,
-                                     extensions=extensions, resume=resume, show_progress=show_progress,
-                                     max_batches=max_batches, backend=backend, distributed=distributed,
-                                     replace=replace, lease=lease)
-        finally:
-            if lease is not None:
-                lease.release()
-                lease.client.close()
-        if built is None:  # another process than the main one
-            return None
-        client, location, name, skipped, changes = built
-        gallery = cls(client, location, name, *collection_record(client, location, name))
-        gallery.skipped, gallery.changes = skipped, changes
-        return gallery

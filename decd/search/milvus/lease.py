@@ -23,7 +23,7 @@ from typing import Optional
 
 from ..display import display_path
 from ..errors import MilvusStoreError
-from .store import MilvusLocation, call_milvus, import_pymilvus, milvus_errors
+from .store import MilvusCollection, import_pymilvus, json_property
 
 LEASE_SECONDS = 60.0  # a lease not renewed for this long is stale: its build no longer runs
 RENEW_SECONDS = 15.0  # how often a running build renews its lease
@@ -51,10 +51,10 @@ class CollectionLease:
     `renew=False` takes it without renewing it (as a build that was killed right after taking it: for tests).
     """
 
-    def __init__(self, client, location: MilvusLocation, collection: str, gallery_dir: str,
-                 seconds: float = LEASE_SECONDS, renew: bool = True):
-        self.client, self.location, self.collection = client, location, collection
-        self.name = lease_name(collection)
+    def __init__(self, collection: MilvusCollection, gallery_dir: str, seconds: float = LEASE_SECONDS,
+                 renew: bool = True):
+        self.collection = collection
+        self.lease = MilvusCollection(collection.client, collection.location, lease_name(collection.name))
         self.seconds, self.renews = float(seconds), renew
         self.token = uuid.uuid4().hex
         self.record = dict(token=self.token, user=getpass.getuser(), host=socket.gethostname(), pid=os.getpid(),
@@ -65,17 +65,13 @@ class CollectionLease:
 
     # ---- the record -------------------------------------------------------------------------------
     def _read(self) -> Optional[dict]:
-        """The lease record in Milvus, or None when there is no lease (or one no build wrote)."""
-        if not call_milvus(self.location, "looking for the lease", self.client.has_collection, self.name):
+        """The lease record in Milvus, or None when there is no lease ({} for one no build wrote)."""
+        if not self.lease.exists():
             return None
         try:
-            description = self.client.describe_collection(self.name)
-        except milvus_errors(import_pymilvus(self.location.uri)):
+            record = json_property(self.lease.describe(), LEASE_PROPERTY)
+        except MilvusStoreError:
             return None  # dropped meanwhile
-        try:
-            record = json.loads((description.get("properties") or {}).get(LEASE_PROPERTY) or "null")
-        except ValueError:
-            record = None
         return record if isinstance(record, dict) and isinstance(record.get("token"), str) else {}
 
     def describe(self, record: dict) -> str:
@@ -86,42 +82,40 @@ class CollectionLease:
 
     # ---- taking, keeping and dropping it ----------------------------------------------------------
     def acquire(self) -> "CollectionLease":
-        where = self.location.describe(self.collection)
         for _ in range(5):
             record = self._read()
             if record is not None:
                 if record == {}:
-                    raise MilvusStoreError(f"{self.location.describe(self.name)} exists and is not a decd-search lease;"
-                                           f" nothing was changed: drop it, or choose another --collection")
+                    raise MilvusStoreError(f"{self.lease.where} exists and is not a decd-search lease; nothing was "
+                                           f"changed: drop it, or choose another --collection")
                 if float(record.get("expires") or 0) > time.time():
                     raise MilvusStoreError(
-                        f"{where} is being written by another build ({self.describe(record)}); nothing was changed: "
-                        f"wait for it to end, or, if that process is gone, run again once its lease has expired")
+                        f"{self.collection.where} is being written by another build ({self.describe(record)}); nothing "
+                        f"was changed: wait for it to end, or, if that process is gone, run again once its lease has "
+                        f"expired")
                 # A stale lease (its build was killed): dropped if it is still that one, then taken.
                 if (self._read() or {}).get("token") == record["token"]:
-                    call_milvus(self.location, "dropping a stale lease", self.client.drop_collection, self.name)
+                    self.lease.call("dropping a stale lease", "drop_collection")
                 continue
             self.record["expires"] = time.time() + self.seconds
-            if self._create():
-                mine = self._read()
-                if mine and mine.get("token") == self.token:
-                    if self.renews:
-                        self._thread = threading.Thread(target=self._renew, name=f"lease {self.name}", daemon=True)
-                        self._thread.start()
-                    return self
-        raise MilvusStoreError(f"could not take the lease of {where}: other builds kept taking it; run again")
+            if self._create() and (self._read() or {}).get("token") == self.token:
+                if self.renews:
+                    self._thread = threading.Thread(target=self._renew, name=f"lease {self.lease.name}", daemon=True)
+                    self._thread.start()
+                return self
+        raise MilvusStoreError(f"could not take the lease of {self.collection.where}: other builds kept taking it; "
+                               f"run again")
 
     def _create(self) -> bool:
         """Create the lease collection holding this record; False when the server refuses (another build's exists)."""
-        pymilvus = import_pymilvus(self.location.uri)
+        pymilvus = import_pymilvus(self.lease.location.uri)
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                                      description=f"decd-search build lease {self.token}")
         schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
         schema.add_field("unused", pymilvus.DataType.FLOAT_VECTOR, dim=2)  # a collection needs a vector field
         try:
-            self.client.create_collection(self.name, schema=schema,
-                                          properties={LEASE_PROPERTY: json.dumps(self.record)})
-        except milvus_errors(pymilvus):
+            self.lease.create(schema, {LEASE_PROPERTY: json.dumps(self.record)})
+        except MilvusStoreError:
             return False
         return True
 
@@ -135,8 +129,7 @@ class CollectionLease:
                                  else "it was dropped by another process")
                     return
                 expires = time.time() + self.seconds
-                call_milvus(self.location, "renewing the lease", self.client.alter_collection_properties, self.name,
-                            properties={LEASE_PROPERTY: json.dumps(dict(self.record, expires=expires))})
+                self.lease.set_property("renewing the lease", LEASE_PROPERTY, dict(self.record, expires=expires))
                 self.record["expires"] = expires
             except MilvusStoreError:
                 continue  # the server did not answer: tried again; `check` fails once the expiry has passed
@@ -146,8 +139,8 @@ class CollectionLease:
         if self.lost is None and time.time() >= float(self.record["expires"]):
             self.lost = f"it expired at {_when(float(self.record['expires']))} without a renewal"
         if self.lost is not None:
-            raise MilvusStoreError(f"this build lost its lease on {self.location.describe(self.collection)} ("
-                                   f"{self.lost}) and stopped writing; run it again")
+            raise MilvusStoreError(f"this build lost its lease on {self.collection.where} ({self.lost}) and stopped "
+                                   f"writing; run it again")
 
     def release(self) -> None:
         """Stop renewing and drop the lease if it is still this build's."""
@@ -157,7 +150,7 @@ class CollectionLease:
             self._thread = None
         try:
             if (self._read() or {}).get("token") == self.token:
-                call_milvus(self.location, "dropping the lease", self.client.drop_collection, self.name)
+                self.lease.call("dropping the lease", "drop_collection")
         except MilvusStoreError:
             pass  # the server went away: the lease expires on its own
 

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ..backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND
-from ..display import display_path
+from ..display import cut, display_path
 from ..errors import IndexNotFoundError, MilvusStoreError
 from ..format import PathLike, file_fingerprint, is_index_folder
 
@@ -89,6 +89,18 @@ _PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iter
 
 
 @contextmanager
+def milvus_refusals(uri: str, message: Callable[[BaseException], str]):
+    """Run Milvus calls quietly (`quiet_pymilvus`); an error Milvus raises becomes MilvusStoreError(message(error)),
+    one line. The one place pymilvus's errors are caught."""
+    pymilvus = import_pymilvus(uri)
+    with quiet_pymilvus():
+        try:
+            yield
+        except milvus_errors(pymilvus) as error:
+            raise MilvusStoreError(message(error)) from None
+
+
+@contextmanager
 def quiet_pymilvus():
     for name in _PYMILVUS_LOGGERS:
         logger = logging.getLogger(name)
@@ -113,11 +125,6 @@ def one_line(error: BaseException, expression: Optional[str] = None) -> str:
     if expression and expression.strip():
         lines = [line.replace(expression.strip(), "(the filter)") for line in lines if line != expression.strip()]
     return cut("; ".join(lines) or type(error).__name__, MESSAGE_CHARACTERS)
-
-
-def cut(text: str, limit: int) -> str:
-    """`text`, or its first `limit` characters followed by how long it is: one line stays short."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class _QuietHandler(RotatingFileHandler):
@@ -252,22 +259,18 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
 
 
 def _lite_locked(folder: Path) -> bool:
-    """Whether another process holds the Milvus Lite folder's lock (a flock on its LOCK file)."""
+    """Whether another process holds the Milvus Lite folder's lock (a flock on its LOCK file; closing the file
+    releases the lock this takes)."""
     import fcntl
 
     try:
-        descriptor = os.open(folder / "LOCK", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(folder / "LOCK", "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    else:
-        fcntl.flock(descriptor, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(descriptor)
+    except OSError:  # no LOCK file
+        pass
+    return False
 
 
 def connect(location: MilvusLocation, token: Optional[str] = None, create: bool = False,
@@ -289,35 +292,28 @@ def connect(location: MilvusLocation, token: Optional[str] = None, create: bool 
             raise ImportError(f"the Milvus Lite store {display_path(path)!r} needs milvus-lite: pip install "
                               f"'decd[milvus]' (or pip install milvus-lite)") from error
         route_engine_log(path)
+
+    def refused(error: BaseException) -> str:
+        if location.lite and _lite_locked(Path(location.uri)):
+            return (f"Milvus Lite store {display_path(location.uri)!r} is held by another process (Milvus Lite lets "
+                    f"one process open a store: a running app, endpoint or build may hold it); stop that process, "
+                    f"or serve the gallery from a Milvus server (docs/milvus.md)")
+        if location.lite:
+            return f"Milvus Lite could not open {display_path(location.uri)!r}: {one_line(error)}"
+        return (f"Milvus at {location.uri} does not answer (tried a gRPC connection to "
+                f"{urllib.parse.urlsplit(location.uri).netloc} for up to {timeout:g} s: {one_line(error)}); start "
+                f"the server, or check the URI and the token (--token / {TOKEN_ENV})")
+
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    with quiet_pymilvus():
-        try:
-            return pymilvus.MilvusClient(uri=location.uri, token=token or "", db_name=location.db_name,
-                                         timeout=timeout)
-        except milvus_errors(pymilvus) as error:
-            reason = one_line(error)
-            if location.lite:
-                if _lite_locked(Path(location.uri)):
-                    raise MilvusStoreError(
-                        f"Milvus Lite store {display_path(location.uri)!r} is held by another process (Milvus Lite "
-                        f"lets one process open a store: a running app, endpoint or build may hold it); stop that "
-                        f"process, or serve the gallery from a Milvus server (docs/milvus.md)") from None
-                raise MilvusStoreError(f"Milvus Lite could not open {display_path(location.uri)!r}: {reason}") from None
-            host = urllib.parse.urlsplit(location.uri).netloc
-            raise MilvusStoreError(
-                f"Milvus at {location.uri} does not answer (tried a gRPC connection to {host} for up to "
-                f"{timeout:g} s: {reason}); start the server, or check the URI and the token (--token / "
-                f"{TOKEN_ENV})") from None
+    with milvus_refusals(location.uri, refused):
+        return pymilvus.MilvusClient(uri=location.uri, token=token or "", db_name=location.db_name, timeout=timeout)
 
 
 def call_milvus(location: MilvusLocation, what: str, function, *args, **kwargs):
     """`function(*args, **kwargs)` (a MilvusClient method) with Milvus's errors as one MilvusStoreError line."""
-    pymilvus = import_pymilvus(location.uri)
-    with quiet_pymilvus():
-        try:
-            return function(*args, **kwargs)
-        except milvus_errors(pymilvus) as error:
-            raise MilvusStoreError(f"Milvus refused {what} ({location.describe()}): {one_line(error)}") from None
+    with milvus_refusals(location.uri, lambda error: f"Milvus refused {what} ({location.describe()}): "
+                                                     f"{one_line(error)}"):
+        return function(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,126 +377,155 @@ def _data_types(pymilvus) -> dict:
     return {"int": pymilvus.DataType.INT64, "float": pymilvus.DataType.DOUBLE, "str": pymilvus.DataType.VARCHAR}
 
 
-def create_collection(client, location: MilvusLocation, name: str, dim: int, metadata_types: dict, kind: str,
-                      params: dict, meta: dict) -> None:
-    """Create the collection (schema above, the vector index `kind` with `params`, the `decd.meta` property), loaded."""
-    pymilvus = import_pymilvus(location.uri)
-    schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
-    schema.add_field(KEY_FIELD, pymilvus.DataType.INT64, is_primary=True)
-    schema.add_field(VECTOR_FIELD, pymilvus.DataType.FLOAT_VECTOR, dim=int(dim))
-    schema.add_field(PATH_FIELD, pymilvus.DataType.VARCHAR, max_length=MAX_PATH_BYTES)
-    schema.add_field(SHA_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
-    schema.add_field(STAT_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
-    for field, kind_of_value in metadata_types.items():
-        options = dict(max_length=MAX_TEXT_BYTES) if kind_of_value == "str" else {}
-        schema.add_field(field, _data_types(pymilvus)[kind_of_value], **options)
-    call_milvus(location, "creating the collection", client.create_collection, name, schema=schema,
-                properties={META_PROPERTY: json.dumps(meta)})
-    # sync=False: pymilvus's own wait for the index asks for a timestamp Milvus Lite cannot give (its server
-    # thread then logs a traceback); an empty collection's index is ready at once, and `finish_build` waits for
-    # the others.
-    call_milvus(location, "creating the index", client.create_index, name, index_parameters(client, kind, params),
-                sync=False)
-    call_milvus(location, "loading the collection", client.load_collection, name)
-
-
-def index_parameters(client, kind: str, params: dict):
-    index_params = client.prepare_index_params()
-    index_params.add_index(field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", index_name=VECTOR_FIELD,
-                           params=dict(params))
-    return index_params
-
-
-def collection_record(client, location: MilvusLocation, name: str) -> tuple[Optional[dict], dict]:
-    """(the decd.meta object or None, {metadata field: "int"|"float"|"str"}) of a collection."""
-    pymilvus = import_pymilvus(location.uri)
-    description = call_milvus(location, "describing the collection", client.describe_collection, name)
+def json_property(description: dict, key: str) -> Any:
+    """The JSON value of property `key` in a collection's description (None when it has none, or not valid JSON)."""
     try:
-        meta = json.loads((description.get("properties") or {}).get(META_PROPERTY) or "null")
+        return json.loads((description.get("properties") or {}).get(key) or "null")
     except ValueError:
-        meta = None
-    names = {value: key for key, value in _data_types(pymilvus).items()}
-    fields = {field["name"]: names.get(field["type"], "str") for field in description.get("fields", [])
-              if field["name"] not in OWN_FIELDS}
-    return (meta if isinstance(meta, dict) and meta.get("format") == MILVUS_FORMAT else None), fields
+        return None
 
 
-def vector_index_info(client, location: MilvusLocation, name: str) -> dict:
-    """describe_index of the embedding field: index_type, its build parameters, state and row counts."""
-    return call_milvus(location, "describing the index", client.describe_index, name, VECTOR_FIELD) or {}
+@dataclass(frozen=True)
+class MilvusCollection:
+    """One collection of a store, reached through one client: its schema, its `decd.meta` record, its vector index
+    and its rows. Every call that Milvus refuses is one MilvusStoreError line naming the collection (`call`)."""
+
+    client: Any
+    location: MilvusLocation
+    name: str
+
+    @property
+    def where(self) -> str:
+        """'collection 'crops' in http://host:19530', for messages."""
+        return self.location.describe(self.name)
+
+    def call(self, what: str, method: str, *args, **kwargs):
+        """The client's `method` on this collection (its name first), Milvus's errors as one line saying `what`."""
+        return call_milvus(self.location, what, getattr(self.client, method), self.name, *args, **kwargs)
+
+    def exists(self) -> bool:
+        return bool(self.call("looking for the collection", "has_collection"))
+
+    def create(self, schema, properties: dict) -> None:
+        self.call("creating the collection", "create_collection", schema=schema, properties=properties)
+
+    def create_gallery(self, dim: int, metadata_types: dict, kind: str, params: dict, meta: dict) -> None:
+        """Create a gallery collection (the schema of docs/milvus.md, the vector index `kind` with `params`, the
+        `decd.meta` property), loaded."""
+        pymilvus = import_pymilvus(self.location.uri)
+        schema = pymilvus.MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+        schema.add_field(KEY_FIELD, pymilvus.DataType.INT64, is_primary=True)
+        schema.add_field(VECTOR_FIELD, pymilvus.DataType.FLOAT_VECTOR, dim=int(dim))
+        schema.add_field(PATH_FIELD, pymilvus.DataType.VARCHAR, max_length=MAX_PATH_BYTES)
+        schema.add_field(SHA_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
+        schema.add_field(STAT_FIELD, pymilvus.DataType.VARCHAR, max_length=64)
+        for field, kind_of_value in metadata_types.items():
+            options = dict(max_length=MAX_TEXT_BYTES) if kind_of_value == "str" else {}
+            schema.add_field(field, _data_types(pymilvus)[kind_of_value], **options)
+        self.create(schema, {META_PROPERTY: json.dumps(meta)})
+        self.set_index(kind, params)
+
+    def set_index(self, kind: str, params: dict, replace: bool = False) -> None:
+        """Give the embedding field the index `kind` with `params` (`replace`: instead of the one it has), and load
+        the collection. sync=False: pymilvus's own wait for the index asks for a timestamp Milvus Lite cannot give
+        (its server thread then logs a traceback); an empty collection's index is ready at once, and a build waits
+        for the others at its end (`finish_build`)."""
+        if replace:
+            self.call("releasing the collection", "release_collection")
+            self.call("dropping the old index", "drop_index", VECTOR_FIELD)
+        index_params = self.client.prepare_index_params()
+        index_params.add_index(field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", index_name=VECTOR_FIELD,
+                               params=dict(params))
+        self.call("creating the index", "create_index", index_params, sync=False)
+        self.load()
+
+    def load(self) -> None:
+        self.call("loading the collection", "load_collection")
+
+    def describe(self) -> dict:
+        return self.call("describing the collection", "describe_collection")
+
+    def set_property(self, what: str, key: str, value: Any) -> None:
+        """Record `value` as JSON in the collection's property `key` (`json_property` reads it)."""
+        self.call(what, "alter_collection_properties", properties={key: json.dumps(value)})
+
+    def record(self) -> tuple[Optional[dict], dict]:
+        """(the decd.meta object or None when decd-search did not write it, {metadata field: "int"|"float"|"str"})."""
+        description = self.describe()
+        meta = json_property(description, META_PROPERTY)
+        names = {value: key for key, value in _data_types(import_pymilvus(self.location.uri)).items()}
+        fields = {field["name"]: names.get(field["type"], "str") for field in description.get("fields", [])
+                  if field["name"] not in OWN_FIELDS}
+        return (meta if isinstance(meta, dict) and meta.get("format") == MILVUS_FORMAT else None), fields
+
+    def index_info(self) -> dict:
+        """describe_index of the embedding field: index_type, its build parameters, state and row counts."""
+        return self.call("describing the index", "describe_index", VECTOR_FIELD) or {}
+
+    def index_settings(self, meta: Optional[dict] = None) -> tuple[str, dict]:
+        """(index type, build parameters as numbers) from describe_index (a server returns them as strings; Milvus
+        Lite returns none: then those that decd.meta, `meta`, recorded for that type)."""
+        info = self.index_info()
+        kind = str(info.get("index_type") or "FLAT")
+        params = {key: int(info[key]) for key in ("M", "efConstruction", "nlist", "m", "nbits") if key in info}
+        if not params and meta and meta.get("backend") == kind:
+            params = dict(meta.get("index_params") or {})
+        return kind, params
+
+    def insert_rows(self, rows: Sequence[dict]) -> list[int]:
+        """Insert rows ({field: value}; `gallery_row`), ROWS_PER_CALL per call; returns the keys Milvus assigned,
+        in order."""
+        keys = []
+        for start in range(0, len(rows), ROWS_PER_CALL):
+            done = self.call("inserting rows", "insert", list(rows[start:start + ROWS_PER_CALL]))
+            keys += [int(key) for key in done["ids"]]
+        return keys
+
+    def delete_rows(self, keys: Sequence[int]) -> None:
+        keys = [int(key) for key in keys]
+        for start in range(0, len(keys), ROWS_PER_CALL):
+            self.call("deleting rows", "delete", ids=keys[start:start + ROWS_PER_CALL])
+
+    def pages(self, what: str, fields: Sequence[str], size: int, consistency: str) -> Iterator[list[dict]]:
+        """Every row's key and `fields`, `size` rows at a time in key order (a query with a limit returns the smallest
+        keys, in order). pymilvus's query_iterator is not used: against a 2.3 server it falls back to a client-side
+        timestamp and can miss rows written just before."""
+        last = None
+        while rows := self.call(what, "query", filter="" if last is None else f"{KEY_FIELD} > {last}", limit=size,
+                                output_fields=[KEY_FIELD, *fields], consistency_level=consistency):
+            yield rows
+            last = max(int(row[KEY_FIELD]) for row in rows)
+
+    def read_rows(self, fields: Sequence[str]) -> dict[str, list[dict]]:
+        """Every row's key, path, sha256, stat and metadata `fields`, grouped by path: one Strong read."""
+        stored: dict[str, list[dict]] = {}
+        total = 0
+        for rows in self.pages("reading the collection", [PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields], ROWS_PER_CALL,
+                               "Strong"):
+            for row in rows:
+                stored.setdefault(row[PATH_FIELD], []).append(row)
+            total += len(rows)
+        expected = self.count_rows("Strong")
+        if total != expected:  # a page that was not the next keys in order would leave rows out
+            raise MilvusStoreError(f"reading {self.where} returned {total} of its {expected} rows; run the build again")
+        return stored
+
+    def read_paths(self, consistency: str = "Strong") -> list[str]:
+        """Every row's path, PATHS_PER_CALL at a time in key order (what `MilvusGallery.open` checks; rows written
+        meanwhile are checked when a search returns them)."""
+        return [row[PATH_FIELD] for rows in self.pages("reading the paths", [PATH_FIELD], PATHS_PER_CALL, consistency)
+                for row in rows]
+
+    def count_rows(self, consistency: str, filter: str = "") -> int:
+        rows = self.call("counting rows", "query", filter=filter, output_fields=["count(*)"],
+                         consistency_level=consistency)
+        return int(rows[0]["count(*)"]) if rows else 0
 
 
-def index_settings(info: dict, meta: Optional[dict] = None) -> tuple[str, dict]:
-    """(index type, build parameters as numbers) from describe_index (a server returns them as strings; Milvus
-    Lite returns none: then those that decd.meta recorded for that type)."""
-    kind = str(info.get("index_type") or "FLAT")
-    params = {key: int(info[key]) for key in ("M", "efConstruction", "nlist", "m", "nbits") if key in info}
-    if not params and meta and meta.get("backend") == kind:
-        params = dict(meta.get("index_params") or {})
-    return kind, params
-
-
-def insert_rows(client, location: MilvusLocation, name: str, embeddings: np.ndarray, paths: Sequence[str],
-                sha256s: Sequence[str], stats: Sequence[str], metadata: Sequence[dict]) -> list[int]:
-    """Insert one row per embedding (ROWS_PER_CALL per call); returns the keys Milvus assigned, in order."""
-    keys = []
-    for start in range(0, len(paths), ROWS_PER_CALL):
-        rows = [{VECTOR_FIELD: np.asarray(embeddings[position], dtype=np.float32), PATH_FIELD: paths[position],
-                 SHA_FIELD: sha256s[position], STAT_FIELD: stats[position], **metadata[position]}
-                for position in range(start, min(start + ROWS_PER_CALL, len(paths)))]
-        done = call_milvus(location, "inserting rows", client.insert, name, rows)
-        keys += [int(key) for key in done["ids"]]
-    return keys
-
-
-def delete_rows(client, location: MilvusLocation, name: str, keys: Sequence[int]) -> None:
-    keys = [int(key) for key in keys]
-    for start in range(0, len(keys), ROWS_PER_CALL):
-        call_milvus(location, "deleting rows", client.delete, name, ids=keys[start:start + ROWS_PER_CALL])
-
-
-def read_rows(client, location: MilvusLocation, name: str, fields: Sequence[str]) -> dict[str, list[dict]]:
-    """Every row's key, path, sha256, stat and metadata, grouped by path: one Strong read of the collection, a
-    page of ROWS_PER_CALL keys at a time in key order. (pymilvus's query_iterator is not used: against a 2.3
-    server it falls back to a client-side timestamp and can miss rows written just before.)"""
-    stored: dict[str, list[dict]] = {}
-    last, total = None, 0
-    while True:
-        rows = call_milvus(location, "reading the collection", client.query, name,
-                           filter="" if last is None else f"{KEY_FIELD} > {last}", limit=ROWS_PER_CALL,
-                           output_fields=[KEY_FIELD, PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields],
-                           consistency_level="Strong")  # a query with a limit returns the smallest keys, in order
-        if not rows:
-            break
-        for row in rows:
-            stored.setdefault(row[PATH_FIELD], []).append(row)
-        last, total = max(int(row[KEY_FIELD]) for row in rows), total + len(rows)
-    expected = count_rows(client, location, name, "Strong")
-    if total != expected:  # a page that was not the next keys in order would leave rows out
-        raise MilvusStoreError(f"reading {location.describe(name)} returned {total} of its {expected} rows; "
-                               f"run the build again")
-    return stored
-
-
-def read_paths(client, location: MilvusLocation, name: str, consistency: str = "Strong") -> list[str]:
-    """Every row's path, PATHS_PER_CALL at a time in key order (what `MilvusGallery.open` checks; rows written
-    meanwhile are checked when a search returns them)."""
-    paths: list[str] = []
-    last = None
-    while True:
-        rows = call_milvus(location, "reading the paths", client.query, name,
-                           filter="" if last is None else f"{KEY_FIELD} > {last}", limit=PATHS_PER_CALL,
-                           output_fields=[KEY_FIELD, PATH_FIELD], consistency_level=consistency)
-        if not rows:
-            return paths
-        paths += [row[PATH_FIELD] for row in rows]
-        last = max(int(row[KEY_FIELD]) for row in rows)
-
-
-def count_rows(client, location: MilvusLocation, name: str, consistency: str, filter: str = "") -> int:
-    rows = call_milvus(location, "counting rows", client.query, name, filter=filter, output_fields=["count(*)"],
-                       consistency_level=consistency)
-    return int(rows[0]["count(*)"]) if rows else 0
+def gallery_row(embedding: np.ndarray, path: str, sha256: str, stat: str, metadata: dict) -> dict:
+    """One image's row: its embedding, path, sha256, file stat (`stat_text`) and metadata fields."""
+    return {VECTOR_FIELD: np.asarray(embedding, dtype=np.float32), PATH_FIELD: path, SHA_FIELD: sha256,
+            STAT_FIELD: stat, **metadata}
 
 
 def stat_text(path: Path) -> Optional[str]:
