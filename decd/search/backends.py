@@ -65,13 +65,9 @@ def _chunk_top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return values, columns
 
 
-def exact_top_k(
-    queries: torch.Tensor,
-    gallery: Union[torch.Tensor, np.ndarray],
-    top_k: int = 10,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    device: Optional[Union[str, torch.device]] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray], top_k: int = 10,
+                chunk_size: int = DEFAULT_CHUNK_SIZE,
+                device: Optional[Union[str, torch.device]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products of `queries` against `gallery`, `chunk_size` gallery rows at a time.
 
     Args:
@@ -219,11 +215,11 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
     return index
 
 
-def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> dict:
+def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
     """Set the search-time knobs that `index` has (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE
-    and DEFAULT_EF_SEARCH); returns the ones set. A knob the index lacks is ignored."""
+    and DEFAULT_EF_SEARCH). A knob the index lacks is ignored."""
     faiss = import_faiss()
-    parameters, settings = faiss.ParameterSpace(), {}
+    parameters = faiss.ParameterSpace()
     lists = ann_num_lists(index)
     for name, value, default in (("nprobe", nprobe, DEFAULT_NPROBE), ("efSearch", ef_search, DEFAULT_EF_SEARCH)):
         value = default if value is None else int(value)
@@ -234,9 +230,7 @@ def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[
         try:
             parameters.set_index_parameter(index, name, value)
         except RuntimeError:  # "could not set parameter": this kind of index has no such knob
-            continue
-        settings[name] = value
-    return settings
+            pass
 
 
 def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,

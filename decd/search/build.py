@@ -1,8 +1,8 @@
 """The resumable, multi-process build of an index folder (docs/index-format.md).
 
-`build_index` (what `GalleryIndex.build` runs) lists a gallery folder, encodes it with `encode_gallery`, saves the
-batches as shards in `partial/` as it goes (so a killed build resumes, with any number of processes), then joins
-the shards into the index files.
+`build_index` (`GalleryIndex.build`) lists a gallery folder, encodes it with `encode_gallery`, saves the batches as
+shards in `partial/` as it goes (so a killed build resumes, with any number of processes), then joins the shards into
+the index files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .backends import (EXACT_BACKEND, ann_num_lists, ann_train_size, build_ann_i
                        is_exact, new_ann_index)
 from .display import display_path
 from .encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, list_images,
-                     none_readable, one_share)
+                     none_readable, one_share, warn_skipped)
 from .errors import BuildInterrupted, GalleryIndexError
 from .format import (ANN_FILE, EMBEDDINGS_FILE, FILES_FILE, INDEX_FILES, INDEX_FORMAT, INDEX_FORMAT_VERSION, LOCK_FILE,
                      META_FILE, PARTIAL_DIR, PATHS_FILE, PROGRESS_FILE, SHARD_FILE, PathLike, check_output_folder,
@@ -59,8 +59,8 @@ class _ShardStore:
     def __init__(self, folder: Path, writer: Optional[dict] = None):
         self.folder, self.writer = folder, writer
         self.shards: list[dict] = []
+        self.staged: list[EncodedBatch] = []  # encoded batches the next shard holds
         self.reload()
-        self._clear_staged()
 
     @staticmethod
     def prepare(folder: Path, fingerprint: dict, resume: bool) -> None:
@@ -100,33 +100,28 @@ class _ShardStore:
     def stage(self, batch: EncodedBatch) -> int:
         """Hold one encoded batch for the next shard; a batch that does not follow the staged ones starts a new
         shard. Returns the number of batches now staged."""
-        if self._staged_end is not None and batch.start != self._staged_end:
+        if self.staged and batch.start != self.staged[-1].end:
             self.flush()
-        if self._staged_start is None:
-            self._staged_start = batch.start
-        if batch.embeddings is not None:
-            self._staged.append(batch.embeddings)
-        self._staged_paths.extend(batch.paths)
-        self._staged_skipped.extend(batch.skipped)
-        self._staged_fingerprints.update(batch.fingerprints)
-        self._staged_end = batch.end
-        self._staged_batches += 1
-        return self._staged_batches
+        self.staged.append(batch)
+        return len(self.staged)
 
     def flush(self) -> None:
         """Write the staged batches as one shard (npy, then its json: the proof it is complete)."""
-        if self._staged_end is None:
+        if not self.staged:
             return
-        stem = f"shard_{self._staged_start:012d}"
-        array = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), np.float32)  # unreadable only
+        batches, stem = self.staged, f"shard_{self.staged[0].start:012d}"
+        blocks = [batch.embeddings for batch in batches if batch.embeddings is not None]
+        array = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)  # unreadable only
         np.save(self.folder / f"{stem}.npy.tmp.npy", array.astype(np.float32, copy=False))  # temporary + rename
         os.replace(self.folder / f"{stem}.npy.tmp.npy", self.folder / f"{stem}.npy")
-        record = dict(start=self._staged_start, end=self._staged_end, paths=self._staged_paths,
-                      skipped=self._staged_skipped, fingerprints=self._staged_fingerprints, file=f"{stem}.npy",
-                      writer=self.writer)
+        record = dict(start=batches[0].start, end=batches[-1].end,
+                      paths=[path for batch in batches for path in batch.paths],
+                      skipped=[item for batch in batches for item in batch.skipped],
+                      fingerprints={name: value for batch in batches for name, value in batch.fingerprints.items()},
+                      file=f"{stem}.npy", writer=self.writer)
         write_json(self.folder / f"{stem}.json", record)
         self.shards.append(record)  # sorted when tiled
-        self._clear_staged()
+        self.staged = []
 
     def drop_changed(self, gallery_dir: Path) -> int:
         """Delete the shards holding a file that changed (or went) since it was encoded: their batches are encoded
@@ -139,12 +134,6 @@ class _ShardStore:
             (self.folder / shard["file"]).unlink(missing_ok=True)
         self.shards = [shard for shard in self.shards if shard not in changed]
         return len(changed)
-
-    def _clear_staged(self) -> None:
-        self._staged_fingerprints: dict = {}
-        self._staged, self._staged_paths, self._staged_skipped = [], [], []
-        self._staged_start = self._staged_end = None
-        self._staged_batches = 0
 
 
 def _write_embeddings(path: Path, blocks, shape: tuple[int, int]) -> str:
@@ -207,19 +196,22 @@ class _BuildLock:
             self.file.close()
 
 
-def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions, backend: str) -> dict[str, int]:
-    """{path: row} of an existing finished index of the same gallery, model, extensions and backend whose file has
-    not changed since: rows a build copies instead of embedding again. Empty for anything else."""
+def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions,
+              backend: str) -> tuple[Optional[tuple[np.ndarray, list[str], dict]], dict[str, int]]:
+    """The finished index in `output` ((embeddings memory-mapped, paths, meta), unverified) when it is of the same
+    gallery, model, extensions and backend, with {path: row} of its files that have not changed since: rows a build
+    copies instead of embedding again. (None, {}) for anything else."""
     try:
-        _, paths, meta = read_index(output, verify=False)
+        old = read_index(output, verify=False)
     except (GalleryIndexError, OSError):
-        return {}
+        return None, {}
+    _, paths, meta = old
     same = (meta.get("gallery_dir") == str(gallery_dir.resolve()) and meta.get("model_checksum") == checksum
             and list(meta.get("extensions") or []) == list(extensions) and meta.get("backend") == backend)
     if not same or "fingerprints" not in meta:
-        return {}
-    return {path: row for row, (path, recorded) in enumerate(zip(paths, meta["fingerprints"]))
-            if file_fingerprint(gallery_dir / path) == recorded}
+        return None, {}
+    return old, {path: row for row, (path, recorded) in enumerate(zip(paths, meta["fingerprints"]))
+                 if file_fingerprint(gallery_dir / path) == recorded}
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,15 +220,52 @@ def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions, backen
 
 
 @torch.no_grad()
-def build_index(model, processor, gallery_dir: PathLike, output: PathLike, batch_size: int = 64,
+def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, batch_size: int = 64,
                 model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, resume: bool = True,
                 show_progress: bool = True, shard_batches: int = 16, max_batches: Optional[int] = None,
-                backend: str = EXACT_BACKEND, train_size: Optional[int] = None,
-                distributed=None) -> Optional[tuple[np.ndarray, list[str], dict]]:
-    """Write the index folder `output` for `gallery_dir`: see `GalleryIndex.build` for the arguments.
+                backend: str = EXACT_BACKEND, train_size: Optional[int] = None, distributed=None):
+    """Encode every image under `gallery_dir` and write the index folder `output` (`GalleryIndex.build`).
 
-    Returns (embeddings memory-mapped from `output`, paths, meta) on the main process, None on the others.
-    A full disk is one GalleryIndexError saying so (what was encoded stays: the same command resumes).
+    Args:
+        model: a DECD model (anything with `get_image_features(pixel_values)` -> [batch, dim]).
+        processor: its `DecdProcessor` (images -> `pixel_values`).
+        gallery_dir: folder searched recursively for files with `extensions`.
+        output: the index folder: new, empty, or one `build` wrote (an index there is updated: only new and changed
+            files are encoded; an unfinished build there is resumed). Anything else is refused: see
+            `decd.search.format`.
+        batch_size: images per forward pass.
+        model_id: recorded as the model's name (default: the folder / Hub id it was loaded from).
+        resume: continue an unfinished build in `output` if it was started with the same model
+            (checksum) and the same file listing; False starts over.
+        show_progress: a tqdm bar over the images.
+        shard_batches: progress is saved every this many batches (and on any exception, including
+            KeyboardInterrupt), so at most that much work is lost if the process is killed.
+        max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
+            batches in this call; for time-boxed jobs and tests.
+        backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
+            index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
+            embeddings (trained on `train_size` of them where the index needs it, default
+            `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
+        distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when
+            several processes build together (torchrun or accelerate launch: docs/large-galleries.md): each
+            encodes a contiguous share of the batches into its own shards, and the main process joins them. The
+            result is the same, bit for bit, as a one-process build with the same `batch_size` (same batches).
+            Every process must call `build` with the same arguments and see the same gallery. None: this process
+            alone.
+
+    Images are encoded on the model's device. Unreadable files are skipped with one `SkippedImagesWarning` and
+    listed in `meta["skipped"]`.
+
+    Returns:
+        The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
+        only: the others return None once their share is saved, without waiting for the join.
+
+    Raises:
+        IndexNotFoundError: `gallery_dir` does not exist.
+        GalleryIndexError: no image files, none of them could be read, or `output` is not ours to
+            write (it holds the gallery, or other files and no DECD index); a full disk (what was encoded stays:
+            the same command resumes).
+        BuildInterrupted: `max_batches` was reached before the end.
     """
     if batch_size < 1 or shard_batches < 1:
         raise ValueError(f"batch_size and shard_batches must be positive, got {batch_size}, {shard_batches}")
@@ -253,11 +282,10 @@ def build_index(model, processor, gallery_dir: PathLike, output: PathLike, batch
                 check_ann_size(new_ann_index(backend, dim), backend, len(files))
         checksum = model_checksum(model)
         # An index of this gallery by this model already there: its rows of unchanged files are kept (an update).
-        reused = _reusable(output, gallery_dir, checksum, extensions, backend) if resume else {}
+        old, reused = _reusable(output, gallery_dir, checksum, extensions, backend) if resume else (None, {})
         todo_files = [name for name in files if name not in reused]
-        if reused and not todo_files and len(reused) == len(read_index(output, verify=False)[1]):
-            embeddings, paths, meta = read_index(output)  # nothing changed since: the index is current
-            return embeddings, paths, meta
+        if reused and not todo_files and len(reused) == len(old[1]):
+            return _opened(cls, read_index(output), output)  # nothing changed since: the index is current
 
         def digest(names) -> str:  # names need not be UTF-8
             return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
@@ -306,7 +334,16 @@ def build_index(model, processor, gallery_dir: PathLike, output: PathLike, batch
             # Done here: the main process joins the shards (and trains an approximate index, which can take
             # longer than a collective's timeout at 10^8 images), so the others do not wait for it.
             return None
-        return _assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size, files, reused)
+        return _opened(cls, _assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size, files, old,
+                                      reused), output)
+
+
+def _opened(cls, built: tuple[np.ndarray, list[str], dict], output: Path):
+    """The finished index, opened; one `SkippedImagesWarning` for the files it left out, shown at `build`'s caller."""
+    index = cls(*built, output)
+    warn_skipped(index.skipped, index.meta["num_files"], index.meta["gallery_dir"],
+                 f"{output / META_FILE} under 'skipped'", stacklevel=4)
+    return index
 
 
 @contextlib.contextmanager
@@ -320,57 +357,36 @@ def _full_disk_is_one_line(output: Path):
                                 "space and run the same command again: the build resumes where it stopped") from None
 
 
-def _rows(files: list[str], folder: Path, shards: list[dict], old_embeddings, reused: dict[str, int],
+def _rows(paths: list[str], folder: Path, shards: list[dict], old_embeddings, reused: dict[str, int],
           chunk: int = 8192):
-    """The embedding rows of the new index in `files` order, `chunk` at a time: a reused file's row from the old
-    index (memory-mapped), an encoded file's from its shard (one shard loaded at a time)."""
-    new_rows = iter((shard, row) for shard in shards for row in range(len(shard["paths"])))
-    new_kept = {path for shard in shards for path in shard["paths"]}
-    loaded = {}
-    sources = []
-    for name in files:
-        if name in reused:
-            sources.append((None, reused[name]))
-        elif name in new_kept:
-            sources.append(next(new_rows))
-        if len(sources) == chunk:
-            yield _gather(sources, folder, old_embeddings, loaded)
-            sources = []
-    if sources:
-        yield _gather(sources, folder, old_embeddings, loaded)
-
-
-def _gather(sources, folder: Path, old_embeddings, loaded: dict) -> np.ndarray:
-    rows = []
-    for shard, row in sources:
-        if shard is None:
-            rows.append(np.asarray(old_embeddings[row], dtype=np.float32))
-            continue
-        if shard["file"] not in loaded:
-            loaded.clear()  # shards come in order: one in memory at a time
+    """The embedding rows of the new index in `paths` order, `chunk` at a time: a reused file's row from the old
+    index (memory-mapped), an encoded file's from its shard (one shard loaded at a time: the shards hold the encoded
+    files in listing order)."""
+    def encoded():
+        for shard in shards:
             block = np.load(folder / shard["file"])
             if block.ndim != 2 or block.shape[0] != len(shard["paths"]):
                 raise GalleryIndexError(f"{display_path(folder / shard['file'])} does not match its record; "
                                         f"build again with resume=False (--no-resume)")
-            loaded[shard["file"]] = block
-        rows.append(loaded[shard["file"]][row])
-    return np.stack(rows)
+            yield from block
+
+    new_rows = encoded()
+    for start in range(0, len(paths), chunk):
+        yield np.stack([np.asarray(old_embeddings[reused[name]], dtype=np.float32) if name in reused
+                        else next(new_rows) for name in paths[start:start + chunk]])
 
 
 def _assemble(folder: Path, shards: list[dict], output: Path, meta: dict, backend: str, train_size: Optional[int],
-              files: list[str], reused: dict[str, int]) -> tuple[np.ndarray, list[str], dict]:
+              files: list[str], old: Optional[tuple], reused: dict[str, int]) -> tuple[np.ndarray, list[str], dict]:
     """Join the old index's reused rows and the shards into the new index files, written beside the old ones and
     swapped in only once all are complete (an interruption before leaves the old index whole), meta last."""
     encoded = {path: shard["fingerprints"].get(path) for shard in shards for path in shard["paths"]}
     skipped = [item for shard in shards for item in shard["skipped"]]
-    old_embeddings = old_fingerprints = None
-    if reused:
-        old_embeddings, _, old_meta = read_index(output, verify=False)
-        old_fingerprints = old_meta["fingerprints"]
+    old_embeddings, _, old_meta = old if reused else (None, None, None)
     paths = [name for name in files if name in reused or name in encoded]
     if not paths:
         raise none_readable(meta["num_files"], meta["gallery_dir"], skipped)
-    fingerprints = [old_fingerprints[reused[name]] if name in reused else encoded[name] for name in paths]
+    fingerprints = [old_meta["fingerprints"][reused[name]] if name in reused else encoded[name] for name in paths]
     # The width of the saved embeddings, read off the old index or the first shard that holds a readable image.
     embedding_dim = int(old_embeddings.shape[1]) if old_embeddings is not None else next(
         int(np.load(folder / shard["file"], mmap_mode="r").shape[1]) for shard in shards if shard["paths"])
@@ -380,8 +396,8 @@ def _assemble(folder: Path, shards: list[dict], output: Path, meta: dict, backen
         check_ann_size(ann, backend, len(paths))
     staged = {name: output / (name + ".tmp") for name in INDEX_FILES if name != META_FILE}
     staged[EMBEDDINGS_FILE] = output / (EMBEDDINGS_FILE + ".tmp.npy")
-    digest = _write_embeddings(staged[EMBEDDINGS_FILE],
-                               _rows(files, folder, shards, old_embeddings, reused), (len(paths), embedding_dim))
+    digest = _write_embeddings(staged[EMBEDDINGS_FILE], _rows(paths, folder, shards, old_embeddings, reused),
+                               (len(paths), embedding_dim))
     meta = dict(meta, backend=EXACT_BACKEND if ann is None else backend)
     if ann is not None:  # the FAISS index of the new embeddings
         embeddings = np.load(staged[EMBEDDINGS_FILE], mmap_mode="r")

@@ -78,20 +78,10 @@ class EncodedBatch:
         return self.start + len(self.files)
 
 
-def encode_gallery(
-    model,
-    processor,
-    folder: PathLike,
-    files: Sequence[str],
-    batch_size: int = 64,
-    *,
-    share: tuple[int, int] = (0, 1),
-    done: Collection[int] = (),
-    max_batches: Optional[int] = None,
-    select: Optional[Callable[[list[str]], list[str]]] = None,
-    show_progress: bool = False,
-    desc: str = "Encoding gallery",
-) -> Iterator[EncodedBatch]:
+def encode_gallery(model, processor, folder: PathLike, files: Sequence[str], batch_size: int = 64, *,
+                   share: tuple[int, int] = (0, 1), done: Collection[int] = (), max_batches: Optional[int] = None,
+                   select: Optional[Callable[[list[str]], list[str]]] = None, show_progress: bool = False,
+                   desc: str = "Encoding gallery") -> Iterator[EncodedBatch]:
     """Encode `files` (paths relative to `folder`) in whole batches of `batch_size`, one `EncodedBatch` per batch.
 
     Each file is opened by `processor.load_image` and the readable ones of a batch are embedded together by

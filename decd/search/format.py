@@ -41,7 +41,7 @@ SHARD_FILE = re.compile(r"shard_(\d{5}|\d{12})\.(npy|json)(\.tmp(\.npy)?)?|progr
 HASH_BLOCK = 1 << 23  # bytes read (or written) at a time when hashing embeddings.npy
 _ENCODER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = ("float32", "float16", "bfloat16")  # the precisions a model may be loaded in (meta.json model_checksum_as)
 _REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
 
 
@@ -350,12 +350,8 @@ def _config_fingerprint(config) -> dict:
     for name in ("text_config", "vision_config"):
         sub_config = getattr(config, name, None)
         if sub_config is not None:
-            values = sub_config.to_dict()
-            fields[name] = {
-                key: value
-                for key, value in values.items()
-                if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS
-            }
+            fields[name] = {key: value for key, value in sub_config.to_dict().items()
+                            if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
     for name in ("projection_dim", "image_size", "model_type"):
         value = getattr(config, name, None)
         if value is not None:
@@ -397,15 +393,19 @@ def _short(checksum: Optional[str]) -> str:
     return (checksum or "unknown")[:12]
 
 
+def _dtype(model) -> Optional[str]:
+    """The precision of a model's weights as meta.json records it ("float32"), None without floating-point ones."""
+    return next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+
+
 def model_meta(model, processor, model_id: Optional[str], checksum: str) -> dict:
     """The meta.json fields that say which model made the embeddings, and when."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = _dtype(model)
     # The checksums this model would have loaded in another precision: a query model in another dtype is then
     # told apart from another model (see check_model).
-    other = {str(cast).removeprefix("torch."): model_checksum(model, cast) for cast in _DTYPES if cast != dtype}
+    other = {cast: model_checksum(model, getattr(torch, cast)) for cast in _DTYPES if cast != dtype}
     return dict(format_version=INDEX_FORMAT_VERSION, model_id=model_identifier(model, model_id),
-                model_checksum=checksum, model_class=type(model).__name__,
-                model_dtype=None if dtype is None else str(dtype).removeprefix("torch."), model_checksum_as=other,
+                model_checksum=checksum, model_class=type(model).__name__, model_dtype=dtype, model_checksum_as=other,
                 image_size=list(getattr(processor, "image_size", []) or []) or None,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -425,7 +425,7 @@ def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
         return
     built = f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))})"
     given = f"model is {model_identifier(model, model_id)} (checksum {_short(checksum)})"
-    current = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    current = _dtype(model)
     recorded = meta.get("model_dtype")
     if recorded and current and current != recorded:
         same = (meta.get("model_checksum_as") or {}).get(current) == checksum

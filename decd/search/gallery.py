@@ -19,19 +19,9 @@ from .milvus import MilvusGallery, is_milvus_uri
 from .protocol import Gallery
 
 
-def open_gallery(
-    model,
-    processor,
-    source: Any,
-    *,
-    batch_size: int = 64,
-    show_progress: bool = False,
-    verify: bool = True,
-    model_id: Optional[str] = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    collection: Optional[str] = None,
-    token: Optional[str] = None,
-) -> Gallery:
+def open_gallery(model, processor, source: Any, *, batch_size: int = 64, show_progress: bool = False,
+                 verify: bool = True, model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 collection: Optional[str] = None, token: Optional[str] = None) -> Gallery:
     """A `Gallery` for `source`, checked against `model`:
 
     - a Milvus store: `http(s)://host:port[/COLLECTION]` or a Milvus Lite path `gallery.db[/COLLECTION]`

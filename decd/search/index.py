@@ -19,9 +19,8 @@ from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, ann
                        import_faiss, is_exact, rerank_exact)
 from .build import build_index
 from .display import check_top_k, display_path
-from .encode import IMAGE_EXTENSIONS, warn_skipped
 from .errors import GalleryIndexError
-from .format import ANN_FILE, META_FILE, PathLike, file_fingerprint, model_checksum, model_meta, read_index
+from .format import ANN_FILE, PathLike, file_fingerprint, model_checksum, model_meta, read_index
 from .protocol import Gallery, SearchResult, filter_options, is_text, query_embeddings
 
 
@@ -88,76 +87,8 @@ class GalleryIndex(Gallery):
         return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
 
     # ---- building ---------------------------------------------------------------------------------
-    @classmethod
-    def build(
-        cls,
-        model,
-        processor,
-        gallery_dir: PathLike,
-        output: PathLike,
-        batch_size: int = 64,
-        model_id: Optional[str] = None,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        resume: bool = True,
-        show_progress: bool = True,
-        shard_batches: int = 16,
-        max_batches: Optional[int] = None,
-        backend: str = EXACT_BACKEND,
-        train_size: Optional[int] = None,
-        distributed=None,
-    ) -> Optional["GalleryIndex"]:
-        """Encode every image under `gallery_dir` and write the index folder `output`.
-
-        Args:
-            model: a DECD model (anything with `get_image_features(pixel_values)` -> [batch, dim]).
-            processor: its `DecdProcessor` (images -> `pixel_values`).
-            gallery_dir: folder searched recursively for files with `extensions`.
-            output: the index folder: new, empty, or one `build` wrote (an index there is replaced; an
-                unfinished build there is resumed). Anything else is refused: see `decd.search.format`.
-            batch_size: images per forward pass.
-            model_id: recorded as the model's name (default: the folder / Hub id it was loaded from).
-            resume: continue an unfinished build in `output` if it was started with the same model
-                (checksum) and the same file listing; False starts over.
-            show_progress: a tqdm bar over the images.
-            shard_batches: progress is saved every this many batches (and on any exception, including
-                KeyboardInterrupt), so at most that much work is lost if the process is killed.
-            max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
-                batches in this call; for time-boxed jobs and tests.
-
-            backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
-                index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
-                embeddings (trained on `train_size` of them where the index needs it, default
-                `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
-            distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when
-                several processes build together (torchrun or accelerate launch: docs/large-galleries.md): each
-                encodes a contiguous share of the batches into its own shards, and the main process joins them. The result is the same, bit for bit, as a
-                one-process build with the same `batch_size` (same batches). Every process must call
-                `build` with the same arguments and see the same gallery. None: this process alone.
-
-        Images are encoded on the model's device.
-
-        Unreadable files are skipped with one `SkippedImagesWarning` and listed in `meta["skipped"]`.
-
-        Returns:
-            The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
-            only: the others return None once their share is saved, without waiting for the join.
-
-        Raises:
-            IndexNotFoundError: `gallery_dir` does not exist.
-            GalleryIndexError: no image files, none of them could be read, or `output` is not ours to
-                write (it holds the gallery, or other files and no DECD index).
-            BuildInterrupted: `max_batches` was reached before the end.
-        """
-        built = build_index(model, processor, gallery_dir, output, batch_size=batch_size, model_id=model_id,
-                            extensions=extensions, resume=resume, show_progress=show_progress,
-                            shard_batches=shard_batches, max_batches=max_batches, backend=backend,
-                            train_size=train_size, distributed=distributed)
-        if built is None:  # another process than the main one
-            return None
-        index = cls(*built, path=output)
-        warn_skipped(index.skipped, index.meta["num_files"], index.meta["gallery_dir"],
-                     f"{Path(output) / META_FILE} under 'skipped'", stacklevel=2)
-        return index
+    # written in decd.search.build: `build` is the build itself, which returns the finished index
+    build = classmethod(build_index)
 
     @classmethod
     @torch.no_grad()
@@ -200,20 +131,11 @@ class GalleryIndex(Gallery):
         return cls(*read_index(path, mmap, verify), path)
 
     # ---- searching --------------------------------------------------------------------------------
-    def search(
-        self,
-        queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]],
-        top_k: int = 10,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        backend: Optional[str] = None,
-        model=None,
-        processor=None,
-        device: Optional[Union[str, torch.device]] = None,
-        nprobe: Optional[int] = None,
-        ef_search: Optional[int] = None,
-        rerank: Optional[int] = None,
-        filter: Optional[str] = None,
-    ) -> SearchResult:
+    def search(self, queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]], top_k: int = 10,
+               chunk_size: int = DEFAULT_CHUNK_SIZE, backend: Optional[str] = None, model=None, processor=None,
+               device: Optional[Union[str, torch.device]] = None, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None, rerank: Optional[int] = None,
+               filter: Optional[str] = None) -> SearchResult:
         """Rank the gallery for each query by cosine similarity.
 
         Args:
