@@ -26,8 +26,8 @@ from ..processes import stop_together
 from .backends import (EXACT_BACKEND, ann_num_lists, ann_train_size, build_ann_index, check_ann_size, import_faiss,
                        is_exact, new_ann_index)
 from .display import display_path
-from .encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, list_images,
-                     none_readable, one_share, warn_skipped)
+from .encode import (IMAGE_EXTENSIONS, EncodedBatch, SingleProcess, encode_gallery, extension_names, join_batches,
+                     list_images, none_readable, one_share, warn_skipped)
 from .errors import BuildInterrupted, GalleryIndexError
 from .format import (ANN_FILE, EMBEDDINGS_FILE, FILES_FILE, INDEX_FILES, INDEX_FORMAT, INDEX_FORMAT_VERSION, LOCK_FILE,
                      META_FILE, PARTIAL_DIR, PATHS_FILE, PROGRESS_FILE, SHARD_FILE, PathLike, check_output_folder,
@@ -110,13 +110,11 @@ class _ShardStore:
         if not self.staged:
             return
         batches, stem = self.staged, f"shard_{self.staged[0].start:012d}"
-        blocks = [batch.embeddings for batch in batches if batch.embeddings is not None]
-        array = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)  # unreadable only
+        embeddings, paths, skipped = join_batches(batches)
+        array = embeddings if embeddings is not None else np.zeros((0, 0), np.float32)  # unreadable only
         np.save(self.folder / f"{stem}.npy.tmp.npy", array.astype(np.float32, copy=False))  # temporary + rename
         os.replace(self.folder / f"{stem}.npy.tmp.npy", self.folder / f"{stem}.npy")
-        record = dict(start=batches[0].start, end=batches[-1].end,
-                      paths=[path for batch in batches for path in batch.paths],
-                      skipped=[item for batch in batches for item in batch.skipped],
+        record = dict(start=batches[0].start, end=batches[-1].end, paths=paths, skipped=skipped,
                       fingerprints={name: value for batch in batches for name, value in batch.fingerprints.items()},
                       file=f"{stem}.npy", writer=self.writer)
         write_json(self.folder / f"{stem}.json", record)

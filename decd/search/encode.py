@@ -78,6 +78,13 @@ class EncodedBatch:
         return self.start + len(self.files)
 
 
+def join_batches(batches: Sequence[EncodedBatch]) -> tuple[Optional[np.ndarray], list[str], list[dict]]:
+    """(embeddings of the files encoded, in order: None when none was, their paths, the files skipped) of batches."""
+    blocks = [batch.embeddings for batch in batches if batch.embeddings is not None]
+    return (np.concatenate(blocks) if blocks else None, [path for batch in batches for path in batch.paths],
+            [item for batch in batches for item in batch.skipped])
+
+
 def encode_gallery(model, processor, folder: PathLike, files: Sequence[str], batch_size: int = 64, *,
                    share: tuple[int, int] = (0, 1), done: Collection[int] = (), max_batches: Optional[int] = None,
                    select: Optional[Callable[[list[str]], list[str]]] = None, show_progress: bool = False,

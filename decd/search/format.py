@@ -58,10 +58,12 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file + rename), so an interruption never leaves half a file."""
+def write_json(path: Path, value: Any, private: bool = False) -> None:
+    """Write JSON atomically (temporary file + rename), so an interruption never leaves half a file; `private`: the
+    file is its user's only (mode 600) from the moment it is created."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=1))
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666), "w") as file:
+        json.dump(value, file, indent=1)
     os.replace(temporary, path)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from .backends import EXACT_BACKEND
 from .display import display_path
-from .encode import IMAGE_EXTENSIONS, encode_gallery, extension_names, list_images, none_readable, warn_skipped
+from .encode import (IMAGE_EXTENSIONS, encode_gallery, extension_names, join_batches, list_images, none_readable,
+                     warn_skipped)
 from .errors import GalleryIndexError, IndexNotFoundError
 from .format import META_FILE, index_meta, is_index_folder, model_checksum
 from .index import GalleryIndex
@@ -99,15 +100,11 @@ def _encode_folder(model, processor, gallery_dir: Path, extensions: Sequence[str
     if model is None or processor is None:  # `open_gallery` without a model opens an index only
         raise IndexNotFoundError(f"{display_path(gallery_dir)!r} has no {META_FILE}: not a gallery index (its images "
                                  f"can only be searched with a model and processor to encode them)")
-    blocks, paths, skipped = [], [], []
-    for batch in encode_gallery(model, processor, gallery_dir, files, batch_size, show_progress=show_progress):
-        blocks += [batch.embeddings] if batch.embeddings is not None else []
-        paths += batch.paths
-        skipped += batch.skipped
+    embeddings, paths, skipped = join_batches(list(encode_gallery(model, processor, gallery_dir, files, batch_size,
+                                                                  show_progress=show_progress)))
     meta = index_meta(model, processor, model_id, model_checksum(model), gallery_dir, extensions, len(files))
     if not paths:
         raise none_readable(len(files), meta["gallery_dir"], skipped)
-    embeddings = np.concatenate(blocks)
     meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths), skipped=skipped,
                 num_skipped=len(skipped))
     return embeddings, paths, meta

@@ -102,15 +102,16 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
     # On a server, the main process holds the collection's lease from here to the end, checked before each write.
     holds_lease = main and not location.lite
     with (CollectionLease(target, meta["gallery_dir"]) if holds_lease else contextlib.nullcontext()) as lease:
+        existing = target.record() if target.exists() else None  # (decd.meta, fields) of a collection there
         try:  # every process, before any writes; if one finds a problem, all stop
-            _check_collection(target, meta, resume, metadata, replace)
+            _check_collection(target, existing, meta, resume, metadata, replace)
             problem = None
         except GalleryIndexError as error:
             problem = error if world == 1 else type(error)(f"process {rank} of {world}: {error}")
         stop_together(state, problem)
         state.wait_for_everyone()
         if main:
-            _prepare_collection(target, meta, types, wanted, resume)
+            _prepare_collection(target, existing, meta, types, wanted, resume)
         state.wait_for_everyone()
         stored_meta, types = target.record()
         prepared = stored_meta is not None and stored_meta.get("model_checksum") == checksum
@@ -169,13 +170,14 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
     return gallery
 
 
-def _check_collection(target: MilvusCollection, meta: dict, resume: bool, metadata, replace: bool = False) -> None:
-    """Refuse (nothing changed) an existing collection this build may not write: one decd-search did not write,
+def _check_collection(target: MilvusCollection, existing: Optional[tuple[Optional[dict], dict]], meta: dict,
+                      resume: bool, metadata, replace: bool = False) -> None:
+    """Refuse (nothing changed) an `existing` collection this build may not write: one decd-search did not write,
     or, when resuming, one of another model or with other metadata fields, or one of another gallery folder
     (unless `replace`: its rows then become this folder's, those of images this folder lacks deleted)."""
-    if not target.exists():
+    if existing is None:
         return
-    stored_meta, stored_types = target.record()
+    stored_meta, stored_types = existing
     if stored_meta is None:
         raise MilvusStoreError(f"{target.where} exists and was not written by decd-search (no DECD {META_PROPERTY} "
                                f"property); nothing was changed: choose another --collection")
@@ -200,13 +202,13 @@ def _check_collection(target: MilvusCollection, meta: dict, resume: bool, metada
                                f"them (--metadata)")
 
 
-def _prepare_collection(target: MilvusCollection, meta: dict, types: dict, wanted: Optional[tuple[str, dict]],
-                        resume: bool) -> None:
-    """Main process, after `_check_collection`: create the collection (dropping it first when not `resume`), or
-    give an existing one the wanted index, rebuilt from its stored vectors."""
-    if target.exists():
+def _prepare_collection(target: MilvusCollection, existing: Optional[tuple[Optional[dict], dict]], meta: dict,
+                        types: dict, wanted: Optional[tuple[str, dict]], resume: bool) -> None:
+    """Main process, after `_check_collection`: create the collection (dropping an `existing` one first when not
+    `resume`), or give an existing one the wanted index, rebuilt from its stored vectors."""
+    if existing is not None:
         if resume:
-            if wanted is not None and wanted != target.index_settings(target.record()[0]):
+            if wanted is not None and wanted != target.index_settings(existing[0]):
                 target.set_index(*wanted, replace=True)
             else:
                 target.load()

@@ -14,10 +14,6 @@ from ..errors import MilvusStoreError
 from ..format import PathLike
 from .store import MAX_TEXT_BYTES, NAME_PATTERN, OWN_FIELDS, PATH_FIELD
 
-# --------------------------------------------------------------------------------------------
-# The metadata sidecar CSV
-# --------------------------------------------------------------------------------------------
-
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 

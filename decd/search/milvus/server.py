@@ -3,6 +3,7 @@ package, that asks for credentials (docs/milvus.md says what it exposes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,12 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MilvusStoreError
-from ..format import PathLike
+from ..format import PathLike, write_json
 from .store import import_pymilvus, milvus_errors, one_line, quiet_pymilvus
-
-# --------------------------------------------------------------------------------------------
-# A standalone server on this machine (tests, benchmarks, trying a server out)
-# --------------------------------------------------------------------------------------------
 
 # The components of a standalone server, whose advertised address `LocalMilvusServer` pins to 127.0.0.1.
 _SERVER_COMPONENTS = ("proxy", "rootCoord", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
@@ -40,13 +37,10 @@ class LocalMilvusServer:
     """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own
     etcd and local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
 
-    It asks for credentials: authentication is on, and `start` replaces the built-in root password with one
-    generated for this data folder (kept in its `decd-server.json`, mode 600, so a restart finds it) before it returns;
-    `token` ("root:PASSWORD") is what this package's clients pass (`--token`, $DECD_MILVUS_TOKEN, `token=`). The
-    HTTP API that Milvus 2.3 also serves, without credentials, on its metrics port is off, and the key of that
-    port's /expr debugging endpoint (etcd's root path) is generated too; its embedded etcd listens on 127.0.0.1
-    only, on ports of its own. Every component's advertised address is 127.0.0.1. Milvus 2.3 still listens on
-    every interface, the components' internal ports without credentials: docs/milvus.md says what that exposes.
+    It asks for credentials: `start` replaces the built-in root password with one generated for this data folder
+    (kept in SETTINGS_FILE, so a restart finds it) before it returns, and `token` ("root:PASSWORD") is what this
+    package's clients pass (`--token`, $DECD_MILVUS_TOKEN, `token=`). What else it closes, and what Milvus 2.3
+    still exposes: docs/milvus.md, "The server `LocalMilvusServer` starts, and what it exposes".
 
     `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it
     exits or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context
@@ -103,11 +97,7 @@ class LocalMilvusServer:
         return self._saved
 
     def _save_settings(self) -> None:
-        path = self.data_dir / SETTINGS_FILE
-        temporary = path.with_name(path.name + ".tmp")
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
-            json.dump(self._saved, file)
-        os.replace(temporary, path)
+        write_json(self.data_dir / SETTINGS_FILE, self._saved, private=True)
         settings = self._saved
         client, peer = settings["etcd_client_port"], settings["etcd_peer_port"]
         # The embedded etcd on 127.0.0.1 and ports of its own (Milvus's defaults, 2379 and 2380, let one server run).
@@ -145,9 +135,8 @@ class LocalMilvusServer:
                 with quiet_pymilvus():
                     if not self._saved["password_set"]:
                         self._set_password(pymilvus)
-                    client = pymilvus.MilvusClient(uri=self.uri, token=self.token, timeout=5)
-                    client.list_collections()
-                    client.close()
+                    with self._client(pymilvus, self.token) as client:
+                        client.list_collections()
                 return self
             except (OSError, *milvus_errors(pymilvus)) as error:
                 reason = one_line(error)
@@ -159,24 +148,22 @@ class LocalMilvusServer:
     def _set_password(self, pymilvus) -> None:
         """A new server: the generated password replaces the built-in one, which anyone who reaches the port can use
         until then (on an empty server); root must then be the only user (none was added meanwhile)."""
-        client = pymilvus.MilvusClient(uri=self.uri, token=f"{ROOT_USER}:{DEFAULT_ROOT_PASSWORD}", timeout=5)
-        try:
+        with self._client(pymilvus, f"{ROOT_USER}:{DEFAULT_ROOT_PASSWORD}") as client:
             client.update_password(ROOT_USER, DEFAULT_ROOT_PASSWORD, self._saved["password"])
-        finally:
-            client.close()
         self._saved["password_set"] = True
         self._save_settings()
-        client = pymilvus.MilvusClient(uri=self.uri, token=self.token, timeout=5)
-        try:
+        with self._client(pymilvus, self.token) as client:
             users = list(client.list_users())
-        finally:
-            client.close()
         if users != [ROOT_USER]:
             self.stop()
             raise MilvusStoreError(f"the new Milvus server in {self.data_dir} has the users {', '.join(users)}, where "
                                    f"only {ROOT_USER} should be (someone reached its port before its password was "
                                    f"set); it was stopped: delete that folder, and start it on a machine whose ports "
                                    f"others cannot reach")
+
+    def _client(self, pymilvus, token: str):
+        """A client of this server with `token`, closed when the `with` block ends."""
+        return contextlib.closing(pymilvus.MilvusClient(uri=self.uri, token=token, timeout=5))
 
     def server_pid(self) -> Optional[int]:
         """The process id of the milvus binary (a child of the `milvus-server` launcher), for its memory."""
