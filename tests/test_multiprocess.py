@@ -227,7 +227,8 @@ def test_two_processes_write_one_share_each_into_a_milvus_collection(two_bad_fil
     assert output.count("Skipped 2 file(s)") == 1 and output.count("  val/zz_broken.png: ") == 1, output[-3000:]
     gallery_in_milvus = MilvusGallery.open(store)
     collection = gallery_in_milvus.collection
-    rows = collection.client.query(collection.name, filter="id >= 0", limit=100, output_fields=[PATH_FIELD, VECTOR_FIELD])
+    rows = collection.client.query(collection.name, filter="id >= 0", limit=100,
+                                   output_fields=[PATH_FIELD, VECTOR_FIELD])
     stored = {row[PATH_FIELD]: np.asarray(row[VECTOR_FIELD], dtype=np.float32) for row in rows}
     assert sorted(stored) == sorted(reference.paths)
     expected = np.asarray(reference.embeddings)

@@ -252,10 +252,12 @@ def rerank_exact(embeddings: np.ndarray, queries: np.ndarray, candidates: np.nda
     """
     candidates = np.asarray(candidates, dtype=np.int64)
     rows = np.unique(candidates[candidates >= 0])
-    vectors = np.asarray(embeddings[rows], dtype=np.float32) if rows.size else np.zeros((0, queries.shape[1]), np.float32)
+    vectors = np.asarray(embeddings[rows], dtype=np.float32) if rows.size else \
+        np.zeros((0, queries.shape[1]), np.float32)
     exact = np.asarray(queries, dtype=np.float32) @ vectors.T  # [num_queries, unique candidates]
     positions = np.searchsorted(rows, np.where(candidates >= 0, candidates, rows[0] if rows.size else 0))
     scores = np.take_along_axis(exact, positions, axis=1) if rows.size else np.zeros(candidates.shape, np.float32)
     scores = np.where(candidates >= 0, scores, -np.inf).astype(np.float32)
-    scores, order = _sorted_top_k(torch.from_numpy(scores), torch.from_numpy(candidates), min(top_k, candidates.shape[1]))
+    scores, order = _sorted_top_k(torch.from_numpy(scores), torch.from_numpy(candidates),
+                                  min(top_k, candidates.shape[1]))
     return scores.numpy(), order.numpy()

@@ -73,15 +73,13 @@ class _ShardStore:
         write_json(folder / PROGRESS_FILE, fingerprint)
 
     def reload(self) -> None:
-        """Read every complete shard record (sorted by start; unreadable ones are ignored and redone)."""
-        shards = []
+        """Read every complete shard record (unreadable ones are ignored and redone)."""
+        self.shards = []
         for shard_json in self.folder.glob("shard_*.json"):
             record = read_json(shard_json)
-            if not SHARD_FILE.fullmatch(shard_json.name) or not isinstance(record, dict) \
-                    or not {"start", "end", "paths", "skipped", "file"} <= set(record):
-                continue
-            shards.append(record)
-        self.shards = sorted(shards, key=lambda record: (record["start"], -record["end"]))
+            if SHARD_FILE.fullmatch(shard_json.name) and isinstance(record, dict) \
+                    and {"start", "end", "paths", "skipped", "file"} <= set(record):
+                self.shards.append(record)
 
     def covered_batches(self, batch_size: int) -> set[int]:
         """Start positions of the batches that complete shards hold (shards are whole batches of the
@@ -89,7 +87,8 @@ class _ShardStore:
         return {start for shard in self.shards for start in range(shard["start"], shard["end"], batch_size)}
 
     def tiling(self, num_files: int) -> Optional[list[dict]]:
-        """Shards that cover [0, num_files) once each, in listing order (None while a part is missing)."""
+        """Shards that cover [0, num_files) once each, in listing order (None while a part is missing); of two that
+        start at one position, the longer."""
         chosen, position = [], 0
         for shard in sorted(self.shards, key=lambda record: (record["start"], -record["end"])):
             if shard["start"] == position and shard["end"] > position:
@@ -118,12 +117,12 @@ class _ShardStore:
                       fingerprints={name: value for batch in batches for name, value in batch.fingerprints.items()},
                       file=f"{stem}.npy", writer=self.writer)
         write_json(self.folder / f"{stem}.json", record)
-        self.shards.append(record)  # sorted when tiled
+        self.shards.append(record)
         self.staged = []
 
-    def drop_changed(self, gallery_dir: Path) -> int:
+    def drop_changed(self, gallery_dir: Path) -> None:
         """Delete the shards holding a file that changed (or went) since it was encoded: their batches are encoded
-        again. Run by the main process only; returns how many shards were dropped."""
+        again. Run by the main process only."""
         changed = [shard for shard in self.shards
                    if any(file_fingerprint(gallery_dir / name) != recorded
                           for name, recorded in shard.get("fingerprints", {"": None}).items())]
@@ -131,7 +130,6 @@ class _ShardStore:
             (self.folder / (Path(shard["file"]).stem + ".json")).unlink(missing_ok=True)  # the proof goes first
             (self.folder / shard["file"]).unlink(missing_ok=True)
         self.shards = [shard for shard in self.shards if shard not in changed]
-        return len(changed)
 
 
 def _write_embeddings(path: Path, blocks, shape: tuple[int, int]) -> str:

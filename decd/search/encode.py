@@ -129,7 +129,8 @@ def encode_gallery(model, processor, folder: PathLike, files: Sequence[str], bat
             bar.update(len(names))
 
 
-def _embed_files(model, processor, folder: Path, names: list[str]) -> tuple[Optional[np.ndarray], list[str], list[dict]]:
+def _embed_files(model, processor, folder: Path,
+                 names: list[str]) -> tuple[Optional[np.ndarray], list[str], list[dict]]:
     """Embed one batch of gallery files: (embeddings or None, the names embedded, the files skipped with why)."""
     images, kept, skipped = [], [], []
     for name in names:

@@ -144,6 +144,7 @@ def filter_options(gallery: Gallery, filter: Optional[str]) -> dict:
     if filter is None or not str(filter).strip():
         return {}
     if not gallery.filter_fields:
-        raise GalleryIndexError(f"a filter ({shown_filter(str(filter))}) needs a gallery in Milvus with fields to filter on (built with "
-                                f"`decd-search index --store URI [--metadata CSV]`); this gallery is a local index")
+        raise GalleryIndexError(f"a filter ({shown_filter(str(filter))}) needs a gallery in Milvus with fields to "
+                                f"filter on (built with `decd-search index --store URI [--metadata CSV]`); this "
+                                f"gallery is a local index")
     return {"filter": str(filter).strip()}

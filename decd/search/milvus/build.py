@@ -3,7 +3,6 @@ and delete, the files encoded by `encode_gallery` and written, and the index bui
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -99,11 +98,13 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
                 extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
     target = MilvusCollection(connect(location, token, create=True), location,
                               location.collection or default_collection_name(gallery_dir))
-    # On a server, the main process holds the collection's lease from here to the end, checked before each write.
-    holds_lease = main and not location.lite
-    with (CollectionLease(target, meta["gallery_dir"]) if holds_lease else contextlib.nullcontext()) as lease:
-        existing = target.record() if target.exists() else None  # (decd.meta, fields) of a collection there
-        try:  # every process, before any writes; if one finds a problem, all stop
+    # On a server, the main process holds the collection's lease from its checks to the end, checked before each write.
+    lease = CollectionLease(target, meta["gallery_dir"]) if main and not location.lite else None
+    try:
+        try:  # every process, before any writes; if one finds a problem (another build's lease too), all stop
+            if lease is not None:
+                lease.acquire()
+            existing = target.record() if target.exists() else None  # (decd.meta, fields) of a collection there
             _check_collection(target, existing, meta, resume, metadata, replace)
             problem = None
         except GalleryIndexError as error:
@@ -161,6 +162,9 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
         if lease is not None:
             lease.check()
         finish_build(target, meta, wanted, bool(work or gone), show_progress)
+    finally:
+        if lease is not None:
+            lease.release()
     warn_skipped(skipped, len(files), meta["gallery_dir"],
                  "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=3)
     if unmatched:

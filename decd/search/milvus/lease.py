@@ -46,7 +46,7 @@ def _when(seconds: float) -> str:
 class CollectionLease:
     """The lease of one build on `collection` (see the module docstring): `acquire` takes it or raises
     MilvusStoreError naming the build that holds it (nothing changed); `check` raises if it was lost (its expiry
-    passed without a renewal, or another build took it over); `release` drops it. A context manager.
+    passed without a renewal, or another build took it over); `release` drops it (when it is still this build's).
 
     `renew=False` takes it without renewing it (as a build that was killed right after taking it: for tests).
     """
@@ -153,9 +153,3 @@ class CollectionLease:
                 self.lease.call("dropping the lease", "drop_collection")
         except MilvusStoreError:
             pass  # the server went away: the lease expires on its own
-
-    def __enter__(self) -> "CollectionLease":
-        return self.acquire()
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
