@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 from captions_decd import caption_problem
 
-from .processes import ProcessCountError, process_state
+from .processes import ProcessCountError, end_processes, process_state
 from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery, describe_match, filter_options,
                      open_gallery)
 from .search.backends import import_faiss
@@ -457,6 +457,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"decd-search {arguments.command}: interrupted"
               + ("; run the same command again to resume" if arguments.command == "index" else ""), file=sys.stderr)
         return 130
+    finally:
+        end_processes()
 
 
 if __name__ == "__main__":

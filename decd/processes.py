@@ -117,5 +117,14 @@ def stop_together(state, problem: Optional[BaseException]) -> None:
         raise first
 
 
-__all__ = ["LAUNCH_DOCS", "ProcessCountError", "all_processes", "check_process_count", "launched_processes",
-           "process_state", "runs_on_cpus", "stop_together"]
+def end_processes() -> None:
+    """Leave the process group, if this process joined one: its communication threads end here, not in the
+    interpreter's exit (where a still-running one aborts the process, "terminate called without an active
+    exception", after the work is done). Local: no other process is waited for."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
+__all__ = ["LAUNCH_DOCS", "ProcessCountError", "all_processes", "check_process_count", "end_processes",
+           "launched_processes", "process_state", "runs_on_cpus", "stop_together"]

@@ -23,7 +23,7 @@ from transformers import set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from decd.data import PersonSearchDataError, load_person_search, num_identities  # noqa: E402
-from decd.processes import ProcessCountError, check_process_count  # noqa: E402
+from decd.processes import ProcessCountError, check_process_count, end_processes  # noqa: E402
 from decd.training import DecdTrainer, DecdTrainingArguments, DecdTrainingCollator, keep_freed_cpu_memory  # noqa: E402
 from decd.training.recipe import RecipeError, build_model, parse_arguments  # noqa: E402
 from decd.training.runs import RunFolderError, prepare_output_dir, resolve_resume  # noqa: E402
@@ -184,4 +184,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        end_processes()
