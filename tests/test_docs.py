@@ -1,10 +1,11 @@
 """The documentation stays true: every test the bad-input page cites exists, the README stays a short guide, code
 cites docs/ pages rather than README sections, every recipe the README names is a file, and the main job's figures
-are its results files' (tests/test_docs_run.py runs what the docs show)."""
+are its results files', as is the Sew study's table (tests/test_docs_run.py runs what the docs show)."""
 
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +75,20 @@ def test_the_main_job_table_states_what_its_results_files_hold():
                 assert cell.startswith(f"{mean:.2f} ± {std:.2f}"), (file, cell, mean, std)
                 if "to" in cell:
                     assert cell.endswith(f"({min(values):.2f} to {max(values):.2f})"), (file, cell)
+
+
+def test_the_sew_study_table_is_its_results_file():
+    """benchmarks/README.md's Sew-study table is what `benchmarks/sew_study.py --report` renders from the results
+    file, so the page and the file cannot disagree (the study rewrites the file after every run)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sew_study
+
+    payload = json.loads((REPO / "benchmarks" / "results" / "sew_study_cpu.json").read_text())
+    page = (REPO / "benchmarks" / "README.md").read_text()
+    shown = page.split("<!-- sew-study-table", 1)[1].split("-->", 1)[1].split("<!-- end sew-study-table -->")[0]
+    assert shown.strip() == sew_study.table(payload["summary"])
+    # Every run finished so far is in the table, on its variant's row.
+    finished = {(run["variant"], run["seed"]) for run in payload["runs"] if run["metrics"]}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in shown.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert finished == {(variant, int(seed)) for variant, seeds in rows.items() for seed in seeds.split(", ")}
