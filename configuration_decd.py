@@ -61,9 +61,11 @@ class DecdConfig(PreTrainedConfig):
             as it is (examples/train.py's `--temperature` restarts it).
         learnable_temperature (`bool`, defaults to `False`):
             Train the temperature (`logit_scale` a parameter) instead of keeping it fixed (a buffer).
-        sew_margin (`float`, defaults to 0.1):
+        sew_margin (`float`, defaults to 0.0):
             The Sew loss's strength m (cosine units): with `"tighten"`, caption i's positives must beat its
-            negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation.
+            negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation: the default, because SDM is the
+            best setting measured in the paper's regime so far (docs/findings.md, "Do Sew and MCM help, and which
+            Sew?"); Sew is a switch.
         sew_formulation (`str`, defaults to `"tighten"`):
             Which reading of the paper's Sew loss trains (docs/method.md, "Sew loss"): `"tighten"` (informative
             captions get larger margins), `"relax"` (vague captions' positives are eased by `m * (1 - q_i)`) or
@@ -117,7 +119,7 @@ class DecdConfig(PreTrainedConfig):
     decoder_intermediate_size: int = 2048
     temperature: float = 0.02
     learnable_temperature: bool = False
-    sew_margin: float = 0.1
+    sew_margin: float = 0.0
     sew_formulation: str = "tighten"
     caption_quality: str = "density"
     sew_weight: float = 1.0
@@ -152,6 +154,15 @@ class DecdConfig(PreTrainedConfig):
         self.text_config.projection_dim = self.projection_dim
         self.vision_config.projection_dim = self.projection_dim
         self._validate()
+
+    @property
+    def similarity_loss(self) -> str:
+        """The image-text loss this configuration trains, in words (a model card states it): IRRA's SDM when no
+        margin applies, else the Sew reading with its strength and caption quality."""
+        if self.sew_margin == 0 or self.caption_quality == "none":
+            return "SDM (similarity distribution matching, IRRA's; Sew off: sew_margin 0)"
+        return (f"Sew, reading {self.sew_formulation!r} (docs/method.md), strength {self.sew_margin:g}, caption "
+                f"quality {self.caption_quality!r}")
 
     def _check_types(self):
         """Refuse a value of the wrong type (e.g. from a hand-edited config.json), naming the field."""

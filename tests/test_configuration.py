@@ -1,10 +1,12 @@
-"""DecdConfig: values of the wrong type in config.json are refused, naming the field."""
+"""DecdConfig: values of the wrong type in config.json are refused, naming the field; a config says which image-text
+loss it trains."""
 
 import json
 from pathlib import Path
 
 import pytest
 
+from configuration_decd import DecdConfig
 from inference_decd import ModelLoadError, load_model
 from modeling_decd import DecdModel
 
@@ -22,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("temperature", None, r"DecdConfig\.temperature must be a positive number, got None"),
     ("learnable_temperature", "no", r"DecdConfig\.learnable_temperature must be true or false"),
     ("sew_margin", "0.1", r"DecdConfig\.sew_margin must be a number >= 0"),
+    ("sew_formulation", "widen", r"DecdConfig\.sew_formulation must be one of \('tighten', 'relax', 'compress'\)"),
 ])
 def test_config_json_values_of_the_wrong_type_name_the_field(tmp_path, field, value, expected):
     DecdModel(tiny_config()).save_pretrained(tmp_path)
@@ -30,3 +33,12 @@ def test_config_json_values_of_the_wrong_type_name_the_field(tmp_path, field, va
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=expected):
         load_model(tmp_path, device="cpu")
+
+
+def test_a_config_says_which_image_text_loss_it_trains():
+    assert DecdConfig().sew_margin == 0 and DecdConfig().similarity_loss.startswith("SDM")  # the default: Sew off
+    assert DecdConfig(sew_margin=0.1, caption_quality="none").similarity_loss.startswith("SDM")  # no margin applies
+    assert DecdConfig(sew_margin=0.05, sew_formulation="compress").similarity_loss == (
+        "Sew, reading 'compress' (docs/method.md), strength 0.05, caption quality 'density'")
+    # An old config.json without sew_formulation trained the first reading.
+    assert DecdConfig.from_dict({"sew_margin": 0.1}).similarity_loss.startswith("Sew, reading 'tighten'")

@@ -177,10 +177,12 @@ def test_caption_quality_modes():
                         rel_tol=1e-5)
     assert losses["none"] < losses["density"] < losses["uniform"]
 
-    model = DecdModel(tiny_config())
+    # Density margins need each caption's quality; SDM (the default, no margin) does not.
     without_quality = {k: v for k, v in batch.items() if k != "caption_quality"}
     with pytest.raises(ValueError, match="caption_quality"):
-        model(**without_quality)
+        DecdModel(tiny_config(sew_margin=0.1))(**without_quality)
+    torch.manual_seed(0)
+    assert math.isclose(DecdModel(tiny_config())(**without_quality).loss_sew.item(), losses["none"], rel_tol=1e-5)
 
 
 # ---- building from CLIP -----------------------------------------------------------------------------

@@ -39,9 +39,7 @@ def _hyperparameters_from(model, processor, folder: Path | None) -> dict:
         "image_size (height, width)": tuple(config.image_size),
         "projection_dim": config.projection_dim,
         "temperature": round(float(model.temperature), 6),  # the weights' (a learnable one starts at the config's)
-        "sew_formulation": config.sew_formulation,
-        "sew_margin (m)": config.sew_margin,
-        "caption_quality": config.caption_quality,
+        "image-text loss": config.similarity_loss,
         "mask_probability (MCM)": processor.mask_probability,
         "quality_reference_words": processor.quality_reference_words,
         "loss weights (sew / mcm / id)": f"{config.sew_weight} / {config.mcm_weight} / {config.id_weight}",
