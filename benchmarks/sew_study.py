@@ -16,7 +16,8 @@ seed beside it (the same name, .png). Started again, the study reads it and runs
 failed is kept, with its log, and tried again); the file must describe the same setup.
 
     python benchmarks/sew_study.py                                   # the study (benchmarks/README.md)
-    python benchmarks/sew_study.py --report                          # its table and picture, nothing trained
+    python benchmarks/sew_study.py --report                          # its table (into docs/findings.md) and
+                                                                     # picture, nothing trained
     python benchmarks/sew_study.py --json /tmp/smoke.json --output_root /tmp/smoke --screening_seeds 1 \\
         --confirmation_seeds 2 --pretrain_args "--num_images 640 --max_steps 5" -- --max_steps 3 \\
         --eval_strategy no --save_strategy no --load_best_model_at_end false      # a smoke run
@@ -36,6 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "findings.md"  # shows the table between these two markers
+TABLE_START, TABLE_END = "<!-- sew-study-table", "<!-- end sew-study-table -->"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_root", default="outputs/sew_study")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sew_study_cpu.json"))
     parser.add_argument("--report", action="store_true",
-                        help="print the table and draw the picture of the results file; train nothing")
+                        help="draw the picture of the results file and write its table into docs/findings.md; "
+                             "train nothing")
     args, passthrough = parser.parse_known_args(argv)
     if passthrough[:1] == ["--"]:
         passthrough = passthrough[1:]
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
         payload = json.loads(json_path.read_text())
         plot(payload["summary"], json_path.with_suffix(".png"))
         print_table(payload["summary"])
-        print(f"\nDrawn: {json_path.with_suffix('.png')}")
+        PAGE.write_text(with_table(PAGE.read_text(), table(payload["summary"])))
+        print(f"\nDrawn: {json_path.with_suffix('.png')}; table written into {PAGE.relative_to(REPO)}")
         return 0
 
     stage1 = stage_one(shlex.split(args.pretrain_args))
@@ -229,8 +234,23 @@ def main(argv=None) -> int:
     return 1 if failed_now else 0
 
 
+def shown_table(page: str) -> str:
+    """The table a page shows between the study's markers."""
+    if TABLE_START not in page or TABLE_END not in page:
+        raise ValueError(f"The page has no {TABLE_START} ... {TABLE_END} markers to hold the study's table.")
+    return page.split(TABLE_START, 1)[1].split("-->", 1)[1].split(TABLE_END, 1)[0].strip()
+
+
+def with_table(page: str, rendered: str) -> str:
+    """The page with the table between the study's markers replaced by `rendered` (the rest kept as it is)."""
+    shown_table(page)  # the markers are there
+    head, rest = page.split(TABLE_START, 1)
+    marker, rest = rest.split("-->", 1)
+    return f"{head}{TABLE_START}{marker}-->\n{rendered}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
 def table(result: dict) -> str:
-    """The study's table in Markdown (what benchmarks/README.md shows): per variant its seeds, R@1 and mAP, and R@1
+    """The study's table in Markdown (what docs/findings.md shows): per variant its seeds, R@1 and mAP, and R@1
     minus SDM's paired by seed; then MCM's paired effect on the best variant, once measured."""
     diffs = result["differences_to_sdm"]
     lines = ["| variant | seeds | R@1 mean ± std | mAP mean ± std | R@1 - SDM, per seed | R@1 - SDM, mean ± std |",

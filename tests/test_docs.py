@@ -78,15 +78,17 @@ def test_the_main_job_table_states_what_its_results_files_hold():
 
 
 def test_the_sew_study_table_is_its_results_file():
-    """benchmarks/README.md's Sew-study table is what `benchmarks/sew_study.py --report` renders from the results
-    file, so the page and the file cannot disagree (the study rewrites the file after every run)."""
+    """docs/findings.md's Sew-study table is what `benchmarks/sew_study.py --report` renders from the results file,
+    so the page and the file cannot disagree (the study rewrites the file after every run)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sew_study
 
     payload = json.loads((REPO / "benchmarks" / "results" / "sew_study_cpu.json").read_text())
-    page = (REPO / "benchmarks" / "README.md").read_text()
-    shown = page.split("<!-- sew-study-table", 1)[1].split("-->", 1)[1].split("<!-- end sew-study-table -->")[0]
-    assert shown.strip() == sew_study.table(payload["summary"])
+    page = (REPO / "docs" / "findings.md").read_text()
+    shown = sew_study.shown_table(page)
+    assert shown == sew_study.table(payload["summary"])
+    assert sew_study.with_table(page, shown) == page  # --report rewrites the table and nothing else
+    assert "sew-study-table" not in (REPO / "benchmarks" / "README.md").read_text()  # one page shows it
     # Every run finished so far is in the table, on its variant's row.
     finished = {(run["variant"], run["seed"]) for run in payload["runs"] if run["metrics"]}
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in shown.splitlines()
