@@ -38,9 +38,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if torch.distributed.get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    # torch's functional collectives: autograd (the backward sums each slice's gradients back to its process) and
+    # torch.compile; torch.distributed.nn.functional.all_gather, which they replace, is deprecated.
+    from torch.distributed import _functional_collectives as collectives
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    return gather(tensor.contiguous(), 0, torch.distributed.group.WORLD)
 
 
 def sew_loss(

@@ -273,6 +273,50 @@ def test_two_training_processes_share_the_data_and_the_sew_loss_takes_the_global
     assert [entry["epoch"] for entry in steps] == pytest.approx([1 / 3, 2 / 3])
 
 
+GLOBAL_BATCH_PROGRAM = """
+import sys, warnings
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from losses_decd import gather_with_grad, sew_loss
+
+warnings.simplefilter("error", FutureWarning)  # no deprecated collective
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+generator = torch.Generator().manual_seed(0)  # the same global batch in every process
+images, texts = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+ids, quality = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.rand(8, generator=generator)
+
+def loss(images, texts, ids, quality):
+    return sew_loss(gather_with_grad(images), gather_with_grad(texts), gather_with_grad(ids),
+                    gather_with_grad(quality), margin=0.1, temperature=0.02)
+
+full = [tensor.clone().requires_grad_() for tensor in (images, texts)]
+expected = sew_loss(*full, ids, quality, margin=0.1, temperature=0.02)  # one process, the whole batch
+expected.backward()
+share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+for name, function in (("eager", loss), ("compiled", torch.compile(loss, backend="aot_eager"))):
+    mine = [tensor[share].clone().requires_grad_() for tensor in (images, texts)]
+    value = function(*mine, ids[share], quality[share])
+    value.backward()
+    # Each process's gradient for its share is the whole batch's, times the processes that computed the same loss
+    # (DDP's average of the parameters' gradients then gives the one-process gradient).
+    same = torch.allclose(value, expected, atol=1e-5) and all(
+        torch.allclose(part.grad, world * whole.grad[share], atol=1e-5) for part, whole in zip(mine, full))
+    print(f"rank {rank} of {world} {name}: loss {value.item():.6f} expected {expected.item():.6f} same {same}")
+dist.destroy_process_group()
+"""
+
+
+def test_the_loss_over_the_global_batch_equals_one_processs_with_its_gradients_eager_and_compiled(tmp_path):
+    program = tmp_path / "global_batch.py"
+    program.write_text(GLOBAL_BATCH_PROGRAM)
+    status, output = _torchrun(tmp_path, [program, REPO])
+    assert status == 0, output[-3000:]
+    pattern = r"rank (\d) of (\d) (eager|compiled): [^:]*? expected [-0-9.]+ same (True|False)"
+    lines = sorted(re.findall(pattern, output))  # the processes' lines may interleave
+    assert lines == [(rank, "2", mode, "True") for rank in "01" for mode in ("compiled", "eager")], output[-3000:]
+
+
 def test_accelerate_launch_cpu_with_two_processes_refuses_to_train_alone(tiny_set, tmp_path):
     [(status, output)] = _run([[BIN / "accelerate", "launch", "--cpu", "--num_processes", 2, "--num_machines", 1,
                                 "--mixed_precision", "no", "--dynamo_backend", "no",
