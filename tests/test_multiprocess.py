@@ -1,9 +1,10 @@
 """Several real processes on this CPU, started as docs/large-galleries.md shows (torchrun over loopback): an index
 folder and a Milvus collection built by two processes, each encoding its own share, equal bit for bit to one
-process's build; the refusals when one process sees another model or gallery listing, fired in every process; a
-two-process training run whose Sew loss takes the global batch; and `accelerate launch --cpu --num_processes 2`,
-which starts one process, refused in one line naming the torchrun command. Every launch checks how many processes
-ran. decd.processes' own rules are tested here too, without launching anything."""
+process's build; the refusals when one process sees another model or gallery listing, fired in every process; a two-
+process training run whose Sew loss takes the global batch, and that loss with its gradients against one process's;
+and `accelerate launch --cpu --num_processes 2`, which starts one process, refused in one line naming the torchrun
+command. Every launch checks how many processes ran. decd.processes' own rules are tested here too, without launching
+anything."""
 
 import json
 import os
