@@ -21,6 +21,8 @@ failed is kept, with its log, and tried again); the file must describe the same 
     python benchmarks/sew_study.py --json /tmp/smoke.json --output_root /tmp/smoke --screening_seeds 1 \\
         --confirmation_seeds 2 --pretrain_args "--num_images 640 --max_steps 5" -- --max_steps 3 \\
         --eval_strategy no --save_strategy no --load_best_model_at_end false      # a smoke run
+    python benchmarks/sew_study.py --json benchmarks/results/sew_study_h100.json --parallel 12 \
+        --threads_per_run 1 -- --dataloader_num_workers 1          # on one GPU (its own file: never mix machines)
 
 Arguments after `--` go to every examples/train.py run (after the recipe's and the variant's).
 """
@@ -33,16 +35,16 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = REPO / "docs" / "findings.md"  # shows the table between these two markers
+RESULTS = REPO / "benchmarks" / "results" / "sew_study_cpu.json"
+PAGE = REPO / "docs" / "findings.md"  # shows RESULTS' table between these two markers
 TABLE_START, TABLE_END = "<!-- sew-study-table", "<!-- end sew-study-table -->"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sweep import METRICS, differences, environment, run_all, summarise  # noqa: E402
+from sweep import METRICS, Run, differences, environment, run_each, summarise  # noqa: E402
 from two_stage import RECIPE, children_cpu_seconds, stage_one  # noqa: E402
 
 REFERENCE = "sdm"
@@ -112,8 +114,11 @@ def plan(runs: list[dict], screening_seeds: list[int], confirmation_seeds: list[
 
 def summary(runs: list[dict], choices: dict, all_seeds: list[int]) -> dict:
     """Per variant: metric means and spreads, R@1 difference to SDM paired by seed; MCM's paired effect."""
+    runs = sorted(runs, key=lambda run: run["seed"])  # seeds in order, however the runs finished
     out = {"variants": {}, "differences_to_sdm": differences(runs, REFERENCE), **choices}
-    for variant in dict.fromkeys(run["variant"] for run in runs):
+    order = list(SCREENING)  # the screening's order, each variant's MCM-off run after it, whatever ran first
+    for variant in sorted(dict.fromkeys(run["variant"] for run in runs),
+                          key=lambda name: (order.index(name.partition(NO_MCM)[0]), name)):
         done = [run for run in runs if run["variant"] == variant and run["metrics"]]
         if done:
             out["variants"][variant] = {name: summarise([run["metrics"][name] for run in done]) for name in METRICS}
@@ -173,10 +178,14 @@ def main(argv=None) -> int:
     parser.add_argument("--confirmation_seeds", nargs="+", type=int, default=[4, 5])
     parser.add_argument("--pretrain_args", default="", help="Arguments for examples/pretrain_clip.py (one string).")
     parser.add_argument("--output_root", default="outputs/sew_study")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sew_study_cpu.json"))
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs of a phase at once (a GPU: e.g. 12 with --threads_per_run 1; CPU time is then "
+                             "not recorded per run)")
+    parser.add_argument("--threads_per_run", type=int, default=None, help="OMP/MKL threads of each run")
+    parser.add_argument("--json", default=str(RESULTS))
     parser.add_argument("--report", action="store_true",
-                        help="draw the picture of the results file and write its table into docs/findings.md; "
-                             "train nothing")
+                        help="draw the picture of the results file and print its table (the default file's "
+                             "also into docs/findings.md); train nothing")
     args, passthrough = parser.parse_known_args(argv)
     if passthrough[:1] == ["--"]:
         passthrough = passthrough[1:]
@@ -185,8 +194,10 @@ def main(argv=None) -> int:
         payload = json.loads(json_path.read_text())
         plot(payload["summary"], json_path.with_suffix(".png"))
         print_table(payload["summary"])
-        PAGE.write_text(with_table(PAGE.read_text(), table(payload["summary"])))
-        print(f"\nDrawn: {json_path.with_suffix('.png')}; table written into {PAGE.relative_to(REPO)}")
+        print(f"\nDrawn: {json_path.with_suffix('.png')}")
+        if json_path.resolve() == RESULTS.resolve():  # the page shows this file's table, no other's
+            PAGE.write_text(with_table(PAGE.read_text(), table(payload["summary"])))
+            print(f"Table written into {PAGE.relative_to(REPO)}")
         return 0
 
     stage1 = stage_one(shlex.split(args.pretrain_args))
@@ -214,20 +225,33 @@ def main(argv=None) -> int:
         if not todo:
             break
         done = sum(1 for run in payload["runs"] if run["metrics"])
-        phase, variant, seed = todo[0]
-        print(f"[{phase}] {variant} seed {seed} ({done} runs finished, {len(todo)} left in this phase)", flush=True)
-        arguments = ["--model_name_or_path", clip_folder, *variant_arguments(variant)]
-        before, started = children_cpu_seconds(), time.perf_counter()
-        (run,) = run_all({variant: arguments}, [seed], output_root, passthrough, recipe=RECIPE)
+        print(f"[{todo[0][0]}] {len(todo)} runs, {args.parallel} at a time ({done} runs finished before)", flush=True)
+        phase_of = {(variant, seed): phase for phase, variant, seed in todo}
+        runs = [Run(variant, seed, ["--model_name_or_path", clip_folder, *variant_arguments(variant)],
+                    output_root / variant / f"seed-{seed}", output_root / variant / f"seed-{seed}.log")
+                for _, variant, seed in todo]
+        recorded: set = set()
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
-        payload["runs"].append({
-            "phase": phase, "variant": variant, "seed": seed, "arguments": arguments, "metrics": run.metrics,
-            "error": run.error, "cpu_seconds": round(children_cpu_seconds() - before, 1),
-            "wall_seconds": round(time.perf_counter() - started, 1), "commit": commit,
-        })
-        if run.error:
-            failed_now.add((variant, seed))
+        cpu_before = [children_cpu_seconds()]
+
+        def record(runs: list[Run]) -> None:
+            for run in runs:
+                if (run.metrics or run.error) and (run.variant, run.seed) not in recorded:
+                    recorded.add((run.variant, run.seed))
+                    cpu_now = children_cpu_seconds()  # one run's own only when runs take turns
+                    payload["runs"].append({
+                        "phase": phase_of[run.variant, run.seed], "variant": run.variant, "seed": run.seed,
+                        "arguments": run.arguments, "metrics": run.metrics, "error": run.error,
+                        "cpu_seconds": round(cpu_now - cpu_before[0], 1) if args.parallel == 1 else None,
+                        "wall_seconds": round(run.minutes * 60, 1), "commit": commit,
+                    })
+                    cpu_before[0] = cpu_now
+                    if run.error:
+                        failed_now.add((run.variant, run.seed))
+                    write(choices)
+
+        run_each(runs, passthrough, args.parallel, args.threads_per_run, on_finish=record, recipe=RECIPE)
 
     print_table(payload["summary"])
     print(f"\nWritten: {json_path}")

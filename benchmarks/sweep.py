@@ -74,11 +74,15 @@ def run_all(variants: dict[str, list[str]], seeds: list[int], output_root: Path,
 
     Seed-major order, so a sweep cut short still has every variant on its first seeds.
     """
-    runs = []
-    for seed in seeds:
-        for name, arguments in variants.items():
-            output_dir = output_root / name / f"seed-{seed}"
-            runs.append(Run(name, seed, arguments, output_dir, output_root / name / f"seed-{seed}.log"))
+    runs = [Run(name, seed, arguments, output_root / name / f"seed-{seed}", output_root / name / f"seed-{seed}.log")
+            for seed in seeds for name, arguments in variants.items()]
+    return run_each(runs, passthrough, parallel, threads_per_run, on_finish, recipe)
+
+
+def run_each(runs: list[Run], passthrough: list[str], parallel: int = 1, threads_per_run: int | None = None,
+             on_finish=None, recipe: str | Path = DEFAULT_RECIPE) -> list[Run]:
+    """Train the given runs with `examples/train.py RECIPE`, in their order, `parallel` at a time; `on_finish(runs)`
+    after each one ends (its `metrics`, or its `error` naming its log)."""
     environment = dict(os.environ)
     if threads_per_run:
         environment.update(OMP_NUM_THREADS=str(threads_per_run), MKL_NUM_THREADS=str(threads_per_run))

@@ -108,6 +108,13 @@ def test_the_study_screens_then_confirms_the_two_best_then_tests_mcm_on_the_best
     assert result["mcm_on_minus_off"]["variant"] == "compress-0.05"
     # compress-0.05 with MCM: 60.5 on seeds 1-3, 63 on 4-5; without: 60.
     assert result["mcm_on_minus_off"]["R1"]["mean"] == pytest.approx((3 * 0.5 + 2 * 3.0) / 5)
+    # Runs that ran side by side (--parallel) finish in any order; the table keeps the screening's.
+    shuffled = sew_study.summary(runs[::-1], choices, [1, 2, 3, 4, 5])
+    assert shuffled["variants"]["sdm"]["seeds"] == [1, 2, 3, 4, 5]
+    assert list(shuffled["differences_to_sdm"]["relax-0.1"]["per_seed"]) == [1, 2, 3, 4, 5]
+    assert list(shuffled["variants"]) == list(result["variants"]) == [
+        "sdm", "tighten-0.01", "tighten-0.02", "tighten-0.05", "relax-0.05", "relax-0.1", "compress-0.05",
+        "compress-0.05+no-mcm", "compress-0.1"]
 
 
 def test_the_study_continues_its_own_results_file_and_refuses_another_setup(tmp_path):
