@@ -113,6 +113,18 @@ def test_publish_uploads_inference_model_code_processor_handler_and_card_last(hu
     assert hub.unhandled == []
 
 
+def test_a_converted_models_card_claims_no_decd_training(hub):
+    """Weights converted from another checkpoint (decd-convert) were not trained with DECD's losses: the card keeps
+    the settings inference uses and names no image-text loss, MCM or decoder."""
+    model = DecdModel(tiny_config()).eval()
+    model.config.conversion = {"source": "irra.pth", "format": "irra", "sha256": "0" * 64, "dropped": []}
+    publish(model, "org/decd-converted", processor=DecdProcessor(image_size=model.config.image_size))
+    readme = hub.files("org/decd-converted")["README.md"].decode("utf-8")
+    assert "trained elsewhere, not with DECD's losses" in readme and "| `temperature` | 0.02 |" in readme
+    for claim in ("image-text loss", "mask_probability", "loss weights", "decoder`"):
+        assert claim not in readme, claim
+
+
 def test_card_on_the_hub_parses_and_holds_exactly_the_numbers_passed(published):
     card = ModelCard.load(published["repo_id"])  # downloaded from the stub
     data = card.data

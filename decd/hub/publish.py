@@ -39,14 +39,19 @@ def _hyperparameters_from(model, processor, folder: Path | None) -> dict:
         "image_size (height, width)": tuple(config.image_size),
         "projection_dim": config.projection_dim,
         "temperature": round(float(model.temperature), 6),  # the weights' (a learnable one starts at the config's)
+    }
+    state_file = folder / "trainer_state.json" if folder is not None else None
+    trained_here = state_file is not None and state_file.is_file()
+    if getattr(config, "conversion", None) and not trained_here:
+        return settings  # weights trained elsewhere: DECD's loss settings would claim a training that never ran
+    settings.update({
         "image-text loss": config.similarity_loss,
         "mask_probability (MCM)": processor.mask_probability,
         "quality_reference_words": processor.quality_reference_words,
         "loss weights (sew / mcm / id)": f"{config.sew_weight} / {config.mcm_weight} / {config.id_weight}",
         "decoder": f"{config.decoder_layers} layers, width {config.decoder_hidden_size} (training only)",
-    }
-    state_file = folder / "trainer_state.json" if folder is not None else None
-    if state_file is not None and state_file.is_file():
+    })
+    if trained_here:
         state = json.loads(state_file.read_text(encoding="utf-8"))
         for key in ("train_batch_size", "num_train_epochs", "max_steps", "global_step", "best_metric",
                     "best_model_checkpoint"):
