@@ -29,11 +29,7 @@ def is_exact(backend: Optional[str]) -> bool:
     return backend is None or backend == EXACT_BACKEND
 
 
-# --------------------------------------------------------------------------------------------
-# Exact top-k
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Exact top-k ---------------------------------------------------------------------------------
 def _sorted_top_k(scores: torch.Tensor, indices: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `top_k` best candidates per row by (score descending, gallery index ascending).
 
@@ -124,11 +120,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits))
 
 
-# --------------------------------------------------------------------------------------------
-# Approximate backends (FAISS index-factory strings)
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Approximate backends (FAISS index-factory strings) ------------------------------------------
 def import_faiss(backend: str = "faiss"):
     """The `faiss` module, or an ImportError that says how to get it."""
     try:

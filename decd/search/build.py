@@ -41,11 +41,7 @@ except ImportError:  # not POSIX
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------------------------
-# Saved progress: shards in partial/
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Saved progress: shards in partial/ ----------------------------------------------------------
 class _ShardStore:
     """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}.
 
@@ -210,11 +206,7 @@ def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions,
                  if file_fingerprint(gallery_dir / path) == recorded}
 
 
-# --------------------------------------------------------------------------------------------
-# The build
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The build -----------------------------------------------------------------------------------
 @torch.no_grad()
 def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, batch_size: int = 64,
                 model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, resume: bool = True,

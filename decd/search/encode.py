@@ -168,11 +168,7 @@ def warn_skipped(skipped: list[dict], num_files: int, gallery_dir: str, listed_i
                   f"{listed}{more} (all listed in {listed_in})", SkippedImagesWarning, stacklevel=stacklevel + 1)
 
 
-# --------------------------------------------------------------------------------------------
-# Several processes (torchrun, accelerate launch: decd.processes) or one
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Several processes (torchrun, accelerate launch: decd.processes) or one ----------------------
 class SingleProcess:
     """The process state of a build without `accelerate` (what a build uses of its `PartialState`): one process."""
 

@@ -45,11 +45,7 @@ _DTYPES = ("float32", "float16", "bfloat16")  # the precisions a model may be lo
 _REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
 
 
-# --------------------------------------------------------------------------------------------
-# Files and ownership
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Files and ownership -------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
     """The JSON value in `path`, or None if it is missing or not valid JSON."""
     try:
@@ -257,11 +253,7 @@ def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], w
                 raise refuse(number, relative, problem)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading an index folder
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Reading an index folder ---------------------------------------------------------------------
 def is_index_folder(path: Path) -> bool:
     """Whether `path` is meant as an index folder (finished or not): it holds meta.json or partial/.
     `read_index` then says what is wrong with it, if anything."""
@@ -339,11 +331,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     return embeddings, paths, meta
 
 
-# --------------------------------------------------------------------------------------------
-# The model that made an index
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The model that made an index ----------------------------------------------------------------
 def _config_fingerprint(config) -> dict:
     """The parts of a config that shape an embedding, without keys that change on save/load."""
     if config is None:

@@ -1,12 +1,5 @@
-"""One writer per collection on a Milvus server: the lease a build holds while it writes (docs/milvus.md).
-
-Milvus has no conditional write, but creating a collection is decided by the server alone, one request after
-another: the lease is a small collection, `decd_lease_<collection>`, created by the build that takes it, its holder
-recorded in its `decd.lease` property (a token of its own, user, host, process id, gallery folder, start and expiry).
-A build that finds another holder's lease refuses to start, naming it; the holder renews the expiry while it runs and
-drops the lease when it ends, so the lease of a build that was killed expires and is taken over. Milvus Lite needs
-none: it lets one process open a store.
-"""
+"""One writer per collection on a Milvus server: the lease a build holds while it writes, a small collection
+`decd_lease_<collection>` (docs/milvus.md, "One build at a time"; Milvus Lite needs none)."""
 
 from __future__ import annotations
 
@@ -44,7 +37,7 @@ def _when(seconds: float) -> str:
 
 
 class CollectionLease:
-    """The lease of one build on `collection` (see the module docstring): `acquire` takes it or raises
+    """The lease of one build on `collection` (docs/milvus.md): `acquire` takes it or raises
     MilvusStoreError naming the build that holds it (nothing changed); `check` raises if it was lost (its expiry
     passed without a renewal, or another build took it over); `release` drops it (when it is still this build's).
 

@@ -48,11 +48,7 @@ ENGINE_LOG = "decd-engine.log"  # in a Milvus Lite store's folder: where its eng
 ENGINE_LOG_BYTES = 1 << 22  # the engine's log is rotated past this size (one old file kept)
 
 
-# --------------------------------------------------------------------------------------------
-# pymilvus, quietly
-# --------------------------------------------------------------------------------------------
-
-
+# ---- pymilvus, quietly ---------------------------------------------------------------------------
 def import_pymilvus(uri: str = ""):
     """The `pymilvus` module, or an ImportError that says what to install (milvus-lite too for a .db path)."""
     try:
@@ -165,11 +161,7 @@ def engine_log() -> Optional[str]:
     return handler.baseFilename if handler is not None else None
 
 
-# --------------------------------------------------------------------------------------------
-# Naming a store and a collection
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Naming a store and a collection -------------------------------------------------------------
 @dataclass(frozen=True)
 class MilvusLocation:
     """Where a collection is: `uri` as MilvusClient takes it, the collection (None: not named) and the database."""
@@ -316,11 +308,7 @@ def call_milvus(location: MilvusLocation, what: str, function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------
-# Index types (--backend) and their search parameters
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Index types (--backend) and their search parameters -----------------------------------------
 def milvus_index(backend: Optional[str], lite: bool = False) -> tuple[str, dict]:
     """(Milvus index type, build parameters) for a `--backend` string (inner-product metric).
 
@@ -368,11 +356,7 @@ def search_parameters(kind: str, params: dict, top_k: int, nprobe: Optional[int]
     return {}
 
 
-# --------------------------------------------------------------------------------------------
-# The collection: schema, meta, rows
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The collection: schema, meta, rows ----------------------------------------------------------
 def _data_types(pymilvus) -> dict:
     return {"int": pymilvus.DataType.INT64, "float": pymilvus.DataType.DOUBLE, "str": pymilvus.DataType.VARCHAR}
 
