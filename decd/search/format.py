@@ -5,6 +5,7 @@ The format is specified in docs/index-format.md (tests/test_search_format.py che
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -67,9 +68,9 @@ def file_fingerprint(path: Union[str, os.PathLike]) -> Optional[list[int]]:
     """[size in bytes, modification time in ns] of a file, or None when it is gone: what tells a changed file."""
     try:
         status = os.stat(path)
+        return [status.st_size, status.st_mtime_ns]
     except OSError:
         return None
-    return [status.st_size, status.st_mtime_ns]
 
 
 def file_sha256(source: Union[str, os.PathLike, BinaryIO]) -> str:
@@ -87,18 +88,8 @@ def file_sha256(source: Union[str, os.PathLike, BinaryIO]) -> str:
 def _is_ours(record: Any, legacy_keys: Sequence[str]) -> bool:
     """Whether a meta.json / progress.json record was written by `build` (its `format` tag, or, for
     version-1 folders written before the tag existed, `format_version` 1 with that version's keys)."""
-    if not isinstance(record, dict):
-        return False
-    if record.get("format") == INDEX_FORMAT:
-        return True
-    return record.get("format_version") == 1 and all(key in record for key in legacy_keys)
-
-
-def _partial_is_ours(folder: Path) -> bool:
-    """`partial/` holds a progress.json written by `build` and nothing but shard files."""
-    if not _is_ours(read_json(folder / PROGRESS_FILE), ("model_checksum", "listing_sha256")):
-        return False
-    return all(entry.is_file() and SHARD_FILE.fullmatch(entry.name) for entry in folder.iterdir())
+    return isinstance(record, dict) and (record.get("format") == INDEX_FORMAT or (
+        record.get("format_version") == 1 and all(key in record for key in legacy_keys)))
 
 
 def remove_partial(folder: Path) -> None:
@@ -108,10 +99,8 @@ def remove_partial(folder: Path) -> None:
     for entry in folder.iterdir():
         if entry.is_file() and SHARD_FILE.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # something that is not ours appeared in it: leave it
         folder.rmdir()
-    except OSError:
-        pass  # something that is not ours appeared in it: leave it
 
 
 def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
@@ -130,8 +119,10 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
     if not entries:
         return
     meta_ours = _is_ours(read_json(output / META_FILE), ("model_checksum", "count"))
-    partial = output / PARTIAL_DIR
-    partial_ours = partial.is_dir() and _partial_is_ours(partial)
+    partial = output / PARTIAL_DIR  # ours: a progress.json written by `build` and nothing but shard files
+    partial_ours = partial.is_dir() and _is_ours(read_json(partial / PROGRESS_FILE), (
+        "model_checksum", "listing_sha256")) and all(entry.is_file() and SHARD_FILE.fullmatch(entry.name)
+                                                      for entry in partial.iterdir())
     if PARTIAL_DIR in entries and not partial_ours:
         raise GalleryIndexError(f"{display_path(partial)!r} was not written by a DECD index build (no DECD "
                                 f"{PROGRESS_FILE}, or files that are not shards); {fix}, or move it away")
@@ -223,8 +214,7 @@ def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], w
 
     by_folder: dict[str, list[tuple[int, str]]] = {}
     for number, relative in enumerate(paths):
-        problem = path_problem(relative)
-        if problem is not None:
+        if (problem := path_problem(relative)) is not None:
             raise refuse(number, relative, problem)
         folder, _, name = relative.rpartition("/")
         by_folder.setdefault(folder, []).append((number, name))
@@ -243,13 +233,9 @@ def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], w
         except OSError:  # gone or unreadable: nothing in it can lead anywhere
             continue
         for number, name in names:
-            if name not in links:
-                continue
             relative = f"{folder}/{name}" if folder else name
-            if links_to_files_only and not os.path.isfile(os.path.join(real, name)):
-                continue
-            problem = path_problem(relative, gallery_dir)
-            if problem is not None:
+            if name in links and not (links_to_files_only and not os.path.isfile(os.path.join(real, name))) \
+                    and (problem := path_problem(relative, gallery_dir)) is not None:
                 raise refuse(number, relative, problem)
 
 
@@ -334,19 +320,12 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
 # ---- The model that made an index ----------------------------------------------------------------
 def _config_fingerprint(config) -> dict:
     """The parts of a config that shape an embedding, without keys that change on save/load."""
-    if config is None:
-        return {}
-    fields = {}
-    for name in ("text_config", "vision_config"):
-        sub_config = getattr(config, name, None)
-        if sub_config is not None:
-            fields[name] = {key: value for key, value in sub_config.to_dict().items()
-                            if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
-    for name in ("projection_dim", "image_size", "model_type"):
-        value = getattr(config, name, None)
-        if value is not None:
-            fields[name] = list(value) if isinstance(value, (tuple, list)) else value
-    return fields
+    fields = {name: {key: value for key, value in sub_config.to_dict().items()
+                     if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
+              for name in ("text_config", "vision_config") if (sub_config := getattr(config, name, None)) is not None}
+    return dict(fields, **{name: list(value) if isinstance(value, (tuple, list)) else value
+                           for name in ("projection_dim", "image_size", "model_type")
+                           if (value := getattr(config, name, None)) is not None})
 
 
 def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> str:
@@ -372,11 +351,8 @@ def model_identifier(model: torch.nn.Module, model_id: Optional[str] = None) -> 
 
     Local folders are made absolute so that `decd-search query` can reload the model from anywhere.
     """
-    name = model_id if model_id is not None else getattr(model, "name_or_path", "") or ""
-    name = str(name)
-    if name and os.path.isdir(name):
-        return os.path.abspath(name)
-    return name or f"<in-memory {type(model).__name__}>"
+    name = str(model_id if model_id is not None else getattr(model, "name_or_path", "") or "")
+    return os.path.abspath(name) if name and os.path.isdir(name) else name or f"<in-memory {type(model).__name__}>"
 
 
 def _short(checksum: Optional[str]) -> str:
@@ -415,8 +391,7 @@ def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
         return
     built = f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))})"
     given = f"model is {model_identifier(model, model_id)} (checksum {_short(checksum)})"
-    current = _dtype(model)
-    recorded = meta.get("model_dtype")
+    current, recorded = _dtype(model), meta.get("model_dtype")
     if recorded and current and current != recorded:
         same = (meta.get("model_checksum_as") or {}).get(current) == checksum
         raise StaleIndexError(
