@@ -7,6 +7,7 @@ string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product) built once from 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Optional, Union
 
@@ -104,9 +105,8 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
         if best_scores is None:
             best_scores, best_indices = values, columns
         else:
-            best_scores, best_indices = _sorted_top_k(
-                torch.cat([best_scores, values], dim=1), torch.cat([best_indices, columns], dim=1), top_k
-            )
+            best_scores, best_indices = _sorted_top_k(torch.cat([best_scores, values], dim=1),
+                                                      torch.cat([best_indices, columns], dim=1), top_k)
     return _sorted_top_k(best_scores, best_indices, top_k)
 
 
@@ -126,10 +126,8 @@ def import_faiss(backend: str = "faiss"):
     try:
         import faiss
     except ImportError as error:
-        raise ImportError(
-            f"backend={backend!r} needs the optional FAISS package: `pip install faiss-cpu` (or faiss-gpu); "
-            "backend='exact' needs nothing extra and gives the exact ranking"
-        ) from error
+        raise ImportError(f"backend={backend!r} needs the optional FAISS package: `pip install faiss-cpu` (or "
+                          "faiss-gpu); backend='exact' needs nothing extra and gives the exact ranking") from error
     return faiss
 
 
@@ -147,17 +145,15 @@ def new_ann_index(spec: str, dim: int):
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         reason = re.sub(r"^Error in .*? at \S+: ", "", reason)
-        raise GalleryIndexError(
-            f"backend {spec!r} is not a FAISS index factory string for {dim}-dim embeddings ({reason}); "
-            f"use 'exact' or e.g. HNSW32, IVF4096,Flat, IVF4096,PQ64 (see the FAISS wiki 'The index factory')"
-        ) from None
+        raise GalleryIndexError(f"backend {spec!r} is not a FAISS index factory string for {dim}-dim embeddings "
+                                f"({reason}); use 'exact' or e.g. HNSW32, IVF4096,Flat, IVF4096,PQ64 (see the FAISS "
+                                f"wiki 'The index factory')") from None
 
 
 def ann_num_lists(index) -> Optional[int]:
     """nlist of an IVF index (None for any other kind)."""
-    faiss = import_faiss()
     try:
-        return int(faiss.extract_index_ivf(index).nlist)
+        return int(import_faiss().extract_index_ivf(index).nlist)
     except RuntimeError:
         return None
 
@@ -173,21 +169,18 @@ def check_ann_size(index, spec: str, count: int) -> None:
     """Refuse an IVF index with more lists than gallery images (FAISS would fail or warn deep inside)."""
     lists = ann_num_lists(index)
     if lists is not None and count < lists:
-        raise GalleryIndexError(
-            f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an IVF index "
-            f"needs at least one image per list (39 or more for good lists); use fewer lists (e.g. "
-            f"IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'"
-        )
+        raise GalleryIndexError(f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an "
+                                f"IVF index needs at least one image per list (39 or more for good lists); use fewer "
+                                f"lists (e.g. IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'")
 
 
 def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int] = None, seed: int = 0,
                     chunk_size: int = DEFAULT_CHUNK_SIZE):
     """A FAISS index `spec` (inner product) holding every row of `embeddings`, in row order (FAISS id = row).
 
-    Indexes that need training (IVF, PQ, ...) are trained on `ann_train_size` rows drawn without
-    replacement with `seed` (sorted, so a memory map is read in order); rows are added `chunk_size` at a
-    time, so memory is the index plus one chunk. Raises GalleryIndexError for a bad string or an IVF
-    index with more lists than gallery rows.
+    Indexes that need training (IVF, PQ, ...) are trained on `ann_train_size` rows drawn without replacement with `seed`
+    (sorted, so a memory map is read in order); rows are added `chunk_size` at a time, so memory is the index plus one
+    chunk. Raises GalleryIndexError for a bad string or an IVF index with more lists than gallery rows.
     """
     count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     index = new_ann_index(spec, dim)
@@ -207,11 +200,12 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
     return index
 
 
-def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
-    """Set the search-time knobs that `index` has (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE
-    and DEFAULT_EF_SEARCH). A knob the index lacks is ignored."""
-    faiss = import_faiss()
-    parameters = faiss.ParameterSpace()
+def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1. The search-time
+    knobs that `index` has are set first (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE and
+    DEFAULT_EF_SEARCH); a knob the index lacks is ignored."""
+    parameters = import_faiss().ParameterSpace()
     lists = ann_num_lists(index)
     for name, value, default in (("nprobe", nprobe, DEFAULT_NPROBE), ("efSearch", ef_search, DEFAULT_EF_SEARCH)):
         value = default if value is None else int(value)
@@ -219,16 +213,8 @@ def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[
             raise ValueError(f"{name} must be at least 1, got {value}")
         if name == "nprobe" and lists is not None:
             value = min(value, lists)
-        try:
+        with contextlib.suppress(RuntimeError):  # "could not set parameter": this kind of index has no such knob
             parameters.set_index_parameter(index, name, value)
-        except RuntimeError:  # "could not set parameter": this kind of index has no such knob
-            pass
-
-
-def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1."""
-    set_ann_parameters(index, nprobe, ef_search)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(top_k))
     return scores, rows.astype(np.int64)
 

@@ -196,26 +196,25 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
             `decd.search.format`.
         batch_size: images per forward pass.
         model_id: recorded as the model's name (default: the folder / Hub id it was loaded from).
-        resume: continue an unfinished build in `output` if it was started with the same model
-            (checksum) and the same file listing; False starts over.
+        resume: continue an unfinished build in `output` if it was started with the same model (checksum) and the same
+            file listing; False starts over.
         show_progress: a tqdm bar over the images.
-        shard_batches: progress is saved every this many batches (and on any exception, including
-            KeyboardInterrupt), so at most that much work is lost if the process is killed.
-        max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
-            batches in this call; for time-boxed jobs and tests.
-        backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
-            index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
-            embeddings (trained on `train_size` of them where the index needs it, default
-            `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
-        distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when
-            several processes build together (torchrun or accelerate launch: docs/large-galleries.md): each
-            encodes a contiguous share of the batches into its own shards, and the main process joins them. The
-            result is the same, bit for bit, as a one-process build with the same `batch_size` (same batches).
-            Every process must call `build` with the same arguments and see the same gallery. None: this process
-            alone.
+        shard_batches: progress is saved every this many batches (and on any exception, including KeyboardInterrupt), so
+            at most that much work is lost if the process is killed.
+        max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many batches in this call;
+            for time-boxed jobs and tests.
+        backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS index-factory
+            string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the embeddings (trained on
+            `train_size` of them where the index needs it, default `ann_train_size`) and written to `ann.faiss`;
+            `search` then uses it by default.
+        distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when several
+            processes build together (torchrun or accelerate launch: docs/large-galleries.md): each encodes a contiguous
+            share of the batches into its own shards, and the main process joins them. The result is the same, bit for
+            bit, as a one-process build with the same `batch_size` (same batches). Every process must call `build` with
+            the same arguments and see the same gallery. None: this process alone.
 
-    Images are encoded on the model's device. Unreadable files are skipped with one `SkippedImagesWarning` and
-    listed in `meta["skipped"]`.
+    Images are encoded on the model's device. Unreadable files are skipped with one `SkippedImagesWarning` and listed in
+    `meta["skipped"]`.
 
     Returns:
         The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
@@ -223,9 +222,8 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
 
     Raises:
         IndexNotFoundError: `gallery_dir` does not exist.
-        GalleryIndexError: no image files, none of them could be read, or `output` is not ours to
-            write (it holds the gallery, or other files and no DECD index); a full disk (what was encoded stays:
-            the same command resumes).
+        GalleryIndexError: no image files, none of them could be read, or `output` is not ours to write (it holds the
+            gallery, or other files and no DECD index); a full disk (what was encoded stays: the same command resumes).
         BuildInterrupted: `max_batches` was reached before the end.
     """
     if batch_size < 1 or shard_batches < 1:

@@ -73,11 +73,10 @@ def describe_match(rank: int, score: float, gallery_size: int) -> dict:
 
 
 def describe_matches(result, row: int = 0) -> list[dict]:
-    """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first:
-    `[{"index": gallery row, **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when
-    the gallery has paths; `file_status` only when the image's file was "deleted" or "changed" since indexing).
-    The share "top p% of N" counts the images the search ranked (`result.searched`: with a filter, the images it
-    let through)."""
+    """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first: `[{"index": gallery row,
+    **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when the gallery has paths;
+    `file_status` only when the image's file was "deleted" or "changed" since indexing). The share "top p% of N" counts
+    the images the search ranked (`result.searched`: with a filter, the images it let through)."""
     matches = []
     for position, (index, score) in enumerate(zip(result.indices[row].tolist(), result.scores[row].tolist())):
         match = {"index": index, **describe_match(position + 1, score, result.searched)}

@@ -40,9 +40,7 @@ class GalleryIndex(Gallery):
             raise ValueError(f"embeddings must be [count, dim], got shape {embeddings.shape}")
         if paths is not None and len(paths) != embeddings.shape[0]:
             raise ValueError(f"{len(paths)} paths for {embeddings.shape[0]} embeddings")
-        self.embeddings = embeddings
-        self.paths = paths
-        self.meta = meta
+        self.embeddings, self.paths, self.meta = embeddings, paths, meta
         self.path = Path(path) if path is not None else None
         self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
 
@@ -75,9 +73,7 @@ class GalleryIndex(Gallery):
         if fingerprints is None or self.paths is None or row < 0:
             return None
         current = file_fingerprint(self.image_path(row))
-        if current is None:
-            return "deleted"
-        return None if current == list(fingerprints[row]) else "changed"
+        return "deleted" if current is None else None if current == list(fingerprints[row]) else "changed"
 
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of gallery row `index` (None without paths)."""
@@ -118,11 +114,10 @@ class GalleryIndex(Gallery):
         Args:
             path: the index folder.
             mmap: memory-map the embeddings (no read up front) instead of reading them into memory.
-            verify: also read the whole embeddings file once to check its sha256 against the one
-                recorded at build time and that every value is finite (one read of the file: a 10^6-image
-                index at dim 512 is 2 GB). `verify=False` keeps the cheap
-                checks only (JSON, shapes, dtype, counts): for an index verified before, when
-                opening must be instant.
+            verify: also read the whole embeddings file once to check its sha256 against the one recorded at build time
+                and that every value is finite (one read of the file: a 10^6-image index at dim 512 is 2 GB).
+                `verify=False` keeps the cheap checks only (JSON, shapes, dtype, counts): for an index verified before,
+                when opening must be instant.
 
         Raises:
             IndexNotFoundError: no such folder, or an unfinished build.
@@ -139,22 +134,21 @@ class GalleryIndex(Gallery):
         """Rank the gallery for each query by cosine similarity.
 
         Args:
-            queries: query embeddings [num_queries, dim] or [dim] (normalised here), or description(s)
-                (str / list of str), which need `model` and `processor` (see `search_text`).
+            queries: query embeddings [num_queries, dim] or [dim] (normalised here), or description(s) (str / list of
+                str), which need `model` and `processor` (see `search_text`).
             top_k: results per query (clamped to the gallery size).
             chunk_size: gallery rows scored at once (exact backend); results do not depend on it.
-            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact"
-                when none); "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss"
-                (`faiss.IndexFlatIP`, also exact; needs faiss installed, keeps its own copy of the
-                embeddings, and orders equal scores its own way); or the index's own FAISS factory string
-                (an approximate search in `ann.faiss`: rows it could not fill get index -1, score -inf
-                and path None).
+            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact" when none);
+                "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss" (`faiss.IndexFlatIP`,
+                also exact; needs faiss installed, keeps its own copy of the embeddings, and orders equal scores its own
+                way); or the index's own FAISS factory string (an approximate search in `ann.faiss`: rows it could not
+                fill get index -1, score -inf and path None).
             device: where the exact backend multiplies (default CPU).
             nprobe: IVF lists visited per query (default DEFAULT_NPROBE): more is slower and closer to exact.
             ef_search: HNSW candidate list size (default DEFAULT_EF_SEARCH, raised to top_k): likewise.
-            rerank: approximate backends: fetch this many candidates and re-score them exactly against
-                `embeddings` (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`.
-                Restores the ranking a compressed (PQ) index loses; None or 0: the index's own scores.
+            rerank: approximate backends: fetch this many candidates and re-score them exactly against `embeddings`
+                (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`. Restores the ranking a
+                compressed (PQ) index loses; None or 0: the index's own scores.
             filter: none (a local index has no fields to filter on: GalleryIndexError).
         """
         filter_options(self, filter)
@@ -176,8 +170,8 @@ class GalleryIndex(Gallery):
             import_faiss()  # without faiss: the ImportError names backend 'faiss'
             if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
                 self._faiss_index = build_ann_index(self.embeddings, "Flat")
-            found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
-            scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
+            scores, indices = map(torch.from_numpy, ann_search(self._faiss_index, queries.cpu().numpy(),
+                                                               min(top_k, len(self))))
         elif backend == recorded:
             top_k = min(top_k, len(self))
             fetch = min(max(int(rerank or 0), top_k), len(self))
