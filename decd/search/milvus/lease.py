@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import getpass
 import hashlib
@@ -56,7 +57,6 @@ class CollectionLease:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    # ---- the record -------------------------------------------------------------------------------
     def _read(self) -> Optional[dict]:
         """The lease record in Milvus, or None when there is no lease ({} for one no build wrote)."""
         if not self.lease.exists():
@@ -73,7 +73,6 @@ class CollectionLease:
                 f"{display_path(str(record.get('gallery_dir')))!r}, started {_when(float(record.get('started') or 0))}"
                 f", its lease valid until {_when(float(record.get('expires') or 0))}")
 
-    # ---- taking, keeping and dropping it ----------------------------------------------------------
     def acquire(self) -> "CollectionLease":
         for _ in range(5):
             record = self._read()
@@ -108,9 +107,9 @@ class CollectionLease:
         schema.add_field("unused", pymilvus.DataType.FLOAT_VECTOR, dim=2)  # a collection needs a vector field
         try:
             self.lease.create(schema, {LEASE_PROPERTY: json.dumps(self.record)})
+            return True
         except MilvusStoreError:
             return False
-        return True
 
     def _renew(self) -> None:
         """The renewal thread: push the expiry forward every RENEW_SECONDS while the lease is still this build's."""
@@ -141,8 +140,6 @@ class CollectionLease:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        try:
+        with contextlib.suppress(MilvusStoreError):  # the server went away: the lease expires on its own
             if (self._read() or {}).get("token") == self.token:
                 self.lease.call("dropping the lease", "drop_collection")
-        except MilvusStoreError:
-            pass  # the server went away: the lease expires on its own

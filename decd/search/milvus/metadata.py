@@ -3,6 +3,7 @@ its columns typed as INT64, DOUBLE or VARCHAR scalar fields that filters can use
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import re
@@ -25,25 +26,18 @@ def _metadata_type(values: list[str]) -> str:
     """int when every value is an integer in int64's range, float when every value is a finite number, else str."""
     if all(re.fullmatch(r"[+-]?\d+", value) and _INT64[0] <= int(value) <= _INT64[1] for value in values):
         return "int"
-    try:
+    with contextlib.suppress(ValueError):
         if all(math.isfinite(float(value)) for value in values):
             return "float"
-    except ValueError:
-        pass
     return "str"
 
 
 def _typed(value: str, kind: str, where: str):
     """`value` (CSV text) as `kind`; MilvusStoreError naming `where` when it is not one."""
     try:
-        if kind == "int":
-            number = int(value)
-            if not _INT64[0] <= number <= _INT64[1]:
-                raise ValueError(value)
-            return number
-        if kind == "float":
-            number = float(value)
-            if not math.isfinite(number):
+        if kind in ("int", "float"):
+            number = int(value) if kind == "int" else float(value)
+            if not (_INT64[0] <= number <= _INT64[1] if kind == "int" else math.isfinite(number)):
                 raise ValueError(value)
             return number
     except ValueError:
@@ -94,8 +88,7 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
         record = dict(zip(header, (cell.strip() for cell in row)))
         path = record.pop(PATH_FIELD)
         if not path or path in rows:
-            problem = "an empty path" if not path else f"{path!r} appears twice"
-            raise MilvusStoreError(f"{name} line {number}: {problem}")
+            raise MilvusStoreError(f"{name} line {number}: {f'{path!r} appears twice' if path else 'an empty path'}")
         for column, value in record.items():
             if not value:
                 raise MilvusStoreError(f"{name} line {number} ({path}): column {column!r} is empty; every image needs "

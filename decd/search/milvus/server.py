@@ -34,23 +34,20 @@ def _free_port() -> int:
 
 
 class LocalMilvusServer:
-    """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own
-    etcd and local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
+    """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own etcd and
+    local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
 
     It asks for credentials: `start` replaces the built-in root password with one generated for this data folder
     (kept in SETTINGS_FILE, so a restart finds it) before it returns, and `token` ("root:PASSWORD") is what this
     package's clients pass (`--token`, $DECD_MILVUS_TOKEN, `token=`). What else it closes, and what Milvus 2.3
     still exposes: docs/milvus.md, "The server `LocalMilvusServer` starts, and what it exposes".
 
-    `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it
-    exits or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context
-    manager.
+    `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it exits
+    or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context manager.
     """
 
     def __init__(self, data_dir: PathLike, port: Optional[int] = None, start_timeout: float = 180.0):
-        self.data_dir = Path(data_dir)
-        self.port = port
-        self.start_timeout = start_timeout
+        self.data_dir, self.port, self.start_timeout = Path(data_dir), port, start_timeout
         self.process: Optional[subprocess.Popen] = None
         self._saved: Optional[dict] = None  # SETTINGS_FILE's content
 
@@ -186,14 +183,11 @@ class LocalMilvusServer:
         pid = self.server_pid()
         if pid is None:
             return []
-        sockets = set()
+        targets = []
         for descriptor in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(descriptor)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                sockets.add(target[len("socket:["):-1])
+            with contextlib.suppress(OSError):  # closed meanwhile
+                targets.append(os.readlink(descriptor))
+        sockets = {target[len("socket:["):-1] for target in targets if target.startswith("socket:[")}
         found = []
         for table in ("tcp", "tcp6"):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
@@ -232,14 +226,10 @@ class LocalMilvusServer:
         process, self.process = self.process, None
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the launcher's session: its id is the launcher's own process id
+        with contextlib.suppress(ProcessLookupError):  # the launcher's session: its id is the launcher's own pid
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
     def __enter__(self) -> "LocalMilvusServer":

@@ -67,19 +67,15 @@ def milvus_errors(pymilvus) -> tuple:
     return pymilvus.exceptions.MilvusException, grpc.RpcError
 
 
-class _OwnCalls(logging.Filter):
-    """Drops pymilvus's log records (tracebacks of the errors it raises) while this thread is inside one of our
-    calls: those errors are re-raised here as one line, and other pymilvus users in the process keep their logs."""
-
-    def __init__(self):
-        super().__init__()
-        self.local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.local, "depth", 0)
+_OUR_CALLS = threading.local()  # `depth`: how many of our calls this thread is inside
 
 
-_QUIET = _OwnCalls()
+def _outside_our_calls(record: logging.LogRecord) -> bool:
+    """The filter that drops pymilvus's log records (tracebacks of the errors it raises) while this thread is inside
+    one of our calls: those errors are re-raised here as one line, and other pymilvus users keep their logs."""
+    return not getattr(_OUR_CALLS, "depth", 0)
+
+
 _PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator",
                      "pymilvus.milvus_client.milvus_client", "pymilvus.client.grpc_handler")
 
@@ -99,14 +95,13 @@ def milvus_refusals(uri: str, message: Callable[[BaseException], str]):
 @contextmanager
 def quiet_pymilvus():
     for name in _PYMILVUS_LOGGERS:
-        logger = logging.getLogger(name)
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
-    _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+        if _outside_our_calls not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_outside_our_calls)
+    _OUR_CALLS.depth = getattr(_OUR_CALLS, "depth", 0) + 1
     try:
         yield
     finally:
-        _QUIET.local.depth -= 1
+        _OUR_CALLS.depth -= 1
 
 
 def one_line(error: BaseException, expression: Optional[str] = None) -> str:
@@ -157,8 +152,7 @@ def route_engine_log(store: Path) -> Path:
 
 def engine_log() -> Optional[str]:
     """The file Milvus Lite's log records go to now (see `route_engine_log`), or None before a store is opened."""
-    handler = _ENGINE_LOG.get("handler")
-    return handler.baseFilename if handler is not None else None
+    return getattr(_ENGINE_LOG.get("handler"), "baseFilename", None)
 
 
 # ---- Naming a store and a collection -------------------------------------------------------------
@@ -191,24 +185,12 @@ def _lite_candidate(path: Path) -> bool:
 def is_milvus_uri(source: Any) -> bool:
     """Whether `source` names a Milvus store: `http(s)://...`, or a path ending in `.db` (Milvus Lite), optionally
     followed by `/COLLECTION`. A local index folder (it holds meta.json) never is one."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    text = os.fspath(source)
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if not isinstance(text, str) or not text.strip():
         return False
-    if text.startswith(("http://", "https://")):
-        return True
-    # a local index folder named *.db stays a local index (is_index_folder)
-    path = Path(text).expanduser()
-    return (_lite_candidate(path) or _lite_candidate(path.parent)) and not is_index_folder(path)
-
-
-def check_collection_name(name: str) -> str:
-    """`name` if it is a valid Milvus collection (or field) name, else MilvusStoreError saying the rule."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
-                               f"only letters, digits and '_' (at most 255)")
-    return name
+    path = Path(text).expanduser()  # a local index folder named *.db stays a local index (is_index_folder)
+    return text.startswith(("http://", "https://")) or (
+        (_lite_candidate(path) or _lite_candidate(path.parent)) and not is_index_folder(path))
 
 
 def default_collection_name(gallery_dir: PathLike) -> str:
@@ -245,8 +227,9 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
         raise MilvusStoreError(f"two collection names: {named!r} in {text!r} and {collection!r} (--collection); "
                                f"give one")
     name = collection or named
-    if name is not None:
-        check_collection_name(name)
+    if name is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
+                               f"only letters, digits and '_' (at most 255)")
     return MilvusLocation(uri, name, db_name)
 
 
@@ -258,10 +241,8 @@ def _lite_locked(folder: Path) -> bool:
     try:
         with open(folder / "LOCK", "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no LOCK file
-        pass
+    except OSError as error:  # held, or no LOCK file
+        return isinstance(error, BlockingIOError)
     return False
 
 
@@ -351,8 +332,7 @@ def search_parameters(kind: str, params: dict, top_k: int, nprobe: Optional[int]
     if kind.startswith("HNSW"):
         return dict(ef=max(int(ef_search or DEFAULT_EF_SEARCH), top_k))
     if kind.startswith("IVF"):
-        nlist = int(params.get("nlist") or DEFAULT_NLIST)
-        return dict(nprobe=min(int(nprobe or DEFAULT_NPROBE), nlist))
+        return dict(nprobe=min(int(nprobe or DEFAULT_NPROBE), int(params.get("nlist") or DEFAULT_NLIST)))
     return {}
 
 
@@ -459,11 +439,8 @@ class MilvusCollection:
     def insert_rows(self, rows: Sequence[dict]) -> list[int]:
         """Insert rows ({field: value}; `gallery_row`), ROWS_PER_CALL per call; returns the keys Milvus assigned,
         in order."""
-        keys = []
-        for start in range(0, len(rows), ROWS_PER_CALL):
-            done = self.call("inserting rows", "insert", list(rows[start:start + ROWS_PER_CALL]))
-            keys += [int(key) for key in done["ids"]]
-        return keys
+        return [int(key) for start in range(0, len(rows), ROWS_PER_CALL)
+                for key in self.call("inserting rows", "insert", list(rows[start:start + ROWS_PER_CALL]))["ids"]]
 
     def delete_rows(self, keys: Sequence[int]) -> None:
         keys = [int(key) for key in keys]
@@ -483,14 +460,13 @@ class MilvusCollection:
     def read_rows(self, fields: Sequence[str]) -> dict[str, list[dict]]:
         """Every row's key, path, sha256, stat and metadata `fields`, grouped by path: one Strong read."""
         stored: dict[str, list[dict]] = {}
-        total = 0
+        total = 0  # rows read
         for rows in self.pages("reading the collection", [PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields], ROWS_PER_CALL,
                                "Strong"):
             for row in rows:
                 stored.setdefault(row[PATH_FIELD], []).append(row)
             total += len(rows)
-        expected = self.count_rows("Strong")
-        if total != expected:  # a page that was not the next keys in order would leave rows out
+        if total != (expected := self.count_rows("Strong")):  # a page that was not the next keys would leave rows out
             raise MilvusStoreError(f"reading {self.where} returned {total} of its {expected} rows; run the build again")
         return stored
 
