@@ -1,9 +1,6 @@
-"""Search backends: the exact chunked top-k every index has, and the FAISS indexes of approximate backends.
-
-The exact backend scores the whole gallery (`exact_top_k`); an approximate one is a FAISS index-factory
-string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product) built once from the embeddings
-(`build_ann_index`) and stored next to them as `ann.faiss`. `recall_at_k` measures one against the other.
-"""
+"""Search backends: the exact chunked top-k every index has (`exact_top_k`), and the FAISS index-factory strings of
+approximate ones, built once from the embeddings (`build_ann_index`) into `ann.faiss` (docs/large-galleries.md,
+"Approximate search"); `recall_at_k` measures one against the other."""
 
 from __future__ import annotations
 
@@ -115,9 +112,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     found, truth = np.asarray(found), np.asarray(truth)
     if found.shape[0] != truth.shape[0]:
         raise ValueError(f"{found.shape[0]} result rows for {truth.shape[0]} ground-truth rows")
-    hits = [len(set(row[row >= 0].tolist()) & set(expected.tolist())) / len(expected)
-            for row, expected in zip(found, truth)]
-    return float(np.mean(hits))
+    return float(np.mean([len(set(row[row >= 0].tolist()) & set(expected.tolist())) / len(expected)
+                          for row, expected in zip(found, truth)]))
 
 
 # ---- Approximate backends (FAISS index-factory strings) ------------------------------------------
@@ -189,12 +185,10 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
         size = ann_train_size(index, count, train_size)
         rows = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False)) if size < count \
             else np.arange(count)
-        sample = np.ascontiguousarray(np.asarray(embeddings[rows]), dtype=np.float32)
         try:
-            index.train(sample)
+            index.train(np.ascontiguousarray(np.asarray(embeddings[rows]), dtype=np.float32))
         except RuntimeError as error:
             raise GalleryIndexError(f"training the FAISS index {spec!r} on {size} images failed: {error}") from None
-        del sample
     for start in range(0, count, chunk_size):
         index.add(np.ascontiguousarray(embeddings[start:start + chunk_size], dtype=np.float32))
     return index

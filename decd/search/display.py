@@ -6,12 +6,11 @@ import os
 import unicodedata
 from typing import Callable, Union
 
-SCORE_EXPLANATION = (
-    "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
-    "Its scale depends on the query (one query's best match may score 0.3, another's 0.8), so compare "
-    "results of one query, not scores across queries. top p%: the image's rank among all the gallery's "
-    "images (top 1% of 400 = among the best 4), or, with a filter, among the images it lets through."
-)
+SCORE_EXPLANATION = ("score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is "
+                     "closer). Its scale depends on the query (one query's best match may score 0.3, another's 0.8), "
+                     "so compare results of one query, not scores across queries. top p%: the image's rank among all "
+                     "the gallery's images (top 1% of 400 = among the best 4), or, with a filter, among the images it "
+                     "lets through.")
 FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
 
 

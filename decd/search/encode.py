@@ -54,8 +54,7 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
             if os.path.splitext(name)[1].lower() in suffixes:
                 found.append((Path(folder) / name).relative_to(root).as_posix())
     if not found:
-        raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for "
-                                f"{', '.join(suffixes)})")
+        raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for {', '.join(suffixes)})")
     check_gallery_paths(found, root, f"the gallery folder {display_path(root)!r}", links_to_files_only=True,
                         remedy="a gallery is the image files inside its folder: copy a linked image into it (or "
                                "remove the link), and give image extensions only")
@@ -147,8 +146,7 @@ def _embed_files(model, processor, folder: Path,
 def skipped_file(name: str, error: Exception) -> dict:
     """A gallery file a build leaves out: {"path": its name, "error": why} (the loader's message without the name it
     starts with; an OSError's own words)."""
-    reason = getattr(error, "strerror", None) or str(error)
-    return dict(path=name, error=reason.removeprefix(f"{name}: "))
+    return dict(path=name, error=(getattr(error, "strerror", None) or str(error)).removeprefix(f"{name}: "))
 
 
 def none_readable(num_files: int, gallery_dir: str, skipped: list[dict]) -> GalleryIndexError:

@@ -26,14 +26,9 @@ PathLike = Union[str, os.PathLike]
 INDEX_FORMAT = "decd-gallery-index"  # the `format` tag of meta.json and partial/progress.json: proof of ownership
 INDEX_FORMAT_VERSION = 3  # 2: meta.json records `format` and `embeddings_sha256`; 3: files.json
 READABLE_FORMAT_VERSIONS = (2, 3)
-EMBEDDINGS_FILE = "embeddings.npy"
-PATHS_FILE = "paths.json"
-META_FILE = "meta.json"
+EMBEDDINGS_FILE, PATHS_FILE, META_FILE, FILES_FILE = "embeddings.npy", "paths.json", "meta.json", "files.json"
 ANN_FILE = "ann.faiss"  # the FAISS index of an approximate backend (meta.json `backend`), next to embeddings.npy
-PARTIAL_DIR = "partial"
-PROGRESS_FILE = "progress.json"
-FILES_FILE = "files.json"
-LOCK_FILE = ".build.lock"
+PARTIAL_DIR, PROGRESS_FILE, LOCK_FILE = "partial", "progress.json", ".build.lock"
 # Everything a build writes in the index folder besides `partial/` (each first as NAME.tmp, or
 # embeddings.npy.tmp.npy, renamed into place); nothing else there is ever touched.
 INDEX_FILES = (META_FILE, PATHS_FILE, FILES_FILE, EMBEDDINGS_FILE, ANN_FILE)
@@ -131,10 +126,7 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
                                 f"index (no DECD {META_FILE}); nothing was changed: {fix}")
 
 
-# --------------------------------------------------------------------------------------------
-# The paths a gallery records: image files inside its folder
-# --------------------------------------------------------------------------------------------
-
+# ---- The paths a gallery records: image files inside its folder ----------------------------------
 # Extensions PIL opens that name data or documents it can read a picture out of, not pictures: never gallery images.
 _NOT_PICTURES = frozenset({".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".eps", ".ps", ".mpeg", ".mpg", ".wmf",
                            ".emf"})
@@ -334,15 +326,13 @@ def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
     state = model.state_dict()
     names = sorted(name for name in state if name.startswith(_ENCODER_PREFIXES)) or sorted(state)
     digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    digest.update(json.dumps(_config_fingerprint(config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_config_fingerprint(getattr(model, "config", None)), sort_keys=True, default=str).encode())
     for name in names:
         tensor = state[name].detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(memoryview(raw.numpy()))
+        digest.update(memoryview(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 

@@ -1,8 +1,5 @@
 """`GalleryIndex`: a gallery's embeddings, their paths and the model that made them; building, opening, searching.
-
-The index folder: `decd.search.format` (docs/index-format.md); its build: `decd.search.build`; the exact and FAISS
-searches: `decd.search.backends`.
-"""
+The index folder: `decd.search.format`; its build: `decd.search.build`; its searches: `decd.search.backends`."""
 
 from __future__ import annotations
 
@@ -44,7 +41,6 @@ class GalleryIndex(Gallery):
         self.path = Path(path) if path is not None else None
         self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
 
-    # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
@@ -82,7 +78,6 @@ class GalleryIndex(Gallery):
         relative = self.paths[int(index)]
         return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
 
-    # ---- building ---------------------------------------------------------------------------------
     # written in decd.search.build: `build` is the build itself, which returns the finished index
     build = classmethod(build_index)
 
@@ -99,14 +94,11 @@ class GalleryIndex(Gallery):
         if not images:
             raise GalleryIndexError("the gallery is an empty list of images")
         embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
-        has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
-        paths = [str(item) for item in images] if has_paths else None
-        meta = dict(model_meta(model, processor, model_id, model_checksum(model)),
-                    embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images), skipped=[],
-                    num_skipped=0)
-        return cls(embeddings, paths, meta)
+        paths = [str(item) for item in images] if all(isinstance(item, (str, os.PathLike)) for item in images) else None
+        return cls(embeddings, paths, dict(model_meta(model, processor, model_id, model_checksum(model)),
+                                           embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images),
+                                           skipped=[], num_skipped=0))
 
-    # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: PathLike, mmap: bool = True, verify: bool = True) -> "GalleryIndex":
         """Open an index folder written by `build`, checking that it is whole.
@@ -125,7 +117,6 @@ class GalleryIndex(Gallery):
         """
         return cls(*read_index(path, mmap, verify), path)
 
-    # ---- searching --------------------------------------------------------------------------------
     def search(self, queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]], top_k: int = 10,
                chunk_size: int = DEFAULT_CHUNK_SIZE, backend: Optional[str] = None, model=None, processor=None,
                device: Optional[Union[str, torch.device]] = None, nprobe: Optional[int] = None,
