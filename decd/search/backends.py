@@ -80,8 +80,7 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    num_gallery = int(gallery.shape[0])
-    if num_gallery == 0:
+    if (num_gallery := int(gallery.shape[0])) == 0:
         raise ValueError("the gallery is empty")
     device = torch.device(device) if device is not None else queries.device
     # [dim, num_queries]: `block @ queries_t` is the faster GEMM shape on MKL for a few dozen queries
@@ -90,8 +89,7 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
     top_k = min(top_k, num_gallery)
     best_scores = best_indices = None
     for start in range(0, num_gallery, chunk_size):
-        block = gallery[start:start + chunk_size]
-        if isinstance(block, np.ndarray):
+        if isinstance(block := gallery[start:start + chunk_size], np.ndarray):
             # A read-only memory map cannot back a tensor directly; copy one chunk (bounded).
             block = torch.from_numpy(block if block.flags.writeable else np.array(block))
         block = block.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -163,8 +161,7 @@ def ann_train_size(spec_index, count: int, train_size: Optional[int] = None) -> 
 
 def check_ann_size(index, spec: str, count: int) -> None:
     """Refuse an IVF index with more lists than gallery images (FAISS would fail or warn deep inside)."""
-    lists = ann_num_lists(index)
-    if lists is not None and count < lists:
+    if (lists := ann_num_lists(index)) is not None and count < lists:
         raise GalleryIndexError(f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an "
                                 f"IVF index needs at least one image per list (39 or more for good lists); use fewer "
                                 f"lists (e.g. IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'")

@@ -39,14 +39,9 @@ logger = logging.getLogger(__name__)
 
 # ---- Saved progress: shards in partial/ ----------------------------------------------------------
 class _ShardStore:
-    """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}.
-
-    A shard covers the listing positions [start, end) (whole batches) and holds the embeddings of the
-    readable files among them; its json (written after its npy) is the proof that it is complete, and names
-    its writer (process index and count, host, pid). Shards are named by their start position, not by the
-    process that wrote them, so a build resumes with any number of processes: each process skips the batches
-    of its share that a complete shard covers.
-    """
+    """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}, whole batches named
+    by listing position, so that a build resumes with any number of processes (docs/index-format.md, "An unfinished
+    build"); a shard's json, written after its npy, is the proof that it is complete."""
 
     def __init__(self, folder: Path, writer: Optional[dict] = None):
         self.folder, self.writer = folder, writer
@@ -236,8 +231,7 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
         extensions = extension_names(extensions)
         files = list_images(gallery_dir, extensions, exclude=output)
         if not is_exact(backend):  # a bad string or too small a gallery fails before the encoding
-            dim = getattr(getattr(model, "config", None), "projection_dim", None)
-            if isinstance(dim, int):
+            if isinstance(dim := getattr(getattr(model, "config", None), "projection_dim", None), int):
                 check_ann_size(new_ann_index(backend, dim), backend, len(files))
         checksum = model_checksum(model)
         # An index of this gallery by this model already there: its rows of unchanged files are kept (an update).
@@ -284,8 +278,7 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
                         writer["host"], sum(end - start for start, end in encoded), len(todo_files),
                         f" (listing positions {encoded[0][0]} to {encoded[-1][1] - 1})" if encoded else "")
         store.reload()
-        shards = store.tiling(len(todo_files))
-        if shards is None:  # only with several processes: another one stopped or failed
+        if (shards := store.tiling(len(todo_files))) is None:  # with several processes only: one stopped or failed
             raise BuildInterrupted(f"another process stopped before its share of the {len(todo_files)} files was "
                                    f"encoded; build again with the same model and folder to resume")
         if not main:  # the main process joins the shards (and trains an approximate index, which can take longer
@@ -321,8 +314,7 @@ def _rows(paths: list[str], folder: Path, shards: list[dict], old_embeddings, re
     files in listing order)."""
     def encoded():
         for shard in shards:
-            block = np.load(folder / shard["file"])
-            if block.ndim != 2 or block.shape[0] != len(shard["paths"]):
+            if (block := np.load(folder / shard["file"])).ndim != 2 or block.shape[0] != len(shard["paths"]):
                 raise GalleryIndexError(f"{display_path(folder / shard['file'])} does not match its record; "
                                         f"build again with resume=False (--no-resume)")
             yield from block
@@ -340,8 +332,7 @@ def _assemble(folder: Path, shards: list[dict], output: Path, meta: dict, backen
     encoded = {path: shard["fingerprints"].get(path) for shard in shards for path in shard["paths"]}
     skipped = [item for shard in shards for item in shard["skipped"]]
     old_embeddings, _, old_meta = old if reused else (None, None, None)
-    paths = [name for name in files if name in reused or name in encoded]
-    if not paths:
+    if not (paths := [name for name in files if name in reused or name in encoded]):
         raise none_readable(meta["num_files"], meta["gallery_dir"], skipped)
     fingerprints = [old_meta["fingerprints"][reused[name]] if name in reused else encoded[name] for name in paths]
     # The width of the saved embeddings, read off the old index or the first shard that holds a readable image.

@@ -81,8 +81,7 @@ def describe_matches(result, row: int = 0) -> list[dict]:
         match = {"index": index, **describe_match(position + 1, score, result.searched)}
         if result.paths is not None:
             match["path"] = result.paths[row][position]
-        status = getattr(result, "status", None)
-        if status and status[row][position]:
+        if (status := getattr(result, "status", None)) and status[row][position]:
             match["file_status"] = status[row][position]
         matches.append(match)
     return matches

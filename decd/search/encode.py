@@ -37,8 +37,7 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
     that `decd.search.format.path_problem` refuses (a link to a file outside the folder, a name that is not an
     image's), naming it.
     """
-    root = Path(gallery_dir)
-    if not root.exists():
+    if not (root := Path(gallery_dir)).exists():
         raise IndexNotFoundError(f"gallery folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise GalleryIndexError(f"gallery {str(root)!r} is not a folder")

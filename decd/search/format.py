@@ -110,14 +110,13 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
         return
     if not output.is_dir():
         raise GalleryIndexError(f"output {display_path(output)!r} is a file, not a folder: {fix}")
-    entries = {entry.name for entry in output.iterdir()} - {LOCK_FILE}
-    if not entries:
+    if not (entries := {entry.name for entry in output.iterdir()} - {LOCK_FILE}):
         return
     meta_ours = _is_ours(read_json(output / META_FILE), ("model_checksum", "count"))
     partial = output / PARTIAL_DIR  # ours: a progress.json written by `build` and nothing but shard files
-    partial_ours = partial.is_dir() and _is_ours(read_json(partial / PROGRESS_FILE), (
-        "model_checksum", "listing_sha256")) and all(entry.is_file() and SHARD_FILE.fullmatch(entry.name)
-                                                      for entry in partial.iterdir())
+    partial_ours = (partial.is_dir()
+                    and _is_ours(read_json(partial / PROGRESS_FILE), ("model_checksum", "listing_sha256"))
+                    and all(entry.is_file() and SHARD_FILE.fullmatch(entry.name) for entry in partial.iterdir()))
     if PARTIAL_DIR in entries and not partial_ours:
         raise GalleryIndexError(f"{display_path(partial)!r} was not written by a DECD index build (no DECD "
                                 f"{PROGRESS_FILE}, or files that are not shards); {fix}, or move it away")
@@ -141,8 +140,7 @@ def image_suffixes() -> frozenset:
     from PIL import Image
 
     Image.init()
-    key = len(Image.EXTENSION)  # grows when a plugin registers more formats
-    if key not in _SUFFIXES:
+    if (key := len(Image.EXTENSION)) not in _SUFFIXES:  # the key grows when a plugin registers more formats
         _SUFFIXES.clear()
         _SUFFIXES[key] = frozenset(suffix.lower() for suffix, kind in Image.EXTENSION.items()
                                    if kind in Image.OPEN) - _NOT_PICTURES
@@ -165,8 +163,7 @@ def path_problem(relative: Any, gallery_dir: Optional[PathLike] = None) -> Optio
         return "is an absolute path, not one relative to the gallery folder"
     if ".." in relative.split("/"):
         return "goes up out of the gallery folder ('..')"
-    suffix = os.path.splitext(relative)[1].lower()
-    if suffix not in image_suffixes():
+    if (suffix := os.path.splitext(relative)[1].lower()) not in image_suffixes():
         return f"is not an image file name ({suffix or 'no extension'})"
     if gallery_dir is None or not os.path.isdir(gallery_dir):
         return None
@@ -245,8 +242,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     Raises IndexNotFoundError (no such folder, an unfinished build) or GalleryIndexError (damaged or
     outdated: one line that says to rebuild it).
     """
-    path = Path(path)
-    if not path.is_dir():
+    if not (path := Path(path)).is_dir():
         raise IndexNotFoundError(f"index folder {display_path(path)!r} does not exist; build it with "
                                  f"GalleryIndex.build or `decd-search index`")
     if not (path / META_FILE).exists():
@@ -257,8 +253,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     def damaged(what: str) -> GalleryIndexError:
         return GalleryIndexError(f"index {display_path(path)!r} is damaged: {what}; {_REBUILD}")
 
-    meta = read_json(path / META_FILE)
-    if not isinstance(meta, dict):
+    if not isinstance(meta := read_json(path / META_FILE), dict):
         raise damaged(f"{META_FILE} is not a valid JSON object")
     if meta.get("format_version") not in READABLE_FORMAT_VERSIONS or meta.get("format") != INDEX_FORMAT:
         raise GalleryIndexError(f"index {display_path(path)!r} has format version {meta.get('format_version')}, "
@@ -267,8 +262,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     if not (isinstance(count, int) and count > 0 and isinstance(dim, int) and dim > 0
             and isinstance(expected, str)):
         raise damaged(f"{META_FILE} lacks a valid count, embedding_dim or embeddings_sha256")
-    paths = read_json(path / PATHS_FILE)
-    if not (isinstance(paths, list) and all(isinstance(item, str) for item in paths)):
+    if not (isinstance(paths := read_json(path / PATHS_FILE), list) and all(isinstance(item, str) for item in paths)):
         raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
     if len(paths) != count:
         raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
@@ -293,16 +287,13 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
         if file_sha256(path / EMBEDDINGS_FILE) != expected:
             raise damaged(f"{EMBEDDINGS_FILE} does not match the checksum recorded at build time")
         for start in range(0, count, DEFAULT_CHUNK_SIZE):
-            block = np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])
-            if not np.isfinite(block).all():
+            if not np.isfinite(block := np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])).all():
                 row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise damaged(f"{EMBEDDINGS_FILE} row {row} ({display_path(paths[row])}) is not finite")
-    backend = meta.get("backend", EXACT_BACKEND)
-    if not isinstance(backend, str) or not backend:
+    if not isinstance(backend := meta.get("backend", EXACT_BACKEND), str) or not backend:
         raise damaged(f"{META_FILE} has no valid backend")
     if not is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
-        ann_path = path / ANN_FILE
-        if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
+        if not (ann_path := path / ANN_FILE).is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
             raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
         if verify and file_sha256(ann_path) != meta.get("ann_sha256"):
             raise damaged(f"{ANN_FILE} does not match the checksum recorded at build time")
@@ -345,10 +336,6 @@ def model_identifier(model: torch.nn.Module, model_id: Optional[str] = None) -> 
     return os.path.abspath(name) if name and os.path.isdir(name) else name or f"<in-memory {type(model).__name__}>"
 
 
-def _short(checksum: Optional[str]) -> str:
-    return (checksum or "unknown")[:12]
-
-
 def _dtype(model) -> Optional[str]:
     """The precision of a model's weights as meta.json records it ("float32"), None without floating-point ones."""
     return next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
@@ -376,11 +363,10 @@ def index_meta(model, processor, model_id: Optional[str], checksum: str, gallery
 def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
     """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`; when only the
     dtype differs (the same weights loaded in float16 for a float32 index, say), the message says so."""
-    checksum = model_checksum(model)
-    if checksum == meta.get("model_checksum"):
+    if (checksum := model_checksum(model)) == meta.get("model_checksum"):
         return
-    built = f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))})"
-    given = f"model is {model_identifier(model, model_id)} (checksum {_short(checksum)})"
+    built = f"index built by {meta.get('model_id')} (checksum {(meta.get('model_checksum') or 'unknown')[:12]})"
+    given = f"model is {model_identifier(model, model_id)} (checksum {checksum[:12]})"
     current, recorded = _dtype(model), meta.get("model_dtype")
     if recorded and current and current != recorded:
         same = (meta.get("model_checksum_as") or {}).get(current) == checksum

@@ -60,8 +60,7 @@ def open_gallery(model, processor, source: Any, *, batch_size: int = 64, show_pr
     if is_milvus_uri(source):
         index = MilvusGallery.open(source, collection=collection, token=token)
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if path.is_file():
+        if (path := Path(source).expanduser()).is_file():
             raise GalleryIndexError(f"the gallery {display_path(path)!r} is a file: give an index folder (built with "
                                     f"`decd-search index`) or a folder of images")
         if not path.is_dir() or is_index_folder(path):

@@ -65,8 +65,7 @@ class GalleryIndex(Gallery):
     def file_status(self, row: int) -> Optional[str]:
         """"deleted" or "changed" when the image of gallery row `row` is gone or differs from the one embedded (its
         size or time), None when it is the same or the index records no fingerprints (older indexes)."""
-        fingerprints = self.meta.get("fingerprints")
-        if fingerprints is None or self.paths is None or row < 0:
+        if (fingerprints := self.meta.get("fingerprints")) is None or self.paths is None or row < 0:
             return None
         current = file_fingerprint(self.image_path(row))
         return "deleted" if current is None else None if current == list(fingerprints[row]) else "changed"
@@ -90,8 +89,7 @@ class GalleryIndex(Gallery):
         Paths are kept as given (`paths`, `None` if any item is a PIL image). Unreadable items raise:
         a list the caller assembled is expected to be valid, unlike a folder scan.
         """
-        images = list(images)
-        if not images:
+        if not (images := list(images)):
             raise GalleryIndexError("the gallery is an empty list of images")
         embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
         paths = [str(item) for item in images] if all(isinstance(item, (str, os.PathLike)) for item in images) else None
@@ -146,9 +144,8 @@ class GalleryIndex(Gallery):
         if is_text(queries):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
-            return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
-                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
-                                    rerank=rerank)
+            return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size, backend=backend,
+                                    device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         top_k = check_top_k(top_k)
         queries = query_embeddings(queries, self.embedding_dim)
         recorded = self.backend

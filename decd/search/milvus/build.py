@@ -76,8 +76,7 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
     state = distributed if distributed is not None else SingleProcess()
     main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
     gallery_dir, extensions = Path(gallery_dir), extension_names(extensions)
-    location = parse_location(store, collection)
-    if location.lite and world > 1:
+    if (location := parse_location(store, collection)).lite and world > 1:
         raise MilvusStoreError(f"Milvus Lite ({display_path(location.uri)}) lets one process open a store: build "
                                f"with one process, or into a Milvus server (--store http://HOST:19530)")
     wanted = milvus_index(backend, location.lite) if backend is not None else None
@@ -88,8 +87,7 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
         raise MilvusStoreError(f"the metadata file {display_path(metadata)!r} has no row for {len(missing)} of the "
                                f"{len(files)} images (e.g. {examples}); every image needs one")
     unmatched = sorted(set(values) - set(files))  # metadata rows naming no image: named once the build is done
-    dim = getattr(getattr(model, "config", None), "projection_dim", None)
-    if not isinstance(dim, int):
+    if not isinstance(dim := getattr(getattr(model, "config", None), "projection_dim", None), int):
         raise ValueError(f"cannot tell the embedding size of {type(model).__name__} (no config.projection_dim)")
     checksum = model_checksum(model)
     meta = dict(model_meta(model, processor, model_id, checksum), format=MILVUS_FORMAT,
@@ -347,8 +345,7 @@ def finish_build(target: MilvusCollection, meta: dict, wanted: Optional[tuple[st
     if target.location.lite:
         _wait_for_lite_index(target, kind, show_progress)
         return
-    info = target.index_info()
-    if _index_done(info):
+    if _index_done(info := target.index_info()):
         return
     with tqdm(total=int(info.get("total_rows") or 0), desc=f"Milvus building the {kind} index", unit="row",
               disable=not show_progress) as bar:

@@ -37,8 +37,7 @@ class MilvusGallery(Gallery):
 
     def __init__(self, collection: MilvusCollection, meta: dict, metadata_fields: dict,
                  consistency: str = DEFAULT_CONSISTENCY):
-        self.collection, self.meta = collection, meta
-        self.metadata_fields = dict(metadata_fields)
+        self.collection, self.meta, self.metadata_fields = collection, meta, dict(metadata_fields)
         self.consistency = consistency
         self.path = None  # no index folder: the embeddings live in Milvus
         self.skipped: list[dict] = []  # unreadable files the last `build` of this object left out
@@ -62,8 +61,7 @@ class MilvusGallery(Gallery):
         location = parse_location(source, collection)
         client = connect(location, token)
         names = call_milvus(location, "listing collections", client.list_collections)
-        name = location.collection
-        if name is None or name not in names:  # the DECD collections there, to choose from
+        if (name := location.collection) is None or name not in names:  # the DECD collections there, to choose from
             ours = [candidate for candidate in names
                     if MilvusCollection(client, location, candidate).record()[0] is not None]
         if name is None:

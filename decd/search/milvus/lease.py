@@ -28,9 +28,7 @@ LEASE_PREFIX = "decd_lease_"
 def lease_name(collection: str) -> str:
     """The lease collection of `collection`: a valid Milvus name (at most 255 characters) of its own."""
     name = LEASE_PREFIX + collection
-    if len(name) > 255:
-        name = f"{name[:230]}_{hashlib.sha256(collection.encode()).hexdigest()[:20]}"
-    return name
+    return name if len(name) <= 255 else f"{name[:230]}_{hashlib.sha256(collection.encode()).hexdigest()[:20]}"
 
 
 def _when(seconds: float) -> str:
@@ -75,8 +73,7 @@ class CollectionLease:
 
     def acquire(self) -> "CollectionLease":
         for _ in range(5):
-            record = self._read()
-            if record is not None:
+            if (record := self._read()) is not None:
                 if record == {}:
                     raise MilvusStoreError(f"{self.lease.where} exists and is not a decd-search lease; nothing was "
                                            f"changed: drop it, or choose another --collection")
@@ -115,8 +112,7 @@ class CollectionLease:
         """The renewal thread: push the expiry forward every RENEW_SECONDS while the lease is still this build's."""
         while not self._stop.wait(min(RENEW_SECONDS, self.seconds / 3)):
             try:
-                current = self._read()
-                if current is None or current.get("token") != self.token:
+                if (current := self._read()) is None or current.get("token") != self.token:
                     self.lost = (f"another build took it over ({self.describe(current)})" if current
                                  else "it was dropped by another process")
                     return

@@ -81,8 +81,7 @@ class LocalMilvusServer:
         """This data folder's password, etcd root path and etcd ports: generated on its first start, then read from
         SETTINGS_FILE (mode 600)."""
         if self._saved is None:
-            path = self.data_dir / SETTINGS_FILE
-            if path.is_file():
+            if (path := self.data_dir / SETTINGS_FILE).is_file():
                 self._saved = json.loads(path.read_text())
             elif (self.data_dir / "data").exists():
                 raise MilvusStoreError(
@@ -111,19 +110,15 @@ class LocalMilvusServer:
         os.chmod(self.data_dir, 0o700)  # its data, logs, password and configuration are this user's only
         self._settings()
         self._save_settings()
-        log = open(self.data_dir / "server.log", "w")
-        try:  # a session of its own: `stop` can end the server's child processes with it
+        with open(self.data_dir / "server.log", "w") as log:  # a session of its own: `stop` can end its children too
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, env=self.environment())
-        finally:
-            log.close()
         deadline = time.monotonic() + self.start_timeout
         pymilvus = import_pymilvus(self.uri)
         reason = "it did not open its port"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
+                code, self.process = self.process.returncode, None
                 raise MilvusStoreError(f"the Milvus server exited with status {code} while starting; log tail: "
                                        f"{self.log_tail()}")
             try:
@@ -180,8 +175,7 @@ class LocalMilvusServer:
         '0.0.0.0' or '::' for every interface; [] when it does not run."""
         import ipaddress
 
-        pid = self.server_pid()
-        if pid is None:
+        if (pid := self.server_pid()) is None:
             return []
         targets = []
         for descriptor in Path(f"/proc/{pid}/fd").iterdir():
@@ -191,8 +185,7 @@ class LocalMilvusServer:
         found = []
         for table in ("tcp", "tcp6"):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
+                if (fields := line.split())[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
                     continue
                 address, port = fields[1].split(":")
                 raw = bytes.fromhex(address)  # each 32-bit word in the host's (little-endian) order
@@ -203,19 +196,14 @@ class LocalMilvusServer:
     def metrics_port(self) -> Optional[int]:
         """The port of the server's metrics and health endpoints (/metrics, /healthz), which the launcher chooses."""
         pid = self.server_pid()
-        if pid is None:
-            return None
-        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            if entry.startswith(b"METRICS_PORT="):
-                return int(entry.split(b"=", 1)[1])
-        return None
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if pid is not None else []
+        return next((int(entry.split(b"=", 1)[1]) for entry in entries if entry.startswith(b"METRICS_PORT=")), None)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the launcher's output and of the server's stderr, on one line each joined by ' | '."""
         tail = []
         for name in ("server.log", "logs/milvus-stderr.log"):
-            path = self.data_dir / name
-            if path.is_file():
+            if (path := self.data_dir / name).is_file():
                 tail += [f"[{name}] {line}" for line in path.read_text(errors="replace").splitlines()[-lines:]]
         return " | ".join(tail) or "(no log)"
 

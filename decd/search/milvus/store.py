@@ -137,8 +137,7 @@ def route_engine_log(store: Path) -> Path:
     logger = logging.getLogger(LITE_LOGGER)
     logger.propagate = False
     target = Path(os.path.abspath(store)) / ENGINE_LOG
-    current = _ENGINE_LOG.get("handler")
-    if current is not None and current.baseFilename == str(target):
+    if (current := _ENGINE_LOG.get("handler")) is not None and current.baseFilename == str(target):
         return target
     handler = _QuietHandler(target, maxBytes=ENGINE_LOG_BYTES, backupCount=1, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -211,12 +210,9 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
             raise MilvusStoreError(f"{text!r} is not a Milvus URI of the form http://HOST:PORT[/COLLECTION] or "
                                    f"http://HOST:PORT/DATABASE/COLLECTION")
         uri = f"{split.scheme}://{split.netloc}"
-        if len(parts) == 2:
-            db_name = parts[0]
-        named = parts[-1] if parts else None
+        db_name, named = parts[0] if len(parts) == 2 else "", parts[-1] if parts else None
     else:
-        path = Path(text).expanduser()
-        if _lite_candidate(path):
+        if _lite_candidate(path := Path(text).expanduser()):
             uri = os.path.abspath(path)
         elif _lite_candidate(path.parent):
             uri, named = os.path.abspath(path.parent), path.name
@@ -226,8 +222,7 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
     if collection and named and collection != named:
         raise MilvusStoreError(f"two collection names: {named!r} in {text!r} and {collection!r} (--collection); "
                                f"give one")
-    name = collection or named
-    if name is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+    if (name := collection or named) is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
         raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
                                f"only letters, digits and '_' (at most 255)")
     return MilvusLocation(uri, name, db_name)
