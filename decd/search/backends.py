@@ -54,8 +54,7 @@ def _chunk_top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     values, columns = values[:, :top_k].clone(), columns[:, :top_k].clone()
     if ambiguous.numel():
         order = torch.argsort(scores[ambiguous], dim=1, descending=True, stable=True)[:, :top_k]
-        columns[ambiguous] = order
-        values[ambiguous] = scores[ambiguous].gather(1, order)
+        columns[ambiguous], values[ambiguous] = order, scores[ambiguous].gather(1, order)
     return values, columns
 
 

@@ -1,7 +1,5 @@
-"""The index folder on disk: its files, who owns them, how they are checked, and the model that made them.
-
-The format is specified in docs/index-format.md (tests/test_search_format.py checks it against this module).
-"""
+"""The index folder on disk, as docs/index-format.md specifies it (tests/test_search_format.py checks the two agree):
+its files, who owns them, how they are checked, and the model that made them."""
 
 from __future__ import annotations
 

@@ -50,10 +50,8 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
         metadata: a CSV with a `path` column and one column per scalar field (`read_metadata`); every image needs a row.
             A collection built with metadata needs the same columns on every update.
         batch_size: images per forward pass (and per insert).
-        resume: True: bring an existing collection up to date: insert the images it lacks, re-embed those whose bytes
-            changed (sha256), delete rows of files that are gone, rewrite rows whose metadata or file stat changed with
-            their stored embedding. An interrupted build resumes this way. False: drop the collection and build it again
-            (for another model).
+        resume: True: bring an existing collection up to date (docs/milvus.md, "Keeping it current"); an interrupted
+            build resumes this way. False: drop the collection and build it again (for another model).
         max_batches: stop (`BuildInterrupted`) after this many batches of this call; for time-boxed jobs and tests.
         backend: the vector index (`milvus_index`): None keeps an existing collection's and gives FLAT (exact) to a new
             one; another index than the collection's re-indexes it without re-embedding.
@@ -273,8 +271,7 @@ class _Writer:
 
     def __init__(self, target: MilvusCollection, gallery_dir: Path, work: list[_Item], changes: dict,
                  lease: Optional[CollectionLease] = None):
-        self.target, self.gallery_dir = target, gallery_dir
-        self.lease = lease  # held by the main process on a server: checked before each write
+        self.target, self.gallery_dir, self.lease = target, gallery_dir, lease  # lease: checked before each write
         self.items = {item.path: item for item in work}
         self.changes, self.skipped = changes, []  # the files of this process's share that could not be read
         self.digests: dict[str, Union[str, Exception]] = {}  # sha256 of the current batch's files (or why not)
