@@ -49,9 +49,8 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
         if excluded is not None and Path(folder).resolve() == excluded:
             subfolders[:] = []
             continue
-        for name in files:
-            if os.path.splitext(name)[1].lower() in suffixes:
-                found.append((Path(folder) / name).relative_to(root).as_posix())
+        found += [(Path(folder) / name).relative_to(root).as_posix() for name in files
+                  if os.path.splitext(name)[1].lower() in suffixes]
     if not found:
         raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for {', '.join(suffixes)})")
     check_gallery_paths(found, root, f"the gallery folder {display_path(root)!r}", links_to_files_only=True,

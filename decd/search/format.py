@@ -368,8 +368,7 @@ def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
     current, recorded = _dtype(model), meta.get("model_dtype")
     if recorded and current and current != recorded:
         same = (meta.get("model_checksum_as") or {}).get(current) == checksum
-        raise StaleIndexError(
-            f"{built} in {recorded}, {given} in {current}: " + (
+        raise StaleIndexError(f"{built} in {recorded}, {given} in {current}: " + (
                 f"the same weights in another dtype, whose embeddings differ slightly from the index's (enough to "
                 f"reorder close results); load the model in {recorded} (dtype=torch.{recorded}) or rebuild the index "
                 "with this one" if same else "another model in another dtype; rebuild the index"))

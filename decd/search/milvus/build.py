@@ -194,11 +194,10 @@ def _check_collection(target: MilvusCollection, existing: Optional[tuple[Optiona
             f"was changed: pass --replace (replace=True) to make it this folder's gallery (the rows of images this "
             f"folder lacks are deleted), or choose another --collection")
     if stored_meta.get("model_checksum") != meta["model_checksum"]:
-        raise StaleIndexError(
-            f"{target.where} holds embeddings of {stored_meta.get('model_id')} (checksum "
-            f"{str(stored_meta.get('model_checksum'))[:12]}), this model is {meta['model_id']} (checksum "
-            f"{meta['model_checksum'][:12]}): pass --no-resume (resume=False) to replace them, or choose "
-            f"another --collection")
+        raise StaleIndexError(f"{target.where} holds embeddings of {stored_meta.get('model_id')} (checksum "
+                              f"{str(stored_meta.get('model_checksum'))[:12]}), this model is {meta['model_id']} "
+                              f"(checksum {meta['model_checksum'][:12]}): pass --no-resume (resume=False) to replace "
+                              f"them, or choose another --collection")
     if metadata is not None:
         read_metadata(metadata, stored_types)  # the same columns, with values of the fields' types
     elif stored_types:

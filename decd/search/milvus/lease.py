@@ -78,10 +78,9 @@ class CollectionLease:
                     raise MilvusStoreError(f"{self.lease.where} exists and is not a decd-search lease; nothing was "
                                            f"changed: drop it, or choose another --collection")
                 if float(record.get("expires") or 0) > time.time():
-                    raise MilvusStoreError(
-                        f"{self.collection.where} is being written by another build ({self.describe(record)}); nothing "
-                        f"was changed: wait for it to end, or, if that process is gone, run again once its lease has "
-                        f"expired")
+                    raise MilvusStoreError(f"{self.collection.where} is being written by another build "
+                                           f"({self.describe(record)}); nothing was changed: wait for it to end, or, "
+                                           "if that process is gone, run again once its lease has expired")
                 # A stale lease (its build was killed): dropped if it is still that one, then taken.
                 if (self._read() or {}).get("token") == record["token"]:
                     self.lease.call("dropping a stale lease", "drop_collection")

@@ -176,9 +176,8 @@ class MilvusLocation:
 
 def _lite_candidate(path: Path) -> bool:
     """A path meant as a Milvus Lite store: it ends in .db and is not some other existing folder."""
-    if path.suffix != ".db" or path.name == ".db":
-        return False
-    return not path.is_dir() or not any(path.iterdir()) or (path / "LOCK").exists() or (path / "collections").is_dir()
+    return path.suffix == ".db" and path.name != ".db" and (
+        not path.is_dir() or not any(path.iterdir()) or (path / "LOCK").exists() or (path / "collections").is_dir())
 
 
 def is_milvus_uri(source: Any) -> bool:
