@@ -94,8 +94,7 @@ class LocalMilvusServer:
 
     def _save_settings(self) -> None:
         write_json(self.data_dir / SETTINGS_FILE, self._saved, private=True)
-        settings = self._saved
-        client, peer = settings["etcd_client_port"], settings["etcd_peer_port"]
+        client, peer = self._saved["etcd_client_port"], self._saved["etcd_peer_port"]
         # The embedded etcd on 127.0.0.1 and ports of its own (Milvus's defaults, 2379 and 2380, let one server run).
         (self.data_dir / ETCD_CONFIG_FILE).write_text(
             f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
