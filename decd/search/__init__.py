@@ -5,18 +5,7 @@ collection) as a `Gallery`, the one interface the CLI, the pipeline, the app and
 `search_text` / `search_image` / `search` give a `SearchResult`, worded by `describe_match(es)`. `GalleryIndex.build`
 and `MilvusGallery.build` write galleries; both encode with `encode_gallery`, the one encoding path.
 
-One module, one job (import a module's other names from it):
-
-- `errors`: the errors every module raises;
-- `display`: how a match is worded and paths and text are printed;
-- `backends`: exact chunked top-k, the FAISS (approximate) indexes and recall;
-- `format`: the index folder (docs/index-format.md): files, ownership, checks, the model checksum;
-- `encode`: listing a folder and `encode_gallery`; one process or several;
-- `build`: the resumable, multi-process build of an index folder;
-- `protocol`: the `Gallery` protocol and `SearchResult`;
-- `index`: `GalleryIndex`, a local gallery (an index folder, or images encoded in memory);
-- `gallery`: `open_gallery`;
-- `milvus`: `MilvusGallery`, a gallery in a Milvus collection (docs/milvus.md), and `LocalMilvusServer`.
+One module per job (README.md, "Layout: one owner per job"); import a module's other names from it.
 """
 
 from .display import SCORE_EXPLANATION, check_top_k, describe_match, describe_matches
@@ -28,22 +17,7 @@ from .index import GalleryIndex
 from .milvus import MilvusGallery
 from .protocol import Gallery, SearchResult, filter_options
 
-__all__ = [
-    "SCORE_EXPLANATION",
-    "BuildInterrupted",
-    "Gallery",
-    "GalleryIndex",
-    "GalleryIndexError",
-    "IndexNotFoundError",
-    "MilvusGallery",
-    "MilvusStoreError",
-    "SearchResult",
-    "SkippedImagesWarning",
-    "StaleIndexError",
-    "check_top_k",
-    "describe_match",
-    "describe_matches",
-    "encode_gallery",
-    "filter_options",
-    "open_gallery",
-]
+__all__ = ["SCORE_EXPLANATION", "BuildInterrupted", "Gallery", "GalleryIndex", "GalleryIndexError",
+           "IndexNotFoundError", "MilvusGallery", "MilvusStoreError", "SearchResult", "SkippedImagesWarning",
+           "StaleIndexError", "check_top_k", "describe_match", "describe_matches", "encode_gallery", "filter_options",
+           "open_gallery"]

@@ -1,12 +1,10 @@
-"""Search backends: the exact chunked top-k every index has, and the FAISS indexes of approximate backends.
-
-The exact backend scores the whole gallery (`exact_top_k`); an approximate one is a FAISS index-factory
-string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product) built once from the embeddings
-(`build_ann_index`) and stored next to them as `ann.faiss`. `recall_at_k` measures one against the other.
-"""
+"""Search backends: the exact chunked top-k every index has (`exact_top_k`), and the FAISS index-factory strings of
+approximate ones, built once from the embeddings (`build_ann_index`) into `ann.faiss` (docs/large-galleries.md,
+"Approximate search"); `recall_at_k` measures one against the other."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Optional, Union
 
@@ -29,11 +27,7 @@ def is_exact(backend: Optional[str]) -> bool:
     return backend is None or backend == EXACT_BACKEND
 
 
-# --------------------------------------------------------------------------------------------
-# Exact top-k
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Exact top-k ---------------------------------------------------------------------------------
 def _sorted_top_k(scores: torch.Tensor, indices: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `top_k` best candidates per row by (score descending, gallery index ascending).
 
@@ -60,8 +54,7 @@ def _chunk_top_k(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     values, columns = values[:, :top_k].clone(), columns[:, :top_k].clone()
     if ambiguous.numel():
         order = torch.argsort(scores[ambiguous], dim=1, descending=True, stable=True)[:, :top_k]
-        columns[ambiguous] = order
-        values[ambiguous] = scores[ambiguous].gather(1, order)
+        columns[ambiguous], values[ambiguous] = order, scores[ambiguous].gather(1, order)
     return values, columns
 
 
@@ -86,8 +79,7 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    num_gallery = int(gallery.shape[0])
-    if num_gallery == 0:
+    if (num_gallery := int(gallery.shape[0])) == 0:
         raise ValueError("the gallery is empty")
     device = torch.device(device) if device is not None else queries.device
     # [dim, num_queries]: `block @ queries_t` is the faster GEMM shape on MKL for a few dozen queries
@@ -96,8 +88,7 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
     top_k = min(top_k, num_gallery)
     best_scores = best_indices = None
     for start in range(0, num_gallery, chunk_size):
-        block = gallery[start:start + chunk_size]
-        if isinstance(block, np.ndarray):
+        if isinstance(block := gallery[start:start + chunk_size], np.ndarray):
             # A read-only memory map cannot back a tensor directly; copy one chunk (bounded).
             block = torch.from_numpy(block if block.flags.writeable else np.array(block))
         block = block.to(device=device, dtype=torch.float32, non_blocking=True)
@@ -108,9 +99,8 @@ def exact_top_k(queries: torch.Tensor, gallery: Union[torch.Tensor, np.ndarray],
         if best_scores is None:
             best_scores, best_indices = values, columns
         else:
-            best_scores, best_indices = _sorted_top_k(
-                torch.cat([best_scores, values], dim=1), torch.cat([best_indices, columns], dim=1), top_k
-            )
+            best_scores, best_indices = _sorted_top_k(torch.cat([best_scores, values], dim=1),
+                                                      torch.cat([best_indices, columns], dim=1), top_k)
     return _sorted_top_k(best_scores, best_indices, top_k)
 
 
@@ -119,25 +109,18 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     found, truth = np.asarray(found), np.asarray(truth)
     if found.shape[0] != truth.shape[0]:
         raise ValueError(f"{found.shape[0]} result rows for {truth.shape[0]} ground-truth rows")
-    hits = [len(set(row[row >= 0].tolist()) & set(expected.tolist())) / len(expected)
-            for row, expected in zip(found, truth)]
-    return float(np.mean(hits))
+    return float(np.mean([len(set(row[row >= 0].tolist()) & set(expected.tolist())) / len(expected)
+                          for row, expected in zip(found, truth)]))
 
 
-# --------------------------------------------------------------------------------------------
-# Approximate backends (FAISS index-factory strings)
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Approximate backends (FAISS index-factory strings) ------------------------------------------
 def import_faiss(backend: str = "faiss"):
     """The `faiss` module, or an ImportError that says how to get it."""
     try:
         import faiss
     except ImportError as error:
-        raise ImportError(
-            f"backend={backend!r} needs the optional FAISS package: `pip install faiss-cpu` (or faiss-gpu); "
-            "backend='exact' needs nothing extra and gives the exact ranking"
-        ) from error
+        raise ImportError(f"backend={backend!r} needs the optional FAISS package: `pip install faiss-cpu` (or "
+                          "faiss-gpu); backend='exact' needs nothing extra and gives the exact ranking") from error
     return faiss
 
 
@@ -155,17 +138,15 @@ def new_ann_index(spec: str, dim: int):
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         reason = re.sub(r"^Error in .*? at \S+: ", "", reason)
-        raise GalleryIndexError(
-            f"backend {spec!r} is not a FAISS index factory string for {dim}-dim embeddings ({reason}); "
-            f"use 'exact' or e.g. HNSW32, IVF4096,Flat, IVF4096,PQ64 (see the FAISS wiki 'The index factory')"
-        ) from None
+        raise GalleryIndexError(f"backend {spec!r} is not a FAISS index factory string for {dim}-dim embeddings "
+                                f"({reason}); use 'exact' or e.g. HNSW32, IVF4096,Flat, IVF4096,PQ64 (see the FAISS "
+                                f"wiki 'The index factory')") from None
 
 
 def ann_num_lists(index) -> Optional[int]:
     """nlist of an IVF index (None for any other kind)."""
-    faiss = import_faiss()
     try:
-        return int(faiss.extract_index_ivf(index).nlist)
+        return int(import_faiss().extract_index_ivf(index).nlist)
     except RuntimeError:
         return None
 
@@ -179,23 +160,19 @@ def ann_train_size(spec_index, count: int, train_size: Optional[int] = None) -> 
 
 def check_ann_size(index, spec: str, count: int) -> None:
     """Refuse an IVF index with more lists than gallery images (FAISS would fail or warn deep inside)."""
-    lists = ann_num_lists(index)
-    if lists is not None and count < lists:
-        raise GalleryIndexError(
-            f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an IVF index "
-            f"needs at least one image per list (39 or more for good lists); use fewer lists (e.g. "
-            f"IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'"
-        )
+    if (lists := ann_num_lists(index)) is not None and count < lists:
+        raise GalleryIndexError(f"backend {spec!r} has {lists} IVF lists but the gallery holds only {count} images: an "
+                                f"IVF index needs at least one image per list (39 or more for good lists); use fewer "
+                                f"lists (e.g. IVF{max(1, count // 39)},Flat), HNSW32, or 'exact'")
 
 
 def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int] = None, seed: int = 0,
                     chunk_size: int = DEFAULT_CHUNK_SIZE):
     """A FAISS index `spec` (inner product) holding every row of `embeddings`, in row order (FAISS id = row).
 
-    Indexes that need training (IVF, PQ, ...) are trained on `ann_train_size` rows drawn without
-    replacement with `seed` (sorted, so a memory map is read in order); rows are added `chunk_size` at a
-    time, so memory is the index plus one chunk. Raises GalleryIndexError for a bad string or an IVF
-    index with more lists than gallery rows.
+    Indexes that need training (IVF, PQ, ...) are trained on `ann_train_size` rows drawn without replacement with `seed`
+    (sorted, so a memory map is read in order); rows are added `chunk_size` at a time, so memory is the index plus one
+    chunk. Raises GalleryIndexError for a bad string or an IVF index with more lists than gallery rows.
     """
     count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     index = new_ann_index(spec, dim)
@@ -204,22 +181,21 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
         size = ann_train_size(index, count, train_size)
         rows = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False)) if size < count \
             else np.arange(count)
-        sample = np.ascontiguousarray(np.asarray(embeddings[rows]), dtype=np.float32)
         try:
-            index.train(sample)
+            index.train(np.ascontiguousarray(np.asarray(embeddings[rows]), dtype=np.float32))
         except RuntimeError as error:
             raise GalleryIndexError(f"training the FAISS index {spec!r} on {size} images failed: {error}") from None
-        del sample
     for start in range(0, count, chunk_size):
         index.add(np.ascontiguousarray(embeddings[start:start + chunk_size], dtype=np.float32))
     return index
 
 
-def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
-    """Set the search-time knobs that `index` has (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE
-    and DEFAULT_EF_SEARCH). A knob the index lacks is ignored."""
-    faiss = import_faiss()
-    parameters = faiss.ParameterSpace()
+def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1. The search-time
+    knobs that `index` has are set first (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE and
+    DEFAULT_EF_SEARCH); a knob the index lacks is ignored."""
+    parameters = import_faiss().ParameterSpace()
     lists = ann_num_lists(index)
     for name, value, default in (("nprobe", nprobe, DEFAULT_NPROBE), ("efSearch", ef_search, DEFAULT_EF_SEARCH)):
         value = default if value is None else int(value)
@@ -227,16 +203,8 @@ def set_ann_parameters(index, nprobe: Optional[int] = None, ef_search: Optional[
             raise ValueError(f"{name} must be at least 1, got {value}")
         if name == "nprobe" and lists is not None:
             value = min(value, lists)
-        try:
+        with contextlib.suppress(RuntimeError):  # "could not set parameter": this kind of index has no such knob
             parameters.set_index_parameter(index, name, value)
-        except RuntimeError:  # "could not set parameter": this kind of index has no such knob
-            pass
-
-
-def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1."""
-    set_ann_parameters(index, nprobe, ef_search)
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(top_k))
     return scores, rows.astype(np.int64)
 

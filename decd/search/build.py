@@ -1,9 +1,5 @@
-"""The resumable, multi-process build of an index folder (docs/index-format.md).
-
-`build_index` (`GalleryIndex.build`) lists a gallery folder, encodes it with `encode_gallery`, saves the batches as
-shards in `partial/` as it goes (so a killed build resumes, with any number of processes), then joins the shards into
-the index files.
-"""
+"""`build_index` (`GalleryIndex.build`): the resumable, multi-process build of an index folder, its batches saved as
+shards in `partial/` as it goes (docs/index-format.md, "An unfinished build"), then joined into the index files."""
 
 from __future__ import annotations
 
@@ -41,50 +37,38 @@ except ImportError:  # not POSIX
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------------------------
-# Saved progress: shards in partial/
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Saved progress: shards in partial/ ----------------------------------------------------------
 class _ShardStore:
-    """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}.
-
-    A shard covers the listing positions [start, end) (whole batches) and holds the embeddings of the
-    readable files among them; its json (written after its npy) is the proof that it is complete, and names
-    its writer (process index and count, host, pid). Shards are named by their start position, not by the
-    process that wrote them, so a build resumes with any number of processes: each process skips the batches
-    of its share that a complete shard covers.
-    """
+    """Encoded batches of an unfinished build: `partial/progress.json` + shard_<start>.{npy,json}, whole batches named
+    by listing position, so that a build resumes with any number of processes (docs/index-format.md, "An unfinished
+    build"); a shard's json, written after its npy, is the proof that it is complete."""
 
     def __init__(self, folder: Path, writer: Optional[dict] = None):
         self.folder, self.writer = folder, writer
-        self.shards: list[dict] = []
         self.staged: list[EncodedBatch] = []  # encoded batches the next shard holds
         self.reload()
 
     @staticmethod
-    def prepare(folder: Path, fingerprint: dict, resume: bool) -> None:
-        """Keep `folder`'s shards if they belong to this build (same fingerprint) and `resume`, else clear
-        it; write progress.json. Run by one process only (the main one)."""
-        if folder.exists():  # `check_output_folder` made sure it is ours
-            if not resume or read_json(folder / PROGRESS_FILE) != fingerprint:
-                remove_partial(folder)
+    def prepare(folder: Path, fingerprint: dict, resume: bool, gallery_dir: Path) -> None:
+        """Keep `folder`'s shards if they belong to this build (same fingerprint) and `resume`, else clear it; write
+        progress.json; delete the shards holding a file that changed (or went) since it was encoded: their batches
+        are encoded again. Run by one process only (the main one)."""
+        # `check_output_folder` made sure the folder is ours
+        if folder.exists() and (not resume or read_json(folder / PROGRESS_FILE) != fingerprint):
+            remove_partial(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / PROGRESS_FILE, fingerprint)
+        for shard in _ShardStore(folder).shards:
+            if any(file_fingerprint(gallery_dir / name) != recorded
+                   for name, recorded in shard.get("fingerprints", {"": None}).items()):
+                (folder / (Path(shard["file"]).stem + ".json")).unlink(missing_ok=True)  # the proof goes first
+                (folder / shard["file"]).unlink(missing_ok=True)
 
     def reload(self) -> None:
         """Read every complete shard record (unreadable ones are ignored and redone)."""
-        self.shards = []
-        for shard_json in self.folder.glob("shard_*.json"):
-            record = read_json(shard_json)
-            if SHARD_FILE.fullmatch(shard_json.name) and isinstance(record, dict) \
-                    and {"start", "end", "paths", "skipped", "file"} <= set(record):
-                self.shards.append(record)
-
-    def covered_batches(self, batch_size: int) -> set[int]:
-        """Start positions of the batches that complete shards hold (shards are whole batches of the
-        fingerprint's batch size); one pass over the shards, so resuming 10^6 batches stays linear."""
-        return {start for shard in self.shards for start in range(shard["start"], shard["end"], batch_size)}
+        records = [read_json(path) for path in self.folder.glob("shard_*.json") if SHARD_FILE.fullmatch(path.name)]
+        self.shards: list[dict] = [record for record in records if isinstance(record, dict)
+                                   and {"start", "end", "paths", "skipped", "file"} <= set(record)]
 
     def tiling(self, num_files: int) -> Optional[list[dict]]:
         """Shards that cover [0, num_files) once each, in listing order (None while a part is missing); of two that
@@ -120,17 +104,6 @@ class _ShardStore:
         self.shards.append(record)
         self.staged = []
 
-    def drop_changed(self, gallery_dir: Path) -> None:
-        """Delete the shards holding a file that changed (or went) since it was encoded: their batches are encoded
-        again. Run by the main process only."""
-        changed = [shard for shard in self.shards
-                   if any(file_fingerprint(gallery_dir / name) != recorded
-                          for name, recorded in shard.get("fingerprints", {"": None}).items())]
-        for shard in changed:
-            (self.folder / (Path(shard["file"]).stem + ".json")).unlink(missing_ok=True)  # the proof goes first
-            (self.folder / shard["file"]).unlink(missing_ok=True)
-        self.shards = [shard for shard in self.shards if shard not in changed]
-
 
 def _write_embeddings(path: Path, blocks, shape: tuple[int, int]) -> str:
     """Write `blocks` (float32 arrays of rows, in order) as one .npy file, one block in memory at a time; returns
@@ -138,8 +111,7 @@ def _write_embeddings(path: Path, blocks, shape: tuple[int, int]) -> str:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, dict(descr=np.lib.format.dtype_to_descr(np.dtype("<f4")), fortran_order=False, shape=shape))
-    digest = hashlib.sha256()
-    rows = 0
+    digest, rows = hashlib.sha256(), 0
     with open(path, "wb") as file:
         file.write(header.getvalue())
         digest.update(header.getvalue())
@@ -156,40 +128,32 @@ def _write_embeddings(path: Path, blocks, shape: tuple[int, int]) -> str:
     return digest.hexdigest()
 
 
-class _BuildLock:
+@contextlib.contextmanager
+def _build_lock(output: Path, gallery_dir: Path):
     """One build at a time per index folder: an OS lock on `.build.lock` (released if the build dies), which
     names the build holding it; removed when the build ends (a build killed leaves it, unlocked and harmless)."""
-
-    def __init__(self, output: Path, gallery_dir: Path):
-        self.output, self.holder = output, dict(pid=os.getpid(), host=socket.gethostname(),
-                                                gallery=str(gallery_dir.resolve()),
-                                                started=time.strftime("%Y-%m-%d %H:%M:%S"))
-        self.file = None
-
-    def __enter__(self):
-        if fcntl is None:  # no POSIX locks on this platform: one build at a time is up to the user
-            return self
-        self.output.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.output / LOCK_FILE, "a+")
+    if fcntl is None:  # no POSIX locks on this platform: one build at a time is up to the user
+        yield
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / LOCK_FILE, "a+") as file:
         try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "a build"
-            self.file.close()
-            raise GalleryIndexError(f"another build is writing {display_path(self.output)!r} ({display_path(holder)});"
-                                    " wait for it to finish, or build into another --output") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(", ".join(f"{key} {value}" for key, value in self.holder.items()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:  # every write is done: the file can go before the lock does
-            (self.output / LOCK_FILE).unlink(missing_ok=True)
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-            self.file.close()
+            file.seek(0)
+            raise GalleryIndexError(f"another build is writing {display_path(output)!r} "
+                                    f"({display_path(file.read().strip() or 'a build')}); wait for it to finish, or "
+                                    f"build into another --output") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()}, host {socket.gethostname()}, gallery {gallery_dir.resolve()}, started "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        file.flush()
+        try:
+            yield
+        finally:  # every write is done: the file can go before the lock does
+            (output / LOCK_FILE).unlink(missing_ok=True)
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
 def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions,
@@ -210,11 +174,7 @@ def _reusable(output: Path, gallery_dir: Path, checksum: str, extensions,
                  if file_fingerprint(gallery_dir / path) == recorded}
 
 
-# --------------------------------------------------------------------------------------------
-# The build
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The build -----------------------------------------------------------------------------------
 @torch.no_grad()
 def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, batch_size: int = 64,
                 model_id: Optional[str] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, resume: bool = True,
@@ -231,26 +191,25 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
             `decd.search.format`.
         batch_size: images per forward pass.
         model_id: recorded as the model's name (default: the folder / Hub id it was loaded from).
-        resume: continue an unfinished build in `output` if it was started with the same model
-            (checksum) and the same file listing; False starts over.
+        resume: continue an unfinished build in `output` if it was started with the same model (checksum) and the same
+            file listing; False starts over.
         show_progress: a tqdm bar over the images.
-        shard_batches: progress is saved every this many batches (and on any exception, including
-            KeyboardInterrupt), so at most that much work is lost if the process is killed.
-        max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many
-            batches in this call; for time-boxed jobs and tests.
-        backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS
-            index-factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the
-            embeddings (trained on `train_size` of them where the index needs it, default
-            `ann_train_size`) and written to `ann.faiss`; `search` then uses it by default.
-        distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when
-            several processes build together (torchrun or accelerate launch: docs/large-galleries.md): each
-            encodes a contiguous share of the batches into its own shards, and the main process joins them. The
-            result is the same, bit for bit, as a one-process build with the same `batch_size` (same batches).
-            Every process must call `build` with the same arguments and see the same gallery. None: this process
-            alone.
+        shard_batches: progress is saved every this many batches (and on any exception, including KeyboardInterrupt), so
+            at most that much work is lost if the process is killed.
+        max_batches: stop (raising `BuildInterrupted`, progress saved) after encoding this many batches in this call;
+            for time-boxed jobs and tests.
+        backend: "exact" (the default: no extra file; search multiplies against every row) or a FAISS index-factory
+            string (HNSW32, IVF4096,Flat, IVF4096,PQ64, ...; inner product), built from the embeddings (trained on
+            `train_size` of them where the index needs it, default `ann_train_size`) and written to `ann.faiss`;
+            `search` then uses it by default.
+        distributed: an `accelerate` `PartialState` (or `Accelerator`; `decd.processes.process_state`) when several
+            processes build together (torchrun or accelerate launch: docs/large-galleries.md): each encodes a contiguous
+            share of the batches into its own shards, and the main process joins them. The result is the same, bit for
+            bit, as a one-process build with the same `batch_size` (same batches). Every process must call `build` with
+            the same arguments and see the same gallery. None: this process alone.
 
-    Images are encoded on the model's device. Unreadable files are skipped with one `SkippedImagesWarning` and
-    listed in `meta["skipped"]`.
+    Images are encoded on the model's device. Unreadable files are skipped with one `SkippedImagesWarning` and listed in
+    `meta["skipped"]`.
 
     Returns:
         The finished `GalleryIndex` (embeddings memory-mapped); with `distributed`, on the main process
@@ -258,9 +217,8 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
 
     Raises:
         IndexNotFoundError: `gallery_dir` does not exist.
-        GalleryIndexError: no image files, none of them could be read, or `output` is not ours to
-            write (it holds the gallery, or other files and no DECD index); a full disk (what was encoded stays:
-            the same command resumes).
+        GalleryIndexError: no image files, none of them could be read, or `output` is not ours to write (it holds the
+            gallery, or other files and no DECD index); a full disk (what was encoded stays: the same command resumes).
         BuildInterrupted: `max_batches` was reached before the end.
     """
     if batch_size < 1 or shard_batches < 1:
@@ -269,12 +227,11 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
     main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
     gallery_dir, output = Path(gallery_dir), Path(output)
     check_output_folder(output, gallery_dir)  # before anything is written or removed
-    with _full_disk_is_one_line(output), (_BuildLock(output, gallery_dir) if main else contextlib.nullcontext()):
+    with _full_disk_is_one_line(output), (_build_lock(output, gallery_dir) if main else contextlib.nullcontext()):
         extensions = extension_names(extensions)
         files = list_images(gallery_dir, extensions, exclude=output)
         if not is_exact(backend):  # a bad string or too small a gallery fails before the encoding
-            dim = getattr(getattr(model, "config", None), "projection_dim", None)
-            if isinstance(dim, int):
+            if isinstance(dim := getattr(getattr(model, "config", None), "projection_dim", None), int):
                 check_ann_size(new_ann_index(backend, dim), backend, len(files))
         checksum = model_checksum(model)
         # An index of this gallery by this model already there: its rows of unchanged files are kept (an update).
@@ -292,8 +249,7 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
         state.wait_for_everyone()  # every process has checked the folder before the main one writes
         if main:
             output.mkdir(parents=True, exist_ok=True)
-            _ShardStore.prepare(output / PARTIAL_DIR, fingerprint, resume)
-            _ShardStore(output / PARTIAL_DIR).drop_changed(gallery_dir)  # files replaced since their shard was written
+            _ShardStore.prepare(output / PARTIAL_DIR, fingerprint, resume, gallery_dir)
         state.wait_for_everyone()
         mismatch = None if read_json(output / PARTIAL_DIR / PROGRESS_FILE) == fingerprint else GalleryIndexError(
             f"process {rank} of {world} sees another gallery listing, model or batch size than the main process; "
@@ -301,9 +257,10 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
         stop_together(state, mismatch)  # all stop now, rather than encode their shares and wait for this one at the end
         writer = dict(process=rank, processes=world, host=socket.gethostname(), pid=os.getpid())
         store = _ShardStore(output / PARTIAL_DIR, writer)
-        batches = encode_gallery(model, processor, gallery_dir, todo_files, batch_size, share=(rank, world),
-                                 done=store.covered_batches(batch_size), max_batches=max_batches,
-                                 show_progress=show_progress and main, desc="Indexing gallery")
+        # the batches complete shards hold (whole batches of this batch size): one pass, linear in the shards
+        done = {start for shard in store.shards for start in range(shard["start"], shard["end"], batch_size)}
+        batches = encode_gallery(model, processor, gallery_dir, todo_files, batch_size, share=(rank, world), done=done,
+                                 max_batches=max_batches, show_progress=show_progress and main, desc="Indexing gallery")
         encoded = []  # (start, end) of the batches this process encodes in this call
         with one_share(state):  # all shards are written (or their process failed) before the join
             try:
@@ -321,15 +278,12 @@ def build_index(cls, model, processor, gallery_dir: PathLike, output: PathLike, 
                         writer["host"], sum(end - start for start, end in encoded), len(todo_files),
                         f" (listing positions {encoded[0][0]} to {encoded[-1][1] - 1})" if encoded else "")
         store.reload()
-        shards = store.tiling(len(todo_files))
-        if shards is None:  # only with several processes: another one stopped or failed
+        if (shards := store.tiling(len(todo_files))) is None:  # with several processes only: one stopped or failed
             raise BuildInterrupted(f"another process stopped before its share of the {len(todo_files)} files was "
                                    f"encoded; build again with the same model and folder to resume")
+        if not main:  # the main process joins the shards (and trains an approximate index, which can take longer
+            return None  # than a collective's timeout at 10^8 images): the others do not wait for it
         meta = index_meta(model, processor, model_id, checksum, gallery_dir, extensions, len(files))
-        if not main:
-            # Done here: the main process joins the shards (and trains an approximate index, which can take
-            # longer than a collective's timeout at 10^8 images), so the others do not wait for it.
-            return None
         return _opened(cls, _assemble(output / PARTIAL_DIR, shards, output, meta, backend, train_size, files, old,
                                       reused), output)
 
@@ -360,8 +314,7 @@ def _rows(paths: list[str], folder: Path, shards: list[dict], old_embeddings, re
     files in listing order)."""
     def encoded():
         for shard in shards:
-            block = np.load(folder / shard["file"])
-            if block.ndim != 2 or block.shape[0] != len(shard["paths"]):
+            if (block := np.load(folder / shard["file"])).ndim != 2 or block.shape[0] != len(shard["paths"]):
                 raise GalleryIndexError(f"{display_path(folder / shard['file'])} does not match its record; "
                                         f"build again with resume=False (--no-resume)")
             yield from block
@@ -379,25 +332,23 @@ def _assemble(folder: Path, shards: list[dict], output: Path, meta: dict, backen
     encoded = {path: shard["fingerprints"].get(path) for shard in shards for path in shard["paths"]}
     skipped = [item for shard in shards for item in shard["skipped"]]
     old_embeddings, _, old_meta = old if reused else (None, None, None)
-    paths = [name for name in files if name in reused or name in encoded]
-    if not paths:
+    if not (paths := [name for name in files if name in reused or name in encoded]):
         raise none_readable(meta["num_files"], meta["gallery_dir"], skipped)
     fingerprints = [old_meta["fingerprints"][reused[name]] if name in reused else encoded[name] for name in paths]
     # The width of the saved embeddings, read off the old index or the first shard that holds a readable image.
     embedding_dim = int(old_embeddings.shape[1]) if old_embeddings is not None else next(
         int(np.load(folder / shard["file"], mmap_mode="r").shape[1]) for shard in shards if shard["paths"])
-    ann = None
-    if not is_exact(backend):  # before anything is written: a bad string, faiss missing, too few images
-        ann = new_ann_index(backend, embedding_dim)
+    # before anything is written: a bad string, faiss missing, too few images
+    ann = None if is_exact(backend) else new_ann_index(backend, embedding_dim)
+    if ann is not None:
         check_ann_size(ann, backend, len(paths))
-    staged = {name: output / (name + ".tmp") for name in INDEX_FILES if name != META_FILE}
-    staged[EMBEDDINGS_FILE] = output / (EMBEDDINGS_FILE + ".tmp.npy")
+    staged = {name: output / (name + (".tmp.npy" if name == EMBEDDINGS_FILE else ".tmp")) for name in INDEX_FILES
+              if name != META_FILE}
     digest = _write_embeddings(staged[EMBEDDINGS_FILE], _rows(paths, folder, shards, old_embeddings, reused),
                                (len(paths), embedding_dim))
     meta = dict(meta, backend=EXACT_BACKEND if ann is None else backend)
     if ann is not None:  # the FAISS index of the new embeddings
-        embeddings = np.load(staged[EMBEDDINGS_FILE], mmap_mode="r")
-        index = build_ann_index(embeddings, backend, train_size=train_size)
+        index = build_ann_index(np.load(staged[EMBEDDINGS_FILE], mmap_mode="r"), backend, train_size=train_size)
         import_faiss(backend).write_index(index, str(staged[ANN_FILE]))
         meta.update(ann_file=ANN_FILE, ann_sha256=file_sha256(staged[ANN_FILE]),
                     ann_bytes=staged[ANN_FILE].stat().st_size,

@@ -6,12 +6,11 @@ import os
 import unicodedata
 from typing import Callable, Union
 
-SCORE_EXPLANATION = (
-    "score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is closer). "
-    "Its scale depends on the query (one query's best match may score 0.3, another's 0.8), so compare "
-    "results of one query, not scores across queries. top p%: the image's rank among all the gallery's "
-    "images (top 1% of 400 = among the best 4), or, with a filter, among the images it lets through."
-)
+SCORE_EXPLANATION = ("score: cosine similarity of the query's and the image's DECD embeddings (-1 to 1, higher is "
+                     "closer). Its scale depends on the query (one query's best match may score 0.3, another's 0.8), "
+                     "so compare results of one query, not scores across queries. top p%: the image's rank among all "
+                     "the gallery's images (top 1% of 400 = among the best 4), or, with a filter, among the images it "
+                     "lets through.")
 FILTER_CHARACTERS = 200  # a filter expression is shown cut after this many characters
 
 
@@ -73,18 +72,16 @@ def describe_match(rank: int, score: float, gallery_size: int) -> dict:
 
 
 def describe_matches(result, row: int = 0) -> list[dict]:
-    """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first:
-    `[{"index": gallery row, **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when
-    the gallery has paths; `file_status` only when the image's file was "deleted" or "changed" since indexing).
-    The share "top p% of N" counts the images the search ranked (`result.searched`: with a filter, the images it
-    let through)."""
+    """Row `row` of a `SearchResult` as the pipeline and the handler return it, best first: `[{"index": gallery row,
+    **describe_match(...), "path": path, "file_status": status}, ...]` (`path` only when the gallery has paths;
+    `file_status` only when the image's file was "deleted" or "changed" since indexing). The share "top p% of N" counts
+    the images the search ranked (`result.searched`: with a filter, the images it let through)."""
     matches = []
     for position, (index, score) in enumerate(zip(result.indices[row].tolist(), result.scores[row].tolist())):
         match = {"index": index, **describe_match(position + 1, score, result.searched)}
         if result.paths is not None:
             match["path"] = result.paths[row][position]
-        status = getattr(result, "status", None)
-        if status and status[row][position]:
+        if (status := getattr(result, "status", None)) and status[row][position]:
             match["file_status"] = status[row][position]
         matches.append(match)
     return matches

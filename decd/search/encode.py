@@ -37,8 +37,7 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
     that `decd.search.format.path_problem` refuses (a link to a file outside the folder, a name that is not an
     image's), naming it.
     """
-    root = Path(gallery_dir)
-    if not root.exists():
+    if not (root := Path(gallery_dir)).exists():
         raise IndexNotFoundError(f"gallery folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise GalleryIndexError(f"gallery {str(root)!r} is not a folder")
@@ -50,12 +49,10 @@ def list_images(gallery_dir: PathLike, extensions: Sequence[str] = IMAGE_EXTENSI
         if excluded is not None and Path(folder).resolve() == excluded:
             subfolders[:] = []
             continue
-        for name in files:
-            if os.path.splitext(name)[1].lower() in suffixes:
-                found.append((Path(folder) / name).relative_to(root).as_posix())
+        found += [(Path(folder) / name).relative_to(root).as_posix() for name in files
+                  if os.path.splitext(name)[1].lower() in suffixes]
     if not found:
-        raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for "
-                                f"{', '.join(suffixes)})")
+        raise GalleryIndexError(f"no images found under {str(root)!r} (looked recursively for {', '.join(suffixes)})")
     check_gallery_paths(found, root, f"the gallery folder {display_path(root)!r}", links_to_files_only=True,
                         remedy="a gallery is the image files inside its folder: copy a linked image into it (or "
                                "remove the link), and give image extensions only")
@@ -147,8 +144,7 @@ def _embed_files(model, processor, folder: Path,
 def skipped_file(name: str, error: Exception) -> dict:
     """A gallery file a build leaves out: {"path": its name, "error": why} (the loader's message without the name it
     starts with; an OSError's own words)."""
-    reason = getattr(error, "strerror", None) or str(error)
-    return dict(path=name, error=reason.removeprefix(f"{name}: "))
+    return dict(path=name, error=(getattr(error, "strerror", None) or str(error)).removeprefix(f"{name}: "))
 
 
 def none_readable(num_files: int, gallery_dir: str, skipped: list[dict]) -> GalleryIndexError:
@@ -168,11 +164,7 @@ def warn_skipped(skipped: list[dict], num_files: int, gallery_dir: str, listed_i
                   f"{listed}{more} (all listed in {listed_in})", SkippedImagesWarning, stacklevel=stacklevel + 1)
 
 
-# --------------------------------------------------------------------------------------------
-# Several processes (torchrun, accelerate launch: decd.processes) or one
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Several processes (torchrun, accelerate launch: decd.processes) or one ----------------------
 class SingleProcess:
     """The process state of a build without `accelerate` (what a build uses of its `PartialState`): one process."""
 

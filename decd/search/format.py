@@ -1,10 +1,9 @@
-"""The index folder on disk: its files, who owns them, how they are checked, and the model that made them.
-
-The format is specified in docs/index-format.md (tests/test_search_format.py checks it against this module).
-"""
+"""The index folder on disk, as docs/index-format.md specifies it (tests/test_search_format.py checks the two agree):
+its files, who owns them, how they are checked, and the model that made them."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -25,14 +24,9 @@ PathLike = Union[str, os.PathLike]
 INDEX_FORMAT = "decd-gallery-index"  # the `format` tag of meta.json and partial/progress.json: proof of ownership
 INDEX_FORMAT_VERSION = 3  # 2: meta.json records `format` and `embeddings_sha256`; 3: files.json
 READABLE_FORMAT_VERSIONS = (2, 3)
-EMBEDDINGS_FILE = "embeddings.npy"
-PATHS_FILE = "paths.json"
-META_FILE = "meta.json"
+EMBEDDINGS_FILE, PATHS_FILE, META_FILE, FILES_FILE = "embeddings.npy", "paths.json", "meta.json", "files.json"
 ANN_FILE = "ann.faiss"  # the FAISS index of an approximate backend (meta.json `backend`), next to embeddings.npy
-PARTIAL_DIR = "partial"
-PROGRESS_FILE = "progress.json"
-FILES_FILE = "files.json"
-LOCK_FILE = ".build.lock"
+PARTIAL_DIR, PROGRESS_FILE, LOCK_FILE = "partial", "progress.json", ".build.lock"
 # Everything a build writes in the index folder besides `partial/` (each first as NAME.tmp, or
 # embeddings.npy.tmp.npy, renamed into place); nothing else there is ever touched.
 INDEX_FILES = (META_FILE, PATHS_FILE, FILES_FILE, EMBEDDINGS_FILE, ANN_FILE)
@@ -45,11 +39,7 @@ _DTYPES = ("float32", "float16", "bfloat16")  # the precisions a model may be lo
 _REBUILD = "rebuild it with `decd-search index` (or GalleryIndex.build)"
 
 
-# --------------------------------------------------------------------------------------------
-# Files and ownership
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Files and ownership -------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
     """The JSON value in `path`, or None if it is missing or not valid JSON."""
     try:
@@ -71,9 +61,9 @@ def file_fingerprint(path: Union[str, os.PathLike]) -> Optional[list[int]]:
     """[size in bytes, modification time in ns] of a file, or None when it is gone: what tells a changed file."""
     try:
         status = os.stat(path)
+        return [status.st_size, status.st_mtime_ns]
     except OSError:
         return None
-    return [status.st_size, status.st_mtime_ns]
 
 
 def file_sha256(source: Union[str, os.PathLike, BinaryIO]) -> str:
@@ -91,18 +81,8 @@ def file_sha256(source: Union[str, os.PathLike, BinaryIO]) -> str:
 def _is_ours(record: Any, legacy_keys: Sequence[str]) -> bool:
     """Whether a meta.json / progress.json record was written by `build` (its `format` tag, or, for
     version-1 folders written before the tag existed, `format_version` 1 with that version's keys)."""
-    if not isinstance(record, dict):
-        return False
-    if record.get("format") == INDEX_FORMAT:
-        return True
-    return record.get("format_version") == 1 and all(key in record for key in legacy_keys)
-
-
-def _partial_is_ours(folder: Path) -> bool:
-    """`partial/` holds a progress.json written by `build` and nothing but shard files."""
-    if not _is_ours(read_json(folder / PROGRESS_FILE), ("model_checksum", "listing_sha256")):
-        return False
-    return all(entry.is_file() and SHARD_FILE.fullmatch(entry.name) for entry in folder.iterdir())
+    return isinstance(record, dict) and (record.get("format") == INDEX_FORMAT or (
+        record.get("format_version") == 1 and all(key in record for key in legacy_keys)))
 
 
 def remove_partial(folder: Path) -> None:
@@ -112,10 +92,8 @@ def remove_partial(folder: Path) -> None:
     for entry in folder.iterdir():
         if entry.is_file() and SHARD_FILE.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # something that is not ours appeared in it: leave it
         folder.rmdir()
-    except OSError:
-        pass  # something that is not ours appeared in it: leave it
 
 
 def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
@@ -130,12 +108,13 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
         return
     if not output.is_dir():
         raise GalleryIndexError(f"output {display_path(output)!r} is a file, not a folder: {fix}")
-    entries = {entry.name for entry in output.iterdir()} - {LOCK_FILE}
-    if not entries:
+    if not (entries := {entry.name for entry in output.iterdir()} - {LOCK_FILE}):
         return
     meta_ours = _is_ours(read_json(output / META_FILE), ("model_checksum", "count"))
-    partial = output / PARTIAL_DIR
-    partial_ours = partial.is_dir() and _partial_is_ours(partial)
+    partial = output / PARTIAL_DIR  # ours: a progress.json written by `build` and nothing but shard files
+    partial_ours = (partial.is_dir()
+                    and _is_ours(read_json(partial / PROGRESS_FILE), ("model_checksum", "listing_sha256"))
+                    and all(entry.is_file() and SHARD_FILE.fullmatch(entry.name) for entry in partial.iterdir()))
     if PARTIAL_DIR in entries and not partial_ours:
         raise GalleryIndexError(f"{display_path(partial)!r} was not written by a DECD index build (no DECD "
                                 f"{PROGRESS_FILE}, or files that are not shards); {fix}, or move it away")
@@ -144,10 +123,7 @@ def check_output_folder(output: PathLike, gallery_dir: PathLike) -> None:
                                 f"index (no DECD {META_FILE}); nothing was changed: {fix}")
 
 
-# --------------------------------------------------------------------------------------------
-# The paths a gallery records: image files inside its folder
-# --------------------------------------------------------------------------------------------
-
+# ---- The paths a gallery records: image files inside its folder ----------------------------------
 # Extensions PIL opens that name data or documents it can read a picture out of, not pictures: never gallery images.
 _NOT_PICTURES = frozenset({".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".eps", ".ps", ".mpeg", ".mpg", ".wmf",
                            ".emf"})
@@ -162,8 +138,7 @@ def image_suffixes() -> frozenset:
     from PIL import Image
 
     Image.init()
-    key = len(Image.EXTENSION)  # grows when a plugin registers more formats
-    if key not in _SUFFIXES:
+    if (key := len(Image.EXTENSION)) not in _SUFFIXES:  # the key grows when a plugin registers more formats
         _SUFFIXES.clear()
         _SUFFIXES[key] = frozenset(suffix.lower() for suffix, kind in Image.EXTENSION.items()
                                    if kind in Image.OPEN) - _NOT_PICTURES
@@ -186,8 +161,7 @@ def path_problem(relative: Any, gallery_dir: Optional[PathLike] = None) -> Optio
         return "is an absolute path, not one relative to the gallery folder"
     if ".." in relative.split("/"):
         return "goes up out of the gallery folder ('..')"
-    suffix = os.path.splitext(relative)[1].lower()
-    if suffix not in image_suffixes():
+    if (suffix := os.path.splitext(relative)[1].lower()) not in image_suffixes():
         return f"is not an image file name ({suffix or 'no extension'})"
     if gallery_dir is None or not os.path.isdir(gallery_dir):
         return None
@@ -227,8 +201,7 @@ def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], w
 
     by_folder: dict[str, list[tuple[int, str]]] = {}
     for number, relative in enumerate(paths):
-        problem = path_problem(relative)
-        if problem is not None:
+        if (problem := path_problem(relative)) is not None:
             raise refuse(number, relative, problem)
         folder, _, name = relative.rpartition("/")
         by_folder.setdefault(folder, []).append((number, name))
@@ -247,21 +220,13 @@ def check_gallery_paths(paths: Sequence[str], gallery_dir: Optional[PathLike], w
         except OSError:  # gone or unreadable: nothing in it can lead anywhere
             continue
         for number, name in names:
-            if name not in links:
-                continue
             relative = f"{folder}/{name}" if folder else name
-            if links_to_files_only and not os.path.isfile(os.path.join(real, name)):
-                continue
-            problem = path_problem(relative, gallery_dir)
-            if problem is not None:
+            if name in links and not (links_to_files_only and not os.path.isfile(os.path.join(real, name))) \
+                    and (problem := path_problem(relative, gallery_dir)) is not None:
                 raise refuse(number, relative, problem)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading an index folder
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Reading an index folder ---------------------------------------------------------------------
 def is_index_folder(path: Path) -> bool:
     """Whether `path` is meant as an index folder (finished or not): it holds meta.json or partial/.
     `read_index` then says what is wrong with it, if anything."""
@@ -275,8 +240,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     Raises IndexNotFoundError (no such folder, an unfinished build) or GalleryIndexError (damaged or
     outdated: one line that says to rebuild it).
     """
-    path = Path(path)
-    if not path.is_dir():
+    if not (path := Path(path)).is_dir():
         raise IndexNotFoundError(f"index folder {display_path(path)!r} does not exist; build it with "
                                  f"GalleryIndex.build or `decd-search index`")
     if not (path / META_FILE).exists():
@@ -287,8 +251,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     def damaged(what: str) -> GalleryIndexError:
         return GalleryIndexError(f"index {display_path(path)!r} is damaged: {what}; {_REBUILD}")
 
-    meta = read_json(path / META_FILE)
-    if not isinstance(meta, dict):
+    if not isinstance(meta := read_json(path / META_FILE), dict):
         raise damaged(f"{META_FILE} is not a valid JSON object")
     if meta.get("format_version") not in READABLE_FORMAT_VERSIONS or meta.get("format") != INDEX_FORMAT:
         raise GalleryIndexError(f"index {display_path(path)!r} has format version {meta.get('format_version')}, "
@@ -297,8 +260,7 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
     if not (isinstance(count, int) and count > 0 and isinstance(dim, int) and dim > 0
             and isinstance(expected, str)):
         raise damaged(f"{META_FILE} lacks a valid count, embedding_dim or embeddings_sha256")
-    paths = read_json(path / PATHS_FILE)
-    if not (isinstance(paths, list) and all(isinstance(item, str) for item in paths)):
+    if not (isinstance(paths := read_json(path / PATHS_FILE), list) and all(isinstance(item, str) for item in paths)):
         raise damaged(f"{PATHS_FILE} is missing or not a JSON list of paths")
     if len(paths) != count:
         raise damaged(f"{PATHS_FILE} lists {len(paths)} paths, {META_FILE} says {count}")
@@ -323,42 +285,28 @@ def read_index(path: PathLike, mmap: bool = True, verify: bool = True) -> tuple[
         if file_sha256(path / EMBEDDINGS_FILE) != expected:
             raise damaged(f"{EMBEDDINGS_FILE} does not match the checksum recorded at build time")
         for start in range(0, count, DEFAULT_CHUNK_SIZE):
-            block = np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])
-            if not np.isfinite(block).all():
+            if not np.isfinite(block := np.asarray(embeddings[start:start + DEFAULT_CHUNK_SIZE])).all():
                 row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise damaged(f"{EMBEDDINGS_FILE} row {row} ({display_path(paths[row])}) is not finite")
-    backend = meta.get("backend", EXACT_BACKEND)
-    if not isinstance(backend, str) or not backend:
+    if not isinstance(backend := meta.get("backend", EXACT_BACKEND), str) or not backend:
         raise damaged(f"{META_FILE} has no valid backend")
     if not is_exact(backend):  # the approximate index: present, the size recorded, the bytes (verify)
-        ann_path = path / ANN_FILE
-        if not ann_path.is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
+        if not (ann_path := path / ANN_FILE).is_file() or ann_path.stat().st_size != meta.get("ann_bytes"):
             raise damaged(f"{ANN_FILE} (the {backend} index) is missing or has another size than recorded")
         if verify and file_sha256(ann_path) != meta.get("ann_sha256"):
             raise damaged(f"{ANN_FILE} does not match the checksum recorded at build time")
     return embeddings, paths, meta
 
 
-# --------------------------------------------------------------------------------------------
-# The model that made an index
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The model that made an index ----------------------------------------------------------------
 def _config_fingerprint(config) -> dict:
     """The parts of a config that shape an embedding, without keys that change on save/load."""
-    if config is None:
-        return {}
-    fields = {}
-    for name in ("text_config", "vision_config"):
-        sub_config = getattr(config, name, None)
-        if sub_config is not None:
-            fields[name] = {key: value for key, value in sub_config.to_dict().items()
-                            if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
-    for name in ("projection_dim", "image_size", "model_type"):
-        value = getattr(config, name, None)
-        if value is not None:
-            fields[name] = list(value) if isinstance(value, (tuple, list)) else value
-    return fields
+    fields = {name: {key: value for key, value in sub_config.to_dict().items()
+                     if not key.startswith("_") and key not in _VOLATILE_CONFIG_KEYS}
+              for name in ("text_config", "vision_config") if (sub_config := getattr(config, name, None)) is not None}
+    return dict(fields, **{name: list(value) if isinstance(value, (tuple, list)) else value
+                           for name in ("projection_dim", "image_size", "model_type")
+                           if (value := getattr(config, name, None)) is not None})
 
 
 def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> str:
@@ -367,15 +315,13 @@ def model_checksum(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) 
     state = model.state_dict()
     names = sorted(name for name in state if name.startswith(_ENCODER_PREFIXES)) or sorted(state)
     digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    digest.update(json.dumps(_config_fingerprint(config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_config_fingerprint(getattr(model, "config", None)), sort_keys=True, default=str).encode())
     for name in names:
         tensor = state[name].detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(memoryview(raw.numpy()))
+        digest.update(memoryview(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -384,15 +330,8 @@ def model_identifier(model: torch.nn.Module, model_id: Optional[str] = None) -> 
 
     Local folders are made absolute so that `decd-search query` can reload the model from anywhere.
     """
-    name = model_id if model_id is not None else getattr(model, "name_or_path", "") or ""
-    name = str(name)
-    if name and os.path.isdir(name):
-        return os.path.abspath(name)
-    return name or f"<in-memory {type(model).__name__}>"
-
-
-def _short(checksum: Optional[str]) -> str:
-    return (checksum or "unknown")[:12]
+    name = str(model_id if model_id is not None else getattr(model, "name_or_path", "") or "")
+    return os.path.abspath(name) if name and os.path.isdir(name) else name or f"<in-memory {type(model).__name__}>"
 
 
 def _dtype(model) -> Optional[str]:
@@ -422,17 +361,14 @@ def index_meta(model, processor, model_id: Optional[str], checksum: str, gallery
 def check_model(meta: dict, model, model_id: Optional[str] = None) -> None:
     """Raise `StaleIndexError` (naming both models) unless `model` has the checksum recorded in `meta`; when only the
     dtype differs (the same weights loaded in float16 for a float32 index, say), the message says so."""
-    checksum = model_checksum(model)
-    if checksum == meta.get("model_checksum"):
+    if (checksum := model_checksum(model)) == meta.get("model_checksum"):
         return
-    built = f"index built by {meta.get('model_id')} (checksum {_short(meta.get('model_checksum'))})"
-    given = f"model is {model_identifier(model, model_id)} (checksum {_short(checksum)})"
-    current = _dtype(model)
-    recorded = meta.get("model_dtype")
+    built = f"index built by {meta.get('model_id')} (checksum {(meta.get('model_checksum') or 'unknown')[:12]})"
+    given = f"model is {model_identifier(model, model_id)} (checksum {checksum[:12]})"
+    current, recorded = _dtype(model), meta.get("model_dtype")
     if recorded and current and current != recorded:
         same = (meta.get("model_checksum_as") or {}).get(current) == checksum
-        raise StaleIndexError(
-            f"{built} in {recorded}, {given} in {current}: " + (
+        raise StaleIndexError(f"{built} in {recorded}, {given} in {current}: " + (
                 f"the same weights in another dtype, whose embeddings differ slightly from the index's (enough to "
                 f"reorder close results); load the model in {recorded} (dtype=torch.{recorded}) or rebuild the index "
                 "with this one" if same else "another model in another dtype; rebuild the index"))

@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from .backends import EXACT_BACKEND
 from .display import display_path
 from .encode import (IMAGE_EXTENSIONS, encode_gallery, extension_names, join_batches, list_images, none_readable,
@@ -62,18 +60,27 @@ def open_gallery(model, processor, source: Any, *, batch_size: int = 64, show_pr
     if is_milvus_uri(source):
         index = MilvusGallery.open(source, collection=collection, token=token)
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if path.is_file():
+        if (path := Path(source).expanduser()).is_file():
             raise GalleryIndexError(f"the gallery {display_path(path)!r} is a file: give an index folder (built with "
                                     f"`decd-search index`) or a folder of images")
         if not path.is_dir() or is_index_folder(path):
             index = GalleryIndex.load(path, verify=verify)
-        else:
-            index = GalleryIndex(*_encode_folder(model, processor, path, extensions, batch_size, model_id,
-                                                 show_progress))
-            warn_skipped(index.skipped, index.meta["num_files"], index.meta["gallery_dir"],
-                         "the returned GalleryIndex's `skipped`", stacklevel=2)
-            return index
+        else:  # encoded in memory: the listing, batches and skipping of `build_index` (so the same embeddings)
+            extensions = extension_names(extensions)
+            files = list_images(path, extensions)
+            if model is None or processor is None:  # without a model, `open_gallery` opens an index only
+                raise IndexNotFoundError(f"{display_path(path)!r} has no {META_FILE}: not a gallery index (its "
+                                         f"images can only be searched with a model and processor to encode them)")
+            embeddings, paths, skipped = join_batches(list(encode_gallery(model, processor, path, files, batch_size,
+                                                                          show_progress=show_progress)))
+            meta = index_meta(model, processor, model_id, model_checksum(model), path, extensions, len(files))
+            if not paths:
+                raise none_readable(len(files), meta["gallery_dir"], skipped)
+            meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths),
+                        skipped=skipped, num_skipped=len(skipped))
+            warn_skipped(skipped, len(files), meta["gallery_dir"], "the returned GalleryIndex's `skipped`",
+                         stacklevel=2)
+            return GalleryIndex(embeddings, paths, meta)
     elif isinstance(source, Gallery):
         index = source
     elif isinstance(source, Sequence):
@@ -86,25 +93,3 @@ def open_gallery(model, processor, source: Any, *, batch_size: int = 64, show_pr
     if verify and model is not None:  # checked once here, not on every search
         index.verify_model(model, model_id)
     return index
-
-
-def _encode_folder(model, processor, gallery_dir: Path, extensions: Sequence[str], batch_size: int,
-                   model_id: Optional[str], show_progress: bool) -> tuple[np.ndarray, list[str], dict]:
-    """(embeddings [count, dim] float32, paths, meta) of every image under `gallery_dir`, kept in memory.
-
-    The same listing, batches and skipping of unreadable files as `build_index` with this `batch_size`
-    (so the same embeddings as the index it would write); `meta` lists the skipped files under `skipped`.
-    """
-    extensions = extension_names(extensions)
-    files = list_images(gallery_dir, extensions)
-    if model is None or processor is None:  # `open_gallery` without a model opens an index only
-        raise IndexNotFoundError(f"{display_path(gallery_dir)!r} has no {META_FILE}: not a gallery index (its images "
-                                 f"can only be searched with a model and processor to encode them)")
-    embeddings, paths, skipped = join_batches(list(encode_gallery(model, processor, gallery_dir, files, batch_size,
-                                                                  show_progress=show_progress)))
-    meta = index_meta(model, processor, model_id, model_checksum(model), gallery_dir, extensions, len(files))
-    if not paths:
-        raise none_readable(len(files), meta["gallery_dir"], skipped)
-    meta.update(backend=EXACT_BACKEND, embedding_dim=int(embeddings.shape[1]), count=len(paths), skipped=skipped,
-                num_skipped=len(skipped))
-    return embeddings, paths, meta

@@ -1,8 +1,5 @@
 """`GalleryIndex`: a gallery's embeddings, their paths and the model that made them; building, opening, searching.
-
-The index folder: `decd.search.format` (docs/index-format.md); its build: `decd.search.build`; the exact and FAISS
-searches: `decd.search.backends`.
-"""
+The index folder: `decd.search.format`; its build: `decd.search.build`; its searches: `decd.search.backends`."""
 
 from __future__ import annotations
 
@@ -40,13 +37,10 @@ class GalleryIndex(Gallery):
             raise ValueError(f"embeddings must be [count, dim], got shape {embeddings.shape}")
         if paths is not None and len(paths) != embeddings.shape[0]:
             raise ValueError(f"{len(paths)} paths for {embeddings.shape[0]} embeddings")
-        self.embeddings = embeddings
-        self.paths = paths
-        self.meta = meta
+        self.embeddings, self.paths, self.meta = embeddings, paths, meta
         self.path = Path(path) if path is not None else None
         self._faiss_index = self._ann_index = None  # FAISS indexes, built or read on first use
 
-    # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
@@ -71,13 +65,10 @@ class GalleryIndex(Gallery):
     def file_status(self, row: int) -> Optional[str]:
         """"deleted" or "changed" when the image of gallery row `row` is gone or differs from the one embedded (its
         size or time), None when it is the same or the index records no fingerprints (older indexes)."""
-        fingerprints = self.meta.get("fingerprints")
-        if fingerprints is None or self.paths is None or row < 0:
+        if (fingerprints := self.meta.get("fingerprints")) is None or self.paths is None or row < 0:
             return None
         current = file_fingerprint(self.image_path(row))
-        if current is None:
-            return "deleted"
-        return None if current == list(fingerprints[row]) else "changed"
+        return "deleted" if current is None else None if current == list(fingerprints[row]) else "changed"
 
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of gallery row `index` (None without paths)."""
@@ -86,7 +77,6 @@ class GalleryIndex(Gallery):
         relative = self.paths[int(index)]
         return self.gallery_dir / relative if self.gallery_dir is not None else Path(relative)
 
-    # ---- building ---------------------------------------------------------------------------------
     # written in decd.search.build: `build` is the build itself, which returns the finished index
     build = classmethod(build_index)
 
@@ -99,18 +89,14 @@ class GalleryIndex(Gallery):
         Paths are kept as given (`paths`, `None` if any item is a PIL image). Unreadable items raise:
         a list the caller assembled is expected to be valid, unlike a folder scan.
         """
-        images = list(images)
-        if not images:
+        if not (images := list(images)):
             raise GalleryIndexError("the gallery is an empty list of images")
         embeddings = embed_images(model, processor, images, batch_size, show_progress=show_progress).numpy()
-        has_paths = all(isinstance(item, (str, os.PathLike)) for item in images)
-        paths = [str(item) for item in images] if has_paths else None
-        meta = dict(model_meta(model, processor, model_id, model_checksum(model)),
-                    embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images), skipped=[],
-                    num_skipped=0)
-        return cls(embeddings, paths, meta)
+        paths = [str(item) for item in images] if all(isinstance(item, (str, os.PathLike)) for item in images) else None
+        return cls(embeddings, paths, dict(model_meta(model, processor, model_id, model_checksum(model)),
+                                           embedding_dim=int(embeddings.shape[1]), gallery_dir=None, count=len(images),
+                                           skipped=[], num_skipped=0))
 
-    # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: PathLike, mmap: bool = True, verify: bool = True) -> "GalleryIndex":
         """Open an index folder written by `build`, checking that it is whole.
@@ -118,11 +104,10 @@ class GalleryIndex(Gallery):
         Args:
             path: the index folder.
             mmap: memory-map the embeddings (no read up front) instead of reading them into memory.
-            verify: also read the whole embeddings file once to check its sha256 against the one
-                recorded at build time and that every value is finite (one read of the file: a 10^6-image
-                index at dim 512 is 2 GB). `verify=False` keeps the cheap
-                checks only (JSON, shapes, dtype, counts): for an index verified before, when
-                opening must be instant.
+            verify: also read the whole embeddings file once to check its sha256 against the one recorded at build time
+                and that every value is finite (one read of the file: a 10^6-image index at dim 512 is 2 GB).
+                `verify=False` keeps the cheap checks only (JSON, shapes, dtype, counts): for an index verified before,
+                when opening must be instant.
 
         Raises:
             IndexNotFoundError: no such folder, or an unfinished build.
@@ -130,7 +115,6 @@ class GalleryIndex(Gallery):
         """
         return cls(*read_index(path, mmap, verify), path)
 
-    # ---- searching --------------------------------------------------------------------------------
     def search(self, queries: Union[torch.Tensor, np.ndarray, str, Sequence[str]], top_k: int = 10,
                chunk_size: int = DEFAULT_CHUNK_SIZE, backend: Optional[str] = None, model=None, processor=None,
                device: Optional[Union[str, torch.device]] = None, nprobe: Optional[int] = None,
@@ -139,31 +123,29 @@ class GalleryIndex(Gallery):
         """Rank the gallery for each query by cosine similarity.
 
         Args:
-            queries: query embeddings [num_queries, dim] or [dim] (normalised here), or description(s)
-                (str / list of str), which need `model` and `processor` (see `search_text`).
+            queries: query embeddings [num_queries, dim] or [dim] (normalised here), or description(s) (str / list of
+                str), which need `model` and `processor` (see `search_text`).
             top_k: results per query (clamped to the gallery size).
             chunk_size: gallery rows scored at once (exact backend); results do not depend on it.
-            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact"
-                when none); "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss"
-                (`faiss.IndexFlatIP`, also exact; needs faiss installed, keeps its own copy of the
-                embeddings, and orders equal scores its own way); or the index's own FAISS factory string
-                (an approximate search in `ann.faiss`: rows it could not fill get index -1, score -inf
-                and path None).
+            backend: None (default): the backend the index was built with (`meta["backend"]`, "exact" when none);
+                "exact" (chunked matrix multiply + top-k, ties by lower gallery index); "faiss" (`faiss.IndexFlatIP`,
+                also exact; needs faiss installed, keeps its own copy of the embeddings, and orders equal scores its own
+                way); or the index's own FAISS factory string (an approximate search in `ann.faiss`: rows it could not
+                fill get index -1, score -inf and path None).
             device: where the exact backend multiplies (default CPU).
             nprobe: IVF lists visited per query (default DEFAULT_NPROBE): more is slower and closer to exact.
             ef_search: HNSW candidate list size (default DEFAULT_EF_SEARCH, raised to top_k): likewise.
-            rerank: approximate backends: fetch this many candidates and re-score them exactly against
-                `embeddings` (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`.
-                Restores the ranking a compressed (PQ) index loses; None or 0: the index's own scores.
+            rerank: approximate backends: fetch this many candidates and re-score them exactly against `embeddings`
+                (`rerank_exact`; read from disk when memory-mapped), keeping the best `top_k`. Restores the ranking a
+                compressed (PQ) index loses; None or 0: the index's own scores.
             filter: none (a local index has no fields to filter on: GalleryIndexError).
         """
         filter_options(self, filter)
         if is_text(queries):
             if model is None or processor is None:
                 raise ValueError("searching with text needs `model` and `processor` (or pass embeddings)")
-            return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size,
-                                    backend=backend, device=device, nprobe=nprobe, ef_search=ef_search,
-                                    rerank=rerank)
+            return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size, backend=backend,
+                                    device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         top_k = check_top_k(top_k)
         queries = query_embeddings(queries, self.embedding_dim)
         recorded = self.backend
@@ -176,8 +158,8 @@ class GalleryIndex(Gallery):
             import_faiss()  # without faiss: the ImportError names backend 'faiss'
             if self._faiss_index is None:  # a flat inner-product index (IndexFlatIP), filled a chunk at a time
                 self._faiss_index = build_ann_index(self.embeddings, "Flat")
-            found = ann_search(self._faiss_index, queries.cpu().numpy(), min(top_k, len(self)))
-            scores, indices = torch.from_numpy(found[0]), torch.from_numpy(found[1])
+            scores, indices = map(torch.from_numpy, ann_search(self._faiss_index, queries.cpu().numpy(),
+                                                               min(top_k, len(self))))
         elif backend == recorded:
             top_k = min(top_k, len(self))
             fetch = min(max(int(rerank or 0), top_k), len(self))

@@ -130,8 +130,7 @@ def query_embeddings(queries: Union[torch.Tensor, np.ndarray], embedding_dim: in
     """Query embeddings as L2-normalised float32 [num_queries, embedding_dim] (a [dim] vector is one query);
     ValueError naming the shape otherwise."""
     queries = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
-    if queries.ndim == 1:
-        queries = queries[None]
+    queries = queries[None] if queries.ndim == 1 else queries
     if queries.ndim != 2 or queries.shape[1] != embedding_dim:
         raise ValueError(f"queries must be [num_queries, {embedding_dim}], got {tuple(queries.shape)}")
     return F.normalize(queries.float(), dim=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -30,6 +31,7 @@ from .store import (KEY_FIELD, MAX_PATH_BYTES, META_PROPERTY, MILVUS_FORMAT, MIL
                     milvus_index, parse_location, stat_text)
 
 logger = logging.getLogger(__name__)
+_SURROGATES = re.compile("[\ud800-\udfff]")  # what a file name that is not UTF-8 holds (surrogateescape)
 
 
 @torch.no_grad()
@@ -41,61 +43,55 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
     """Write (or bring up to date) the collection of every image under `gallery_dir` in the Milvus `store`.
 
     Args:
-        store: a Milvus Lite path (`gallery.db`, created if needed) or `http://host:port`, optionally
-            followed by `/COLLECTION` (docs/milvus.md).
+        store: a Milvus Lite path (`gallery.db`, created if needed) or `http://host:port`, optionally followed by
+            `/COLLECTION` (docs/milvus.md).
         collection: the collection (default: named in `store`, else `default_collection_name(gallery_dir)`).
         token: for a server that needs one (default: $DECD_MILVUS_TOKEN).
-        metadata: a CSV with a `path` column and one column per scalar field (`read_metadata`); every image
-            needs a row. A collection built with metadata needs the same columns on every update.
+        metadata: a CSV with a `path` column and one column per scalar field (`read_metadata`); every image needs a row.
+            A collection built with metadata needs the same columns on every update.
         batch_size: images per forward pass (and per insert).
-        resume: True: bring an existing collection up to date: insert the images it lacks, re-embed those
-            whose bytes changed (sha256), delete rows of files that are gone, rewrite rows whose metadata or
-            file stat changed with their stored embedding. An interrupted build resumes this way. False:
-            drop the collection and build it again (for another model).
+        resume: True: bring an existing collection up to date (docs/milvus.md, "Keeping it current"); an interrupted
+            build resumes this way. False: drop the collection and build it again (for another model).
         max_batches: stop (`BuildInterrupted`) after this many batches of this call; for time-boxed jobs and tests.
-        backend: the vector index (`milvus_index`): None keeps an existing collection's and gives FLAT (exact)
-            to a new one; another index than the collection's re-indexes it without re-embedding.
-        distributed: an `accelerate` `PartialState` (`decd.processes.process_state`) when several processes
-            build together (torchrun or accelerate launch, a server only): each process embeds and inserts a
-            contiguous share of the files to encode; the main process creates the collection and deletes rows of
-            files that are gone.
-        replace: an existing collection of another gallery folder becomes this folder's (rows of images it
-            lacks are deleted); without it, such a collection is refused, nothing changed.
+        backend: the vector index (`milvus_index`): None keeps an existing collection's and gives FLAT (exact) to a new
+            one; another index than the collection's re-indexes it without re-embedding.
+        distributed: an `accelerate` `PartialState` (`decd.processes.process_state`) when several processes build
+            together (torchrun or accelerate launch, a server only): each process embeds and inserts a contiguous share
+            of the files to encode; the main process creates the collection and deletes rows of files that are gone.
+        replace: an existing collection of another gallery folder becomes this folder's (rows of images it lacks are
+            deleted); without it, such a collection is refused, nothing changed.
 
-    On a server, the build holds the collection's lease (`decd.search.milvus.lease`) from start to end: a second
-    build of the collection, of any folder, is refused while it runs, naming it (process, host, folder).
+    On a server, the build holds the collection's lease (`decd.search.milvus.lease`) from start to end: a second build
+    of the collection, of any folder, is refused while it runs, naming it (process, host, folder).
 
-    Unreadable files are skipped with one `SkippedImagesWarning` (listed in the result's `skipped`, and
-    tried again on the next build); metadata rows naming no image of the folder, with one
-    `MetadataRowsWarning`. Returns the opened `MilvusGallery` with `changes` = {"new", "changed", "updated",
-    "removed", "unchanged"} counts, on the main process; None on the others.
+    Unreadable files are skipped with one `SkippedImagesWarning` (listed in the result's `skipped`, and tried again on
+    the next build); metadata rows naming no image of the folder, with one `MetadataRowsWarning`. Returns the opened
+    `MilvusGallery` with `changes` = {"new", "changed", "updated", "removed", "unchanged"} counts, on the main process;
+    None on the others.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     state = distributed if distributed is not None else SingleProcess()
     main, rank, world = state.is_main_process, int(state.process_index), int(state.num_processes)
     gallery_dir, extensions = Path(gallery_dir), extension_names(extensions)
-    location = parse_location(store, collection)
-    if location.lite and world > 1:
+    if (location := parse_location(store, collection)).lite and world > 1:
         raise MilvusStoreError(f"Milvus Lite ({display_path(location.uri)}) lets one process open a store: build "
                                f"with one process, or into a Milvus server (--store http://HOST:19530)")
     wanted = milvus_index(backend, location.lite) if backend is not None else None
     files = list_images(gallery_dir, extensions)
     types, values = read_metadata(metadata) if metadata is not None else ({}, {})
-    missing = [path for path in files if metadata is not None and path not in values]
-    if missing:
+    if missing := [path for path in files if metadata is not None and path not in values]:
         examples = ", ".join(display_path(path) for path in missing[:3])
         raise MilvusStoreError(f"the metadata file {display_path(metadata)!r} has no row for {len(missing)} of the "
                                f"{len(files)} images (e.g. {examples}); every image needs one")
     unmatched = sorted(set(values) - set(files))  # metadata rows naming no image: named once the build is done
-    dim = getattr(getattr(model, "config", None), "projection_dim", None)
-    if not isinstance(dim, int):
+    if not isinstance(dim := getattr(getattr(model, "config", None), "projection_dim", None), int):
         raise ValueError(f"cannot tell the embedding size of {type(model).__name__} (no config.projection_dim)")
     checksum = model_checksum(model)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = dict(model_meta(model, processor, model_id, checksum), format=MILVUS_FORMAT,
                 format_version=MILVUS_FORMAT_VERSION, embedding_dim=dim, gallery_dir=str(gallery_dir.resolve()),
-                extensions=list(extensions), metadata_fields=types, updated=now, num_files=len(files))
+                extensions=list(extensions), metadata_fields=types, num_files=len(files),
+                updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     target = MilvusCollection(connect(location, token, create=True), location,
                               location.collection or default_collection_name(gallery_dir))
     # On a server, the main process holds the collection's lease from its checks to the end, checked before each write.
@@ -156,8 +152,7 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
                                    f"written; build again with the same model and folder to resume")
         if not main:
             return None
-        for key in ("new", "changed", "updated"):  # the whole build's, not the main process's share's
-            changes[key] = sum(share["changes"][key] for share in shares)
+        changes.update({key: sum(share["changes"][key] for share in shares) for key in own["changes"]})  # all shares'
         skipped = unstorable + [item for share in shares for item in share["skipped"]]
         if lease is not None:
             lease.check()
@@ -167,8 +162,13 @@ def build_collection(cls, model, processor, gallery_dir: PathLike, store: Union[
             lease.release()
     warn_skipped(skipped, len(files), meta["gallery_dir"],
                  "the returned MilvusGallery's `skipped`; they are tried again on the next build", stacklevel=3)
-    if unmatched:
-        warnings.warn(unmatched_rows_message(metadata, unmatched, gallery_dir), MetadataRowsWarning, stacklevel=3)
+    if unmatched:  # metadata rows whose path names no image of the gallery: not stored
+        examples = ", ".join(repr(display_path(path)) for path in unmatched[:5])
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        warnings.warn(f"{len(unmatched)} row(s) of the metadata file {display_path(metadata)!r} name no image of "
+                      f"{display_path(str(gallery_dir))!r} and were not stored: {examples}{more}; a row's path is the "
+                      f"image's path relative to the gallery folder, as decd-search prints it: correct those rows, or "
+                      f"remove them if their images are gone", MetadataRowsWarning, stacklevel=3)
     gallery = cls(target, *target.record())
     gallery.skipped, gallery.changes = skipped, changes
     return gallery
@@ -194,11 +194,10 @@ def _check_collection(target: MilvusCollection, existing: Optional[tuple[Optiona
             f"was changed: pass --replace (replace=True) to make it this folder's gallery (the rows of images this "
             f"folder lacks are deleted), or choose another --collection")
     if stored_meta.get("model_checksum") != meta["model_checksum"]:
-        raise StaleIndexError(
-            f"{target.where} holds embeddings of {stored_meta.get('model_id')} (checksum "
-            f"{str(stored_meta.get('model_checksum'))[:12]}), this model is {meta['model_id']} (checksum "
-            f"{meta['model_checksum'][:12]}): pass --no-resume (resume=False) to replace them, or choose "
-            f"another --collection")
+        raise StaleIndexError(f"{target.where} holds embeddings of {stored_meta.get('model_id')} (checksum "
+                              f"{str(stored_meta.get('model_checksum'))[:12]}), this model is {meta['model_id']} "
+                              f"(checksum {meta['model_checksum'][:12]}): pass --no-resume (resume=False) to replace "
+                              f"them, or choose another --collection")
     if metadata is not None:
         read_metadata(metadata, stored_types)  # the same columns, with values of the fields' types
     elif stored_types:
@@ -242,18 +241,11 @@ def _plan(gallery_dir: Path, files: list[str], stored: dict[str, list[dict]], va
     stored = dict(stored)
     for path in files:
         rows = stored.pop(path, [])
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            skipped.append(dict(path=path, error="the file name is not valid UTF-8, which Milvus stores text as; "
-                                                  "rename the file"))
-            continue
-        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
-            skipped.append(dict(path=path, error=f"the path is longer than {MAX_PATH_BYTES} bytes"))
-            continue
-        stat = stat_text(gallery_dir / path)
-        if stat is None:
-            skipped.append(dict(path=path, error="the file is gone or cannot be read (stat failed)"))
+        error = ("the file name is not valid UTF-8, which Milvus stores text as; rename the file"
+                 if _SURROGATES.search(path) else f"the path is longer than {MAX_PATH_BYTES} bytes"
+                 if len(path.encode("utf-8")) > MAX_PATH_BYTES else None)
+        if error or (stat := stat_text(gallery_dir / path)) is None:
+            skipped.append(dict(path=path, error=error or "the file is gone or cannot be read (stat failed)"))
             continue
         wanted = values.get(path, {})
         if not rows:
@@ -268,8 +260,7 @@ def _plan(gallery_dir: Path, files: list[str], stored: dict[str, list[dict]], va
             unchanged += 1
             continue
         work.append(_Item(path, action, rows, stat, wanted))
-    gone = [int(row[KEY_FIELD]) for rows in stored.values() for row in rows]
-    return work, gone, unchanged, skipped
+    return work, [int(row[KEY_FIELD]) for rows in stored.values() for row in rows], unchanged, skipped
 
 
 class _Writer:
@@ -279,8 +270,7 @@ class _Writer:
 
     def __init__(self, target: MilvusCollection, gallery_dir: Path, work: list[_Item], changes: dict,
                  lease: Optional[CollectionLease] = None):
-        self.target, self.gallery_dir = target, gallery_dir
-        self.lease = lease  # held by the main process on a server: checked before each write
+        self.target, self.gallery_dir, self.lease = target, gallery_dir, lease  # lease: checked before each write
         self.items = {item.path: item for item in work}
         self.changes, self.skipped = changes, []  # the files of this process's share that could not be read
         self.digests: dict[str, Union[str, Exception]] = {}  # sha256 of the current batch's files (or why not)
@@ -321,9 +311,8 @@ class _Writer:
         rows = [gallery_row(embedding, path, digests[path], self.items[path].stat, self.items[path].metadata)
                 for embedding, path in zip(batch.embeddings, batch.paths)] if batch.paths else []
         if kept:
-            found = self.target.call("reading stored embeddings", "get", ids=[int(item.rows[0][KEY_FIELD])
-                                                                              for item in kept],
-                                     output_fields=[VECTOR_FIELD], consistency_level="Strong")
+            found = self.target.call("reading stored embeddings", "get", output_fields=[VECTOR_FIELD],
+                                     ids=[int(item.rows[0][KEY_FIELD]) for item in kept], consistency_level="Strong")
             vectors = {int(row[KEY_FIELD]): row[VECTOR_FIELD] for row in found}
             kept = [(item, int(item.rows[0][KEY_FIELD])) for item in kept if int(item.rows[0][KEY_FIELD]) in vectors]
             rows += [gallery_row(vectors[key], item.path, item.rows[0][SHA_FIELD], item.stat, item.metadata)
@@ -334,16 +323,6 @@ class _Writer:
             self.target.insert_rows(rows)
         if replaced:
             self.target.delete_rows(replaced)
-
-
-def unmatched_rows_message(metadata, unmatched: list[str], gallery_dir: Path) -> str:
-    """What to say of the metadata rows whose path names no image of the gallery (they are not stored)."""
-    examples = ", ".join(repr(display_path(path)) for path in unmatched[:5])
-    more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
-    return (f"{len(unmatched)} row(s) of the metadata file {display_path(metadata)!r} name no image of "
-            f"{display_path(str(gallery_dir))!r} and were not stored: {examples}{more}; a row's path is the image's "
-            f"path relative to the gallery folder, as decd-search prints it: correct those rows, or remove them if "
-            f"their images are gone")
 
 
 def finish_build(target: MilvusCollection, meta: dict, wanted: Optional[tuple[str, dict]], wrote: bool,
@@ -362,8 +341,7 @@ def finish_build(target: MilvusCollection, meta: dict, wanted: Optional[tuple[st
     if target.location.lite:
         _wait_for_lite_index(target, kind, show_progress)
         return
-    info = target.index_info()
-    if _index_done(info):
+    if _index_done(info := target.index_info()):
         return
     with tqdm(total=int(info.get("total_rows") or 0), desc=f"Milvus building the {kind} index", unit="row",
               disable=not show_progress) as bar:
@@ -396,8 +374,7 @@ def _wait_for_lite_index(target: MilvusCollection, kind: str, show_progress: boo
 
         engine = server_manager_instance._servers[os.path.abspath(target.location.uri)][1]
         database = target.location.db_name
-        drain = engine.get_collection(target.name, **({"database_name": database} if database else {}))
-        drain = drain._wait_for_bg
+        drain = engine.get_collection(target.name, **({"database_name": database} if database else {}))._wait_for_bg
     except (ImportError, AttributeError, KeyError, TypeError, IndexError):
         return
     with tqdm(total=None, desc=f"Milvus Lite building the {kind} index", bar_format="{desc}: {elapsed}",

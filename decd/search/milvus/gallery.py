@@ -37,8 +37,7 @@ class MilvusGallery(Gallery):
 
     def __init__(self, collection: MilvusCollection, meta: dict, metadata_fields: dict,
                  consistency: str = DEFAULT_CONSISTENCY):
-        self.collection, self.meta = collection, meta
-        self.metadata_fields = dict(metadata_fields)
+        self.collection, self.meta, self.metadata_fields = collection, meta, dict(metadata_fields)
         self.consistency = consistency
         self.path = None  # no index folder: the embeddings live in Milvus
         self.skipped: list[dict] = []  # unreadable files the last `build` of this object left out
@@ -51,7 +50,6 @@ class MilvusGallery(Gallery):
     # written in decd.search.milvus.build: `build` is the build itself, which returns the opened gallery
     build = classmethod(build_collection)
 
-    # ---- opening ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, source: Union[str, os.PathLike], collection: Optional[str] = None, token: Optional[str] = None,
              consistency: str = DEFAULT_CONSISTENCY) -> "MilvusGallery":
@@ -63,8 +61,7 @@ class MilvusGallery(Gallery):
         location = parse_location(source, collection)
         client = connect(location, token)
         names = call_milvus(location, "listing collections", client.list_collections)
-        name = location.collection
-        if name is None or name not in names:  # the DECD collections there, to choose from
+        if (name := location.collection) is None or name not in names:  # the DECD collections there, to choose from
             ours = [candidate for candidate in names
                     if MilvusCollection(client, location, candidate).record()[0] is not None]
         if name is None:
@@ -91,7 +88,6 @@ class MilvusGallery(Gallery):
         check_gallery_paths(found.read_paths(consistency), gallery_dir, f"{found.where} (its rows' {PATH_FIELD})")
         return cls(found, meta, fields, consistency)
 
-    # ---- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._count
 
@@ -141,8 +137,7 @@ class MilvusGallery(Gallery):
     def _checked(self, key: int, relative: str) -> str:
         """`relative`, a row's path, if `path_problem` accepts it; MilvusStoreError naming the row otherwise (a row
         written into the collection after it was opened)."""
-        problem = path_problem(relative)
-        if problem is not None:
+        if (problem := path_problem(relative)) is not None:
             raise MilvusStoreError(f"{self.collection.where}: the row with key {key} ({display_path(str(relative))!r}) "
                                    f"{problem}; it was written by something other than decd-search: nothing was "
                                    f"returned; rebuild the collection from the gallery folder with `decd-search index "
@@ -152,7 +147,6 @@ class MilvusGallery(Gallery):
     def close(self) -> None:
         self.collection.client.close()
 
-    # ---- searching --------------------------------------------------------------------------------
     def verify_model(self, model, model_id: Optional[str] = None) -> None:
         """Raise `StaleIndexError` (naming both models and the collection) unless `model` built the collection."""
         try:
@@ -190,8 +184,7 @@ class MilvusGallery(Gallery):
         if rerank:
             raise MilvusStoreError("--rerank (rerank=) re-scores from a local index's embeddings.npy; a Milvus "
                                    "collection has none: give none (choose FLAT for exact scores)")
-        unknown = set(unused) - {"chunk_size", "device"}
-        if unknown:
+        if unknown := set(unused) - {"chunk_size", "device"}:
             raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
         top_k = check_top_k(top_k)
         queries = query_embeddings(queries, self.embedding_dim).cpu().numpy()
@@ -216,25 +209,20 @@ class MilvusGallery(Gallery):
         width = max([len(row) for row in hits] + [0])
         scores = np.full((len(queries), width), -np.inf, dtype=np.float32)
         keys = np.full((len(queries), width), -1, dtype=np.int64)
-        paths: list[list[Optional[str]]] = [[None] * width for _ in range(len(queries))]
-        status: list[list[Optional[str]]] = [[None] * width for _ in range(len(queries))]
+        paths, status = ([[None] * width for _ in range(len(queries))] for _ in range(2))  # a path, a file status
         for row, found in enumerate(hits):
             for place, hit in enumerate(found):
                 key = int(hit[KEY_FIELD])
                 path = self._checked(key, hit["entity"][PATH_FIELD])
                 scores[row, place], keys[row, place], paths[row][place] = hit["distance"], key, path
-                status[row][place] = self._file_status(path, hit["entity"][STAT_FIELD])
+                # "deleted" / "changed" when the file is gone or has another size or time than when its row was
+                # written (as a local index's `file_status`); None when it is the same or the gallery folder unknown
+                stat = hit["entity"][STAT_FIELD]
+                current = stat_text(self.gallery_dir / path) if self.gallery_dir is not None else stat
+                status[row][place] = "deleted" if current is None else None if current == stat else "changed"
                 self._remember(key, path)
         # "top p% of N" counts the images the filter lets through (at least those found, should rows arrive between
         # the search and the count)
         searched = self.collection.count_rows(self.consistency, filter) if filter else len(self)
         return SearchResult(scores=torch.from_numpy(scores), indices=torch.from_numpy(keys), paths=paths,
                             status=status, searched=max(searched, width))
-
-    def _file_status(self, path: str, stat: str) -> Optional[str]:
-        """"deleted" or "changed" when the image's file is gone or has another size or time than when its row was
-        written (as a local index's `file_status`), None when it is the same (or the gallery folder is unknown)."""
-        if self.gallery_dir is None:
-            return None
-        current = stat_text(self.gallery_dir / path)
-        return "deleted" if current is None else None if current == stat else "changed"

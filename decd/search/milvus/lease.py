@@ -1,15 +1,9 @@
-"""One writer per collection on a Milvus server: the lease a build holds while it writes (docs/milvus.md).
-
-Milvus has no conditional write, but creating a collection is decided by the server alone, one request after
-another: the lease is a small collection, `decd_lease_<collection>`, created by the build that takes it, its holder
-recorded in its `decd.lease` property (a token of its own, user, host, process id, gallery folder, start and expiry).
-A build that finds another holder's lease refuses to start, naming it; the holder renews the expiry while it runs and
-drops the lease when it ends, so the lease of a build that was killed expires and is taken over. Milvus Lite needs
-none: it lets one process open a store.
-"""
+"""One writer per collection on a Milvus server: the lease a build holds while it writes, a small collection
+`decd_lease_<collection>` (docs/milvus.md, "One build at a time"; Milvus Lite needs none)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import getpass
 import hashlib
@@ -34,9 +28,7 @@ LEASE_PREFIX = "decd_lease_"
 def lease_name(collection: str) -> str:
     """The lease collection of `collection`: a valid Milvus name (at most 255 characters) of its own."""
     name = LEASE_PREFIX + collection
-    if len(name) > 255:
-        name = f"{name[:230]}_{hashlib.sha256(collection.encode()).hexdigest()[:20]}"
-    return name
+    return name if len(name) <= 255 else f"{name[:230]}_{hashlib.sha256(collection.encode()).hexdigest()[:20]}"
 
 
 def _when(seconds: float) -> str:
@@ -44,7 +36,7 @@ def _when(seconds: float) -> str:
 
 
 class CollectionLease:
-    """The lease of one build on `collection` (see the module docstring): `acquire` takes it or raises
+    """The lease of one build on `collection` (docs/milvus.md): `acquire` takes it or raises
     MilvusStoreError naming the build that holds it (nothing changed); `check` raises if it was lost (its expiry
     passed without a renewal, or another build took it over); `release` drops it (when it is still this build's).
 
@@ -63,7 +55,6 @@ class CollectionLease:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    # ---- the record -------------------------------------------------------------------------------
     def _read(self) -> Optional[dict]:
         """The lease record in Milvus, or None when there is no lease ({} for one no build wrote)."""
         if not self.lease.exists():
@@ -80,19 +71,16 @@ class CollectionLease:
                 f"{display_path(str(record.get('gallery_dir')))!r}, started {_when(float(record.get('started') or 0))}"
                 f", its lease valid until {_when(float(record.get('expires') or 0))}")
 
-    # ---- taking, keeping and dropping it ----------------------------------------------------------
     def acquire(self) -> "CollectionLease":
         for _ in range(5):
-            record = self._read()
-            if record is not None:
+            if (record := self._read()) is not None:
                 if record == {}:
                     raise MilvusStoreError(f"{self.lease.where} exists and is not a decd-search lease; nothing was "
                                            f"changed: drop it, or choose another --collection")
                 if float(record.get("expires") or 0) > time.time():
-                    raise MilvusStoreError(
-                        f"{self.collection.where} is being written by another build ({self.describe(record)}); nothing "
-                        f"was changed: wait for it to end, or, if that process is gone, run again once its lease has "
-                        f"expired")
+                    raise MilvusStoreError(f"{self.collection.where} is being written by another build "
+                                           f"({self.describe(record)}); nothing was changed: wait for it to end, or, "
+                                           "if that process is gone, run again once its lease has expired")
                 # A stale lease (its build was killed): dropped if it is still that one, then taken.
                 if (self._read() or {}).get("token") == record["token"]:
                     self.lease.call("dropping a stale lease", "drop_collection")
@@ -115,16 +103,15 @@ class CollectionLease:
         schema.add_field("unused", pymilvus.DataType.FLOAT_VECTOR, dim=2)  # a collection needs a vector field
         try:
             self.lease.create(schema, {LEASE_PROPERTY: json.dumps(self.record)})
+            return True
         except MilvusStoreError:
             return False
-        return True
 
     def _renew(self) -> None:
         """The renewal thread: push the expiry forward every RENEW_SECONDS while the lease is still this build's."""
         while not self._stop.wait(min(RENEW_SECONDS, self.seconds / 3)):
             try:
-                current = self._read()
-                if current is None or current.get("token") != self.token:
+                if (current := self._read()) is None or current.get("token") != self.token:
                     self.lost = (f"another build took it over ({self.describe(current)})" if current
                                  else "it was dropped by another process")
                     return
@@ -148,8 +135,6 @@ class CollectionLease:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        try:
+        with contextlib.suppress(MilvusStoreError):  # the server went away: the lease expires on its own
             if (self._read() or {}).get("token") == self.token:
                 self.lease.call("dropping the lease", "drop_collection")
-        except MilvusStoreError:
-            pass  # the server went away: the lease expires on its own

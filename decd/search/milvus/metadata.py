@@ -3,10 +3,10 @@ its columns typed as INT64, DOUBLE or VARCHAR scalar fields that filters can use
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import re
-from pathlib import Path
 from typing import Optional
 
 from ..display import display_path
@@ -25,25 +25,18 @@ def _metadata_type(values: list[str]) -> str:
     """int when every value is an integer in int64's range, float when every value is a finite number, else str."""
     if all(re.fullmatch(r"[+-]?\d+", value) and _INT64[0] <= int(value) <= _INT64[1] for value in values):
         return "int"
-    try:
+    with contextlib.suppress(ValueError):
         if all(math.isfinite(float(value)) for value in values):
             return "float"
-    except ValueError:
-        pass
     return "str"
 
 
 def _typed(value: str, kind: str, where: str):
     """`value` (CSV text) as `kind`; MilvusStoreError naming `where` when it is not one."""
     try:
-        if kind == "int":
-            number = int(value)
-            if not _INT64[0] <= number <= _INT64[1]:
-                raise ValueError(value)
-            return number
-        if kind == "float":
-            number = float(value)
-            if not math.isfinite(number):
+        if kind in ("int", "float"):
+            number = int(value) if kind == "int" else float(value)
+            if not (_INT64[0] <= number <= _INT64[1] if kind == "int" else math.isfinite(number)):
                 raise ValueError(value)
             return number
     except ValueError:
@@ -62,7 +55,6 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
     inferred (`_metadata_type`), or given by `types` (an existing collection's fields: the CSV must have exactly
     those columns). Raises MilvusStoreError naming the file, the line and the column.
     """
-    csv_path = Path(csv_path)
     name = display_path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as file:
@@ -73,8 +65,7 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
         raise MilvusStoreError(f"cannot read the metadata file {name!r}: {error.strerror or error}") from None
     except (UnicodeDecodeError, csv.Error) as error:
         raise MilvusStoreError(f"the metadata file {name!r} is not a UTF-8 CSV file ({error})") from None
-    header = [column.strip() for column in header or []]
-    if PATH_FIELD not in header:
+    if PATH_FIELD not in (header := [column.strip() for column in header or []]):
         raise MilvusStoreError(f"the metadata file {name!r} has no {PATH_FIELD!r} column (the image's path relative to "
                                f"the gallery folder); its columns: {', '.join(header) or 'none'}")
     columns = [column for column in header if column != PATH_FIELD]
@@ -92,10 +83,8 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
         if len(row) != len(header):
             raise MilvusStoreError(f"{name} line {number} has {len(row)} cells for {len(header)} columns")
         record = dict(zip(header, (cell.strip() for cell in row)))
-        path = record.pop(PATH_FIELD)
-        if not path or path in rows:
-            problem = "an empty path" if not path else f"{path!r} appears twice"
-            raise MilvusStoreError(f"{name} line {number}: {problem}")
+        if not (path := record.pop(PATH_FIELD)) or path in rows:
+            raise MilvusStoreError(f"{name} line {number}: {f'{path!r} appears twice' if path else 'an empty path'}")
         for column, value in record.items():
             if not value:
                 raise MilvusStoreError(f"{name} line {number} ({path}): column {column!r} is empty; every image needs "
@@ -103,6 +92,5 @@ def read_metadata(csv_path: PathLike, types: Optional[dict] = None) -> tuple[dic
         rows[path] = record
     if types is None:
         types = {column: _metadata_type([record[column] for record in rows.values()]) for column in columns}
-    values = {path: {column: _typed(record[column], types[column], f"{name} ({path}), column {column!r}")
-                     for column in types} for path, record in rows.items()}
-    return dict(types), values
+    return dict(types), {path: {column: _typed(record[column], types[column], f"{name} ({path}), column {column!r}")
+                                for column in types} for path, record in rows.items()}

@@ -34,23 +34,20 @@ def _free_port() -> int:
 
 
 class LocalMilvusServer:
-    """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own
-    etcd and local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
+    """A Milvus standalone server from the PyPI package `milvus` (`milvus-server`: the server with its own etcd and
+    local storage), with its data, logs and unpacked binaries in `data_dir` (made private to this user).
 
     It asks for credentials: `start` replaces the built-in root password with one generated for this data folder
     (kept in SETTINGS_FILE, so a restart finds it) before it returns, and `token` ("root:PASSWORD") is what this
     package's clients pass (`--token`, $DECD_MILVUS_TOKEN, `token=`). What else it closes, and what Milvus 2.3
     still exposes: docs/milvus.md, "The server `LocalMilvusServer` starts, and what it exposes".
 
-    `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it
-    exits or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context
-    manager.
+    `start` waits until the server answers a client (`uri`), and raises MilvusStoreError with the log's tail if it exits
+    or does not answer within `start_timeout` seconds; `stop` ends it by its own process id. Also a context manager.
     """
 
     def __init__(self, data_dir: PathLike, port: Optional[int] = None, start_timeout: float = 180.0):
-        self.data_dir = Path(data_dir)
-        self.port = port
-        self.start_timeout = start_timeout
+        self.data_dir, self.port, self.start_timeout = Path(data_dir), port, start_timeout
         self.process: Optional[subprocess.Popen] = None
         self._saved: Optional[dict] = None  # SETTINGS_FILE's content
 
@@ -84,8 +81,7 @@ class LocalMilvusServer:
         """This data folder's password, etcd root path and etcd ports: generated on its first start, then read from
         SETTINGS_FILE (mode 600)."""
         if self._saved is None:
-            path = self.data_dir / SETTINGS_FILE
-            if path.is_file():
+            if (path := self.data_dir / SETTINGS_FILE).is_file():
                 self._saved = json.loads(path.read_text())
             elif (self.data_dir / "data").exists():
                 raise MilvusStoreError(
@@ -98,8 +94,7 @@ class LocalMilvusServer:
 
     def _save_settings(self) -> None:
         write_json(self.data_dir / SETTINGS_FILE, self._saved, private=True)
-        settings = self._saved
-        client, peer = settings["etcd_client_port"], settings["etcd_peer_port"]
+        client, peer = self._saved["etcd_client_port"], self._saved["etcd_peer_port"]
         # The embedded etcd on 127.0.0.1 and ports of its own (Milvus's defaults, 2379 and 2380, let one server run).
         (self.data_dir / ETCD_CONFIG_FILE).write_text(
             f"name: default\nlisten-client-urls: http://127.0.0.1:{client}\n"
@@ -114,19 +109,15 @@ class LocalMilvusServer:
         os.chmod(self.data_dir, 0o700)  # its data, logs, password and configuration are this user's only
         self._settings()
         self._save_settings()
-        log = open(self.data_dir / "server.log", "w")
-        try:  # a session of its own: `stop` can end the server's child processes with it
+        with open(self.data_dir / "server.log", "w") as log:  # a session of its own: `stop` can end its children too
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, env=self.environment())
-        finally:
-            log.close()
         deadline = time.monotonic() + self.start_timeout
         pymilvus = import_pymilvus(self.uri)
         reason = "it did not open its port"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
+                code, self.process = self.process.returncode, None
                 raise MilvusStoreError(f"the Milvus server exited with status {code} while starting; log tail: "
                                        f"{self.log_tail()}")
             try:
@@ -183,22 +174,17 @@ class LocalMilvusServer:
         '0.0.0.0' or '::' for every interface; [] when it does not run."""
         import ipaddress
 
-        pid = self.server_pid()
-        if pid is None:
+        if (pid := self.server_pid()) is None:
             return []
-        sockets = set()
+        targets = []
         for descriptor in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(descriptor)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                sockets.add(target[len("socket:["):-1])
+            with contextlib.suppress(OSError):  # closed meanwhile
+                targets.append(os.readlink(descriptor))
+        sockets = {target[len("socket:["):-1] for target in targets if target.startswith("socket:[")}
         found = []
         for table in ("tcp", "tcp6"):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
+                if (fields := line.split())[3] != "0A" or fields[9] not in sockets:  # 0A: LISTEN
                     continue
                 address, port = fields[1].split(":")
                 raw = bytes.fromhex(address)  # each 32-bit word in the host's (little-endian) order
@@ -209,19 +195,14 @@ class LocalMilvusServer:
     def metrics_port(self) -> Optional[int]:
         """The port of the server's metrics and health endpoints (/metrics, /healthz), which the launcher chooses."""
         pid = self.server_pid()
-        if pid is None:
-            return None
-        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            if entry.startswith(b"METRICS_PORT="):
-                return int(entry.split(b"=", 1)[1])
-        return None
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if pid is not None else []
+        return next((int(entry.split(b"=", 1)[1]) for entry in entries if entry.startswith(b"METRICS_PORT=")), None)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the launcher's output and of the server's stderr, on one line each joined by ' | '."""
         tail = []
         for name in ("server.log", "logs/milvus-stderr.log"):
-            path = self.data_dir / name
-            if path.is_file():
+            if (path := self.data_dir / name).is_file():
                 tail += [f"[{name}] {line}" for line in path.read_text(errors="replace").splitlines()[-lines:]]
         return " | ".join(tail) or "(no log)"
 
@@ -232,14 +213,10 @@ class LocalMilvusServer:
         process, self.process = self.process, None
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the launcher's session: its id is the launcher's own process id
+        with contextlib.suppress(ProcessLookupError):  # the launcher's session: its id is the launcher's own pid
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
     def __enter__(self) -> "LocalMilvusServer":

@@ -48,11 +48,7 @@ ENGINE_LOG = "decd-engine.log"  # in a Milvus Lite store's folder: where its eng
 ENGINE_LOG_BYTES = 1 << 22  # the engine's log is rotated past this size (one old file kept)
 
 
-# --------------------------------------------------------------------------------------------
-# pymilvus, quietly
-# --------------------------------------------------------------------------------------------
-
-
+# ---- pymilvus, quietly ---------------------------------------------------------------------------
 def import_pymilvus(uri: str = ""):
     """The `pymilvus` module, or an ImportError that says what to install (milvus-lite too for a .db path)."""
     try:
@@ -71,19 +67,15 @@ def milvus_errors(pymilvus) -> tuple:
     return pymilvus.exceptions.MilvusException, grpc.RpcError
 
 
-class _OwnCalls(logging.Filter):
-    """Drops pymilvus's log records (tracebacks of the errors it raises) while this thread is inside one of our
-    calls: those errors are re-raised here as one line, and other pymilvus users in the process keep their logs."""
-
-    def __init__(self):
-        super().__init__()
-        self.local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.local, "depth", 0)
+_OUR_CALLS = threading.local()  # `depth`: how many of our calls this thread is inside
 
 
-_QUIET = _OwnCalls()
+def _outside_our_calls(record: logging.LogRecord) -> bool:
+    """The filter that drops pymilvus's log records (tracebacks of the errors it raises) while this thread is inside
+    one of our calls: those errors are re-raised here as one line, and other pymilvus users keep their logs."""
+    return not getattr(_OUR_CALLS, "depth", 0)
+
+
 _PYMILVUS_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator",
                      "pymilvus.milvus_client.milvus_client", "pymilvus.client.grpc_handler")
 
@@ -103,14 +95,13 @@ def milvus_refusals(uri: str, message: Callable[[BaseException], str]):
 @contextmanager
 def quiet_pymilvus():
     for name in _PYMILVUS_LOGGERS:
-        logger = logging.getLogger(name)
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
-    _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+        if _outside_our_calls not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_outside_our_calls)
+    _OUR_CALLS.depth = getattr(_OUR_CALLS, "depth", 0) + 1
     try:
         yield
     finally:
-        _QUIET.local.depth -= 1
+        _OUR_CALLS.depth -= 1
 
 
 def one_line(error: BaseException, expression: Optional[str] = None) -> str:
@@ -146,8 +137,7 @@ def route_engine_log(store: Path) -> Path:
     logger = logging.getLogger(LITE_LOGGER)
     logger.propagate = False
     target = Path(os.path.abspath(store)) / ENGINE_LOG
-    current = _ENGINE_LOG.get("handler")
-    if current is not None and current.baseFilename == str(target):
+    if (current := _ENGINE_LOG.get("handler")) is not None and current.baseFilename == str(target):
         return target
     handler = _QuietHandler(target, maxBytes=ENGINE_LOG_BYTES, backupCount=1, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -161,15 +151,10 @@ def route_engine_log(store: Path) -> Path:
 
 def engine_log() -> Optional[str]:
     """The file Milvus Lite's log records go to now (see `route_engine_log`), or None before a store is opened."""
-    handler = _ENGINE_LOG.get("handler")
-    return handler.baseFilename if handler is not None else None
+    return getattr(_ENGINE_LOG.get("handler"), "baseFilename", None)
 
 
-# --------------------------------------------------------------------------------------------
-# Naming a store and a collection
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Naming a store and a collection -------------------------------------------------------------
 @dataclass(frozen=True)
 class MilvusLocation:
     """Where a collection is: `uri` as MilvusClient takes it, the collection (None: not named) and the database."""
@@ -191,32 +176,19 @@ class MilvusLocation:
 
 def _lite_candidate(path: Path) -> bool:
     """A path meant as a Milvus Lite store: it ends in .db and is not some other existing folder."""
-    if path.suffix != ".db" or path.name == ".db":
-        return False
-    return not path.is_dir() or not any(path.iterdir()) or (path / "LOCK").exists() or (path / "collections").is_dir()
+    return path.suffix == ".db" and path.name != ".db" and (
+        not path.is_dir() or not any(path.iterdir()) or (path / "LOCK").exists() or (path / "collections").is_dir())
 
 
 def is_milvus_uri(source: Any) -> bool:
     """Whether `source` names a Milvus store: `http(s)://...`, or a path ending in `.db` (Milvus Lite), optionally
     followed by `/COLLECTION`. A local index folder (it holds meta.json) never is one."""
-    if not isinstance(source, (str, os.PathLike)):
-        return False
-    text = os.fspath(source)
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if not isinstance(text, str) or not text.strip():
         return False
-    if text.startswith(("http://", "https://")):
-        return True
-    # a local index folder named *.db stays a local index (is_index_folder)
-    path = Path(text).expanduser()
-    return (_lite_candidate(path) or _lite_candidate(path.parent)) and not is_index_folder(path)
-
-
-def check_collection_name(name: str) -> str:
-    """`name` if it is a valid Milvus collection (or field) name, else MilvusStoreError saying the rule."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
-                               f"only letters, digits and '_' (at most 255)")
-    return name
+    path = Path(text).expanduser()  # a local index folder named *.db stays a local index (is_index_folder)
+    return text.startswith(("http://", "https://")) or (
+        (_lite_candidate(path) or _lite_candidate(path.parent)) and not is_index_folder(path))
 
 
 def default_collection_name(gallery_dir: PathLike) -> str:
@@ -237,12 +209,9 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
             raise MilvusStoreError(f"{text!r} is not a Milvus URI of the form http://HOST:PORT[/COLLECTION] or "
                                    f"http://HOST:PORT/DATABASE/COLLECTION")
         uri = f"{split.scheme}://{split.netloc}"
-        if len(parts) == 2:
-            db_name = parts[0]
-        named = parts[-1] if parts else None
+        db_name, named = parts[0] if len(parts) == 2 else "", parts[-1] if parts else None
     else:
-        path = Path(text).expanduser()
-        if _lite_candidate(path):
+        if _lite_candidate(path := Path(text).expanduser()):
             uri = os.path.abspath(path)
         elif _lite_candidate(path.parent):
             uri, named = os.path.abspath(path.parent), path.name
@@ -252,9 +221,9 @@ def parse_location(source: Union[str, os.PathLike], collection: Optional[str] = 
     if collection and named and collection != named:
         raise MilvusStoreError(f"two collection names: {named!r} in {text!r} and {collection!r} (--collection); "
                                f"give one")
-    name = collection or named
-    if name is not None:
-        check_collection_name(name)
+    if (name := collection or named) is not None and not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        raise MilvusStoreError(f"{name!r} is not a valid Milvus name: it must start with a letter or '_' and hold "
+                               f"only letters, digits and '_' (at most 255)")
     return MilvusLocation(uri, name, db_name)
 
 
@@ -266,10 +235,8 @@ def _lite_locked(folder: Path) -> bool:
     try:
         with open(folder / "LOCK", "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no LOCK file
-        pass
+    except OSError as error:  # held, or no LOCK file
+        return isinstance(error, BlockingIOError)
     return False
 
 
@@ -316,11 +283,7 @@ def call_milvus(location: MilvusLocation, what: str, function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-# --------------------------------------------------------------------------------------------
-# Index types (--backend) and their search parameters
-# --------------------------------------------------------------------------------------------
-
-
+# ---- Index types (--backend) and their search parameters -----------------------------------------
 def milvus_index(backend: Optional[str], lite: bool = False) -> tuple[str, dict]:
     """(Milvus index type, build parameters) for a `--backend` string (inner-product metric).
 
@@ -363,16 +326,11 @@ def search_parameters(kind: str, params: dict, top_k: int, nprobe: Optional[int]
     if kind.startswith("HNSW"):
         return dict(ef=max(int(ef_search or DEFAULT_EF_SEARCH), top_k))
     if kind.startswith("IVF"):
-        nlist = int(params.get("nlist") or DEFAULT_NLIST)
-        return dict(nprobe=min(int(nprobe or DEFAULT_NPROBE), nlist))
+        return dict(nprobe=min(int(nprobe or DEFAULT_NPROBE), int(params.get("nlist") or DEFAULT_NLIST)))
     return {}
 
 
-# --------------------------------------------------------------------------------------------
-# The collection: schema, meta, rows
-# --------------------------------------------------------------------------------------------
-
-
+# ---- The collection: schema, meta, rows ----------------------------------------------------------
 def _data_types(pymilvus) -> dict:
     return {"int": pymilvus.DataType.INT64, "float": pymilvus.DataType.DOUBLE, "str": pymilvus.DataType.VARCHAR}
 
@@ -475,11 +433,8 @@ class MilvusCollection:
     def insert_rows(self, rows: Sequence[dict]) -> list[int]:
         """Insert rows ({field: value}; `gallery_row`), ROWS_PER_CALL per call; returns the keys Milvus assigned,
         in order."""
-        keys = []
-        for start in range(0, len(rows), ROWS_PER_CALL):
-            done = self.call("inserting rows", "insert", list(rows[start:start + ROWS_PER_CALL]))
-            keys += [int(key) for key in done["ids"]]
-        return keys
+        return [int(key) for start in range(0, len(rows), ROWS_PER_CALL)
+                for key in self.call("inserting rows", "insert", list(rows[start:start + ROWS_PER_CALL]))["ids"]]
 
     def delete_rows(self, keys: Sequence[int]) -> None:
         keys = [int(key) for key in keys]
@@ -499,14 +454,13 @@ class MilvusCollection:
     def read_rows(self, fields: Sequence[str]) -> dict[str, list[dict]]:
         """Every row's key, path, sha256, stat and metadata `fields`, grouped by path: one Strong read."""
         stored: dict[str, list[dict]] = {}
-        total = 0
+        total = 0  # rows read
         for rows in self.pages("reading the collection", [PATH_FIELD, SHA_FIELD, STAT_FIELD, *fields], ROWS_PER_CALL,
                                "Strong"):
             for row in rows:
                 stored.setdefault(row[PATH_FIELD], []).append(row)
             total += len(rows)
-        expected = self.count_rows("Strong")
-        if total != expected:  # a page that was not the next keys in order would leave rows out
+        if total != (expected := self.count_rows("Strong")):  # a page that was not the next keys would leave rows out
             raise MilvusStoreError(f"reading {self.where} returned {total} of its {expected} rows; run the build again")
         return stored
 
