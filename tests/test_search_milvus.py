@@ -306,6 +306,38 @@ def test_index_types_map_from_backend_and_lite_refuses_what_it_lacks():
         milvus_index("IVF_PQ")
 
 
+@pytest.mark.parametrize("states", [["Failed"], ["InProgress", "Failed"]])
+def test_a_server_that_fails_to_build_the_index_fails_the_build_naming_its_reason(states):
+    """Whether the server reports the failure at once or after a wait, the build says so; never 'built'."""
+    from types import SimpleNamespace
+
+    from decd.search.milvus.build import finish_build
+
+    class Collection:  # a server collection whose index build fails: hard to make a real server do on cue
+        location, where = SimpleNamespace(lite=False), "collection 'people' on http://127.0.0.1:19530"
+        calls: list = []
+
+        def record(self):
+            return None, {}
+
+        def set_property(self, what, key, value):
+            self.calls.append(key)
+
+        def call(self, what, method, *args, **kwargs):
+            self.calls.append(method)
+
+        def index_info(self):
+            return {"state": states.pop(0) if len(states) > 1 else states[0], "total_rows": 10,
+                    "index_state_fail_reason": "out of disk"}
+
+    target = Collection()
+    with pytest.raises(MilvusStoreError, match=r"Milvus failed to build the HNSW index of collection 'people' on "
+                                               r"http://127\.0\.0\.1:19530: out of disk"):
+        finish_build(target, {"gallery_dir": "g", "updated": "now", "num_files": 1, "model_id": "m"},
+                     ("HNSW", {"M": 16}), wrote=True, show_progress=False)
+    assert target.calls == ["decd.meta", "flush"]
+
+
 def test_metadata_is_typed_and_every_image_needs_a_row(milvus_gallery, tmp_path):
     types, values = read_metadata(milvus_gallery["metadata"])
     assert types == {"camera": "str", "timestamp": "int", "score": "float"}

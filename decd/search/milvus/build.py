@@ -341,17 +341,16 @@ def finish_build(target: MilvusCollection, meta: dict, wanted: Optional[tuple[st
     if target.location.lite:
         _wait_for_lite_index(target, kind, show_progress)
         return
-    if _index_done(info := target.index_info()):
-        return
-    with tqdm(total=int(info.get("total_rows") or 0), desc=f"Milvus building the {kind} index", unit="row",
-              disable=not show_progress) as bar:
-        while not _index_done(info):
-            time.sleep(1)
-            info = target.index_info()
-            bar.total = int(info.get("total_rows") or 0)
-            bar.n = int(info.get("indexed_rows") or 0)
-            bar.refresh()
-    if str(info.get("state")) == "Failed":
+    if not _index_done(info := target.index_info()):
+        with tqdm(total=int(info.get("total_rows") or 0), desc=f"Milvus building the {kind} index", unit="row",
+                  disable=not show_progress) as bar:
+            while not _index_done(info):
+                time.sleep(1)
+                info = target.index_info()
+                bar.total = int(info.get("total_rows") or 0)
+                bar.n = int(info.get("indexed_rows") or 0)
+                bar.refresh()
+    if str(info.get("state")) == "Failed":  # at once or after a wait
         raise MilvusStoreError(f"Milvus failed to build the {kind} index of {target.where}: "
                                f"{info.get('index_state_fail_reason') or info.get('fail_reason') or 'no reason given'}")
 
