@@ -61,15 +61,15 @@ class DecdConfig(PreTrainedConfig):
             as it is (examples/train.py's `--temperature` restarts it).
         learnable_temperature (`bool`, defaults to `False`):
             Train the temperature (`logit_scale` a parameter) instead of keeping it fixed (a buffer).
-        sew_margin (`float`, defaults to 0.0):
+        sew_margin (`float`, defaults to 0.05):
             The Sew loss's strength m (cosine units): with `"tighten"`, caption i's positives must beat its
-            negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation: the default, because SDM is the
-            best setting measured in the paper's regime so far (docs/findings.md, "Do Sew and MCM help, and which
-            Sew?"); Sew is a switch.
-        sew_formulation (`str`, defaults to `"tighten"`):
+            negatives by `m * q_i`. 0 gives IRRA's SDM loss in every formulation.
+        sew_formulation (`str`, defaults to `"compress"`):
             Which reading of the paper's Sew loss trains (docs/method.md, "Sew loss"): `"tighten"` (informative
             captions get larger margins), `"relax"` (vague captions' positives are eased by `m * (1 - q_i)`) or
-            `"compress"` (SDM plus a quality-weighted pull of same-identity captions and images together).
+            `"compress"` (SDM plus a quality-weighted pull of same-identity captions and images together). The
+            defaults, `"compress"` at 0.05, are the best the paper's regime measured (docs/findings.md, "Do Sew and
+            MCM help, and which Sew?").
         caption_quality (`str`, defaults to `"density"`):
             `"density"`: margins follow the information density of each caption, computed by the processor
             (`DecdProcessor.quality_reference_words`; the MCM masking rate is `DecdProcessor.mask_probability`);
@@ -119,8 +119,8 @@ class DecdConfig(PreTrainedConfig):
     decoder_intermediate_size: int = 2048
     temperature: float = 0.02
     learnable_temperature: bool = False
-    sew_margin: float = 0.0
-    sew_formulation: str = "tighten"
+    sew_margin: float = 0.05
+    sew_formulation: str = "compress"
     caption_quality: str = "density"
     sew_weight: float = 1.0
     mcm_weight: float = 1.0
@@ -154,6 +154,13 @@ class DecdConfig(PreTrainedConfig):
         self.text_config.projection_dim = self.projection_dim
         self.vision_config.projection_dim = self.projection_dim
         self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # A config.json saved before `sew_formulation` existed trained the first reading, not today's default.
+        if "sew_margin" in config_dict and "sew_formulation" not in config_dict:
+            config_dict = {**config_dict, "sew_formulation": "tighten"}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def similarity_loss(self) -> str:

@@ -8,7 +8,7 @@ fine-tune DECD from it.
     stage 2     examples/train.py --model_name_or_path <the CLIP folder> at the method's settings (temperature
                 0.02 fixed, Sew with density margins, MCM, new modules at 5x the learning rate, warm-up,
                 cosine), the ablation's variants (benchmarks/ablation.py) over seeds:
-                    full      DECD with the Sew loss as first read (--sew_margin 0.1, "tighten")
+                    full      DECD with the Sew loss as first read (--sew_formulation tighten --sew_margin 0.1)
                     sdm       --sew_margin 0 (IRRA's SDM)
                     uniform   the same with --caption_quality uniform (same margin for every caption)
                     no-mcm    the same with --mcm_weight 0
@@ -44,10 +44,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sweep import METRICS, differences, environment, run_all, summarise  # noqa: E402
 
 VARIANTS = {
-    "full": ["--sew_margin", "0.1"],  # the paper's Sew as first read ("tighten"), largest margin 0.1
+    "full": ["--sew_formulation", "tighten", "--sew_margin", "0.1"],  # the paper's Sew as first read, margin 0.1
     "sdm": ["--sew_margin", "0"],
-    "uniform": ["--sew_margin", "0.1", "--caption_quality", "uniform"],
-    "no-mcm": ["--sew_margin", "0.1", "--mcm_weight", "0"],
+    "uniform": ["--sew_formulation", "tighten", "--sew_margin", "0.1", "--caption_quality", "uniform"],
+    "no-mcm": ["--sew_formulation", "tighten", "--sew_margin", "0.1", "--mcm_weight", "0"],
 }
 # Stage 2's recipe: the method's settings, the tiny preset's decoder (the CLIP is tiny-sized too) and a learning
 # rate guessed for a small, briefly pretrained CLIP (the paper's 1e-5 is for ViT-B/16).

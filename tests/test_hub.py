@@ -108,7 +108,7 @@ def test_publish_uploads_inference_model_code_processor_handler_and_card_last(hu
     readme = files["README.md"].decode("utf-8")
     assert "## Published reference numbers (not measured here)" in readme
     assert "## Results measured for this model" in readme
-    assert "| `image-text loss` | SDM (similarity distribution matching" in readme  # which Sew, if any, trained it
+    assert "| `image-text loss` | Sew, reading 'compress' (docs/method.md), strength 0.05" in readme  # which Sew
     assert "This is the model card of a 🤗 transformers model" not in readme
     assert hub.unhandled == []
 

@@ -177,12 +177,13 @@ def test_caption_quality_modes():
                         rel_tol=1e-5)
     assert losses["none"] < losses["density"] < losses["uniform"]
 
-    # Density margins need each caption's quality; SDM (the default, no margin) does not.
+    # Density margins need each caption's quality; SDM (no margin) does not.
     without_quality = {k: v for k, v in batch.items() if k != "caption_quality"}
     with pytest.raises(ValueError, match="caption_quality"):
         DecdModel(tiny_config(sew_margin=0.1))(**without_quality)
     torch.manual_seed(0)
-    assert math.isclose(DecdModel(tiny_config())(**without_quality).loss_sew.item(), losses["none"], rel_tol=1e-5)
+    assert math.isclose(DecdModel(tiny_config(sew_margin=0))(**without_quality).loss_sew.item(), losses["none"],
+                        rel_tol=1e-5)
 
 
 # ---- building from CLIP -----------------------------------------------------------------------------

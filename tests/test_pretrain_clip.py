@@ -157,8 +157,9 @@ def test_fine_tuning_from_the_pretrained_clip_lowers_the_loss_at_temperature_002
     assert list(processor.image_processor.image_mean) == list(clip_processor.image_processor.image_mean)
     assert list(processor.image_processor.image_std) == list(clip_processor.image_processor.image_std)
     assert model.config.temperature == pytest.approx(0.02) and model.config.id_weight == 0
-    # The best the paper's regime measured: SDM (no Sew margin) with MCM (docs/findings.md).
-    assert model.config.sew_margin == 0 and model.config.caption_quality == "density" and model.config.mcm_weight > 0
+    # The best the paper's regime measured: Sew's "compress" reading at 0.05 with MCM (docs/findings.md).
+    assert (model.config.sew_formulation, model.config.sew_margin) == ("compress", 0.05)
+    assert model.config.caption_quality == "density" and model.config.mcm_weight > 0
     assert model.config.mcm_vocabulary == "full"  # from a CLIP: the paper's whole-vocabulary MCM
     assert model.config.mcm_fraction == 1.0  # and MCM on every pair
     args = DecdTrainingArguments(
@@ -219,10 +220,11 @@ def test_two_stage_benchmark_reports_per_seed_differences_to_the_full_model():
     spec = importlib.util.spec_from_file_location("decd_two_stage_benchmark", REPO / "benchmarks" / "two_stage.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # Every variant but SDM states the Sew margin it differs from `full` by (the default is SDM).
-    assert module.VARIANTS["full"] == ["--sew_margin", "0.1"] and module.VARIANTS["sdm"] == ["--sew_margin", "0"]
-    assert module.VARIANTS["no-mcm"] == ["--sew_margin", "0.1", "--mcm_weight", "0"]
-    assert module.VARIANTS["uniform"] == ["--sew_margin", "0.1", "--caption_quality", "uniform"]
+    # Every variant states the Sew reading and margin it trains (the default is another reading).
+    first_reading = ["--sew_formulation", "tighten", "--sew_margin", "0.1"]
+    assert module.VARIANTS["full"] == first_reading and module.VARIANTS["sdm"] == ["--sew_margin", "0"]
+    assert module.VARIANTS["no-mcm"] == [*first_reading, "--mcm_weight", "0"]
+    assert module.VARIANTS["uniform"] == [*first_reading, "--caption_quality", "uniform"]
     model_args, _, training_args = parse_arguments([str(module.RECIPE), "--model_name_or_path", "clip-folder"])
     assert model_args.temperature is None and DecdConfig().temperature == 0.02  # the method's, not overridden
     assert training_args.new_module_lr_multiplier == 5 and training_args.lr_scheduler_type.value == "cosine"

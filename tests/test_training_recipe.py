@@ -68,10 +68,11 @@ def test_the_papers_recipe_builds_the_method(dataset, tiny_set, tmp_path, monkey
     assert config.temperature == 0.02 and not config.learnable_temperature
     assert "logit_scale" in dict(model.named_buffers())  # fixed: a buffer, not trained
     assert tuple(config.image_size) == (384, 128) and model.vision_model.embeddings.grid_size == (24, 8)
-    # The paper's recipes train the best setting measured in its regime: SDM (Sew off) with MCM (docs/findings.md).
-    assert (config.sew_margin, config.caption_quality, config.mcm_vocabulary, config.mcm_fraction) == (
-        0.0, "density", "full", 1.0)
-    assert config.similarity_loss.startswith("SDM")
+    # The paper's recipes train the best setting measured in its regime: Sew's "compress" reading at 0.05 with MCM
+    # (docs/findings.md).
+    assert (config.sew_formulation, config.sew_margin, config.caption_quality, config.mcm_vocabulary,
+            config.mcm_fraction) == ("compress", 0.05, "density", "full", 1.0)
+    assert config.similarity_loss.startswith("Sew, reading 'compress'")
     assert (config.sew_weight, config.mcm_weight, config.id_weight) == (1.0, 1.0, 0.0)
     assert (config.decoder_layers, config.decoder_hidden_size, config.decoder_attention_heads) == (4, 512, 8)
     args = trainer.args
@@ -97,7 +98,7 @@ def test_the_main_jobs_recipe_builds_the_tiny_model_from_random_weights(tiny_set
     config = model.config
     assert getattr(config, "base_model", None) is None  # random weights
     assert tuple(config.image_size) == (128, 64) and config.text_config.hidden_size == 128  # the tiny preset
-    for name in ("temperature", "sew_margin", "id_weight", "mcm_vocabulary", "mcm_fraction"):
+    for name in ("temperature", "sew_margin", "sew_formulation", "id_weight", "mcm_vocabulary", "mcm_fraction"):
         assert getattr(config, name) == recipe[name], name
     # From scratch at temperature 0.2, Sew's margin of 0.1 beat SDM (docs/findings.md): the recipe keeps it.
     assert config.similarity_loss.startswith("Sew, reading 'tighten'") and recipe["sew_margin"] == 0.1
