@@ -21,7 +21,7 @@ failed is kept, with its log, and tried again); the file must describe the same 
     python benchmarks/sew_study.py --json /tmp/smoke.json --output_root /tmp/smoke --screening_seeds 1 \\
         --confirmation_seeds 2 --pretrain_args "--num_images 640 --max_steps 5" -- --max_steps 3 \\
         --eval_strategy no --save_strategy no --load_best_model_at_end false      # a smoke run
-    python benchmarks/sew_study.py --json benchmarks/results/sew_study_h100.json --parallel 12 \
+    python benchmarks/sew_study.py --json benchmarks/results/sew_study_h100.json --parallel 12 \\
         --threads_per_run 1 -- --dataloader_num_workers 1          # on one GPU (its own file: never mix machines)
 
 Arguments after `--` go to every examples/train.py run (after the recipe's and the variant's).
