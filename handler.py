@@ -38,8 +38,6 @@ processor's ``max_image_pixels`` then refuses an image with too many pixels befo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
 import sys
@@ -98,20 +96,6 @@ def _no_unknown_keys(value: dict, known: tuple[str, ...], where: str) -> None:
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {', '.join(repr(key) for key in unknown)}; the accepted ones "
                          f"are {', '.join(repr(key) for key in known)}.")
-
-
-def _decode_base64(item: Any, index: int, max_bytes: int | None = None) -> bytes:
-    if not isinstance(item, str):
-        raise ValueError(f"inputs.image[{index}] is a {type(item).__name__}: send each image as a base64 string.")
-    data = item.split(",", 1)[1] if item.startswith("data:") else item
-    data = "".join(data.split())  # line breaks (GNU base64, base64.encodebytes) and a final newline are standard
-    if max_bytes is not None and len(data) // 4 * 3 > max_bytes:  # the decoded size, known before decoding
-        raise ValueError(f"inputs.image[{index}] is about {len(data) // 4 * 3:,} bytes, more than the limit of "
-                         f"{max_bytes:,} (max_image_bytes): send a smaller (e.g. JPEG or resized) image.")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise ValueError(f"inputs.image[{index}] is not valid base64 ({error}).") from None
 
 
 def _stored_pixels(data: bytes) -> tuple[int, bool]:
@@ -201,7 +185,8 @@ class EndpointHandler:
             return self._search_gallery(texts, GALLERY_TOP_K if top_k is None else top_k, expression)
         encoded = _as_list(inputs["image"], "image", self.max_images)
         self._check_lengths(texts)
-        raw = [_decode_base64(item, index, self.max_image_bytes) for index, item in enumerate(encoded)]
+        raw = [self.spine.decode_base64(item, f"inputs.image[{index}]", self.max_image_bytes, "max_image_bytes")
+               for index, item in enumerate(encoded)]
         self._check_pixels(raw)
         images = [self.processor.load_image(data, name=f"inputs.image[{index}]") for index, data in enumerate(raw)]
         text_embeds = self.spine.embed_texts(self.model, self.processor, texts)

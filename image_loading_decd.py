@@ -11,6 +11,8 @@ This flat module travels to the Hugging Face Hub as remote code (``trust_remote_
 imports only the standard library, numpy, PIL and torch.
 """
 
+import base64
+import binascii
 import io
 import os
 import re
@@ -596,6 +598,25 @@ def _finish(image: PIL.Image.Image, size, max_pixels, name: str, file=None) -> P
     return result.copy() if file is not None and result is opened else result  # the caller closes the file
 
 
+def decode_base64(data, name: str, max_bytes: int | None = None, setting: str = "max_bytes") -> bytes:
+    """The file bytes of an image sent as text: base64, or a ``data:image/...;base64,`` URL, line breaks allowed
+    (GNU base64 and ``base64.encodebytes`` write them). A `ValueError` naming `name` for anything else, and, with
+    `max_bytes`, for a file larger than that, told from the text's length before anything is decoded (the message
+    names the limit's `setting`)."""
+    if not isinstance(data, str):
+        raise ValueError(f"{name} is a {type(data).__name__}: send the image as a base64 string.")
+    data = data.split(",", 1)[1] if data.startswith("data:") else data
+    data = "".join(data.split())
+    size = len(data) // 4 * 3
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{name} is about {size:,} bytes, more than the limit of {max_bytes:,} ({setting}): send a "
+                         f"smaller (e.g. JPEG or resized) image.")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"{name} is not valid base64 ({error}).") from None
+
+
 def is_single_image(images) -> bool:
     if hasattr(images, "__fspath__") or isinstance(
             images, (PIL.Image.Image, str, Path, bytes, bytearray, memoryview, dict)):
@@ -606,4 +627,4 @@ def is_single_image(images) -> bool:
 
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "describe_image_source", "is_single_image", "load_image", "open_image_file"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "decode_base64", "describe_image_source", "is_single_image", "load_image", "open_image_file"]

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 try:  # relative imports when loaded as Hub remote code (transformers copies the siblings)
-    from .image_loading_decd import is_single_image
+    from .image_loading_decd import decode_base64, is_single_image
     from .modeling_decd import DecdModel
     from .processing_decd import DecdProcessor
 except ImportError:  # installed as top-level modules
-    from image_loading_decd import is_single_image
+    from image_loading_decd import decode_base64, is_single_image
     from modeling_decd import DecdModel
     from processing_decd import DecdProcessor
 
@@ -161,4 +161,4 @@ def _as_list(items, name: str, single) -> list:
     return items
 
 
-__all__ = ["ModelLoadError", "default_device", "embed_images", "embed_texts", "load_model", "load_processor"]
+__all__ = ["ModelLoadError", "decode_base64", "default_device", "embed_images", "embed_texts", "load_model", "load_processor"]

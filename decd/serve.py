@@ -8,8 +8,6 @@ gallery may serve; `create_app` is the FastAPI application (`POST /search`, `GET
 
 # No `from __future__ import annotations`: FastAPI reads the request model from the handler's annotation at runtime.
 import asyncio
-import base64
-import binascii
 import dataclasses
 import json
 import math
@@ -26,7 +24,7 @@ from urllib.parse import quote
 import torch
 
 from captions_decd import caption_problem
-from inference_decd import embed_images, embed_texts
+from inference_decd import decode_base64, embed_images, embed_texts
 
 from .search import GalleryIndex, GalleryIndexError, SearchResult, check_top_k, describe_matches, filter_options
 from .search.format import path_problem
@@ -293,11 +291,10 @@ def image_url(relative: str, prefix: str = "/images/") -> str:
 def decode_image(data: str, processor) -> Any:
     """A request's base64 image (a data: URL, line breaks allowed) opened by the processor's `load_image`; a
     `RequestError` naming "image" when it is not base64 or not a readable image."""
-    data = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise RequestError("image", f"image is not valid base64 ({error})") from None
+        raw = decode_base64(data, "image")
+    except ValueError as error:
+        raise RequestError("image", str(error)) from None
     try:
         return processor.load_image(raw, name="image")
     except ValueError as error:

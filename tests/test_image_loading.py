@@ -18,7 +18,7 @@ import PIL.ImageFile
 import pytest
 import torch
 
-from image_loading_decd import load_image
+from image_loading_decd import decode_base64, load_image
 
 from .helpers import tiny_config
 
@@ -304,3 +304,23 @@ def test_a_gallery_names_and_skips_what_is_not_a_whole_image_and_never_blocks(tm
     assert len(stored) == 3
     assert sorted(stored.search_text(model, processor, ["a person"], top_k=3).paths[0]) == index.paths
     assert {item["path"]: item["error"] for item in stored.skipped} == reasons
+
+
+def test_decode_base64_takes_what_senders_write_and_names_the_rest():
+    """An image sent as text, as the handler and the search service receive it: plain base64, a data: URL, line
+    breaks as GNU base64 writes them; anything else, or a file over the limit, is a ValueError naming the field."""
+    import base64
+
+    data = bytes(range(256)) * 3
+    encoded = base64.b64encode(data).decode()
+    wrapped = base64.encodebytes(data).decode()
+    assert "\n" in wrapped
+    for sent in (encoded, wrapped, "data:image/png;base64," + wrapped, encoded + "\n"):
+        assert decode_base64(sent, "inputs.image[0]") == data
+    assert decode_base64(encoded, "photo", max_bytes=len(data)) == data
+    with pytest.raises(ValueError, match=r"^photo is about 768 bytes, more than the limit of 767 \(max_image_bytes\)"):
+        decode_base64(encoded, "photo", max_bytes=767, setting="max_image_bytes")
+    with pytest.raises(ValueError, match=r"^photo is not valid base64"):
+        decode_base64("not base64!", "photo")
+    with pytest.raises(ValueError, match=r"^photo is a bytes: send the image as a base64 string"):
+        decode_base64(data, "photo")
