@@ -43,8 +43,8 @@ from captions_decd import caption_problem
 from .processes import ProcessCountError, end_processes, process_state
 from .search import (SCORE_EXPLANATION, GalleryIndex, GalleryIndexError, MilvusGallery, describe_match, filter_options,
                      open_gallery)
-from .search.backends import import_faiss
-from .search.display import describe_status, display_path, printable
+from .search.backends import check_knobs, import_faiss
+from .search.display import check_top_k, describe_status, display_path, printable
 from .search.format import check_output_folder
 from .search.milvus import TOKEN_ENV, is_milvus_uri
 
@@ -337,8 +337,11 @@ def _run_query(arguments) -> int:
         problem = caption_problem(description)
         if problem is not None:
             raise _UserError(f"the description {printable(description)!r} is {problem}")
-    if arguments.top_k < 1:
-        raise _UserError(f"--top_k must be at least 1, got {arguments.top_k}")
+    try:
+        check_top_k(arguments.top_k, "--top_k")
+        check_knobs(arguments.nprobe, arguments.ef_search, arguments.rerank, prefix="--")
+    except ValueError as error:
+        raise _UserError(str(error)) from None
     if not is_milvus_uri(arguments.index):
         _require_faiss(arguments.backend)  # before the index is read
     try:

@@ -96,6 +96,10 @@ def test_query_with_options_first_ranks_as_with_options_last(workspace, capsys):
         (["query", "{index}", QUERY, "--model", "{missing}"], "could not load the model"),
         (["index", "{missing}", "--model", "{model}", "--output", "{missing}"], "does not exist"),
         (["index", "{empty}", "--model", "{model}", "--output", "{missing}"], "no images found"),
+        (["query", "{index}", QUERY, "--top_k", "0"], "--top_k must be a positive whole number, got 0"),
+        (["query", "{index}", QUERY, "--ef_search", "0"], "--ef_search must be a positive whole number, got 0"),
+        (["query", "{index}", QUERY, "--nprobe", "-3"], "--nprobe must be a positive whole number, got -3"),
+        (["query", "{index}", QUERY, "--rerank", "-1"], "--rerank must be a positive whole number, got -1"),
     ],
 )
 def test_cli_user_errors_exit_nonzero_without_traceback(workspace, tmp_path, capsys, arguments, message):
@@ -182,6 +186,12 @@ def test_cli_builds_a_recorded_backend_that_query_uses_and_load_verifies(gallery
     np.testing.assert_allclose(reranked.scores.numpy(), exact.scores.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match=r"'exact', 'faiss' or this index's own backend 'HNSW8'"):
         index.search(queries, backend="IVF4,Flat")
+    # A knob out of range is refused whichever backend searches, never quietly replaced by its default.
+    for backend in (None, "exact"):
+        for knobs, named in ((dict(ef_search=0), "ef_search"), (dict(nprobe=-1), "nprobe"), (dict(rerank=2.5), "rerank")):
+            with pytest.raises(ValueError, match=rf"^{named} must be a positive whole number"):
+                index.search(queries, top_k=5, backend=backend, **knobs)
+    assert index.search(queries, top_k=5, rerank=0).indices.tolist() == approximate.indices.tolist()
 
     assert main(["query", str(output), QUERY, "--top_k", "3", "--ef_search", "16"]) == 0
     hnsw_out = capsys.readouterr().out

@@ -212,6 +212,8 @@ def test_hnsw_and_ivf_collections_and_reindexing_without_encoding(milvus_gallery
     assert _build(milvus_gallery, store).backend == "IVF_FLAT"  # no --backend: the collection keeps its index
     with pytest.raises(MilvusStoreError, match="its own IVF_FLAT index"):
         ivf.search_text(model, processor, QUERIES[0], backend="exact")
+    with pytest.raises(ValueError, match=r"^nprobe must be a positive whole number, got 0"):  # the local index's rule
+        ivf.search_text(model, processor, QUERIES[0], nprobe=0)
 
 
 class _BarrierState:

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .display import check_top_k
 from .errors import GalleryIndexError
 
 EXACT_BACKEND = "exact"
@@ -190,17 +191,25 @@ def build_ann_index(embeddings: np.ndarray, spec: str, train_size: Optional[int]
     return index
 
 
+def check_knobs(nprobe=None, ef_search=None, rerank=None, prefix: str = "") -> None:
+    """Approximate search's knobs as a caller gives them: each None (its default) or a positive whole number
+    (`check_top_k`'s rule), `rerank` 0 too (none); a ValueError names the knob (after `prefix`, "--" for the command
+    line). One rule for `GalleryIndex.search`, `MilvusGallery.search` and `decd-search query`, whatever the backend."""
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("rerank", rerank)):
+        if value is not None and not (name == "rerank" and value == 0 and not isinstance(value, bool)):
+            check_top_k(value, prefix + name)
+
+
 def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,
                ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows) [num_queries, top_k] from a FAISS index; rows the index could not fill are -1. The search-time
     knobs that `index` has are set first (IVF `nprobe`, HNSW `efSearch`, defaults DEFAULT_NPROBE and
-    DEFAULT_EF_SEARCH); a knob the index lacks is ignored."""
+    DEFAULT_EF_SEARCH; `check_knobs`); a knob the index lacks is ignored."""
+    check_knobs(nprobe, ef_search)
     parameters = import_faiss().ParameterSpace()
     lists = ann_num_lists(index)
     for name, value, default in (("nprobe", nprobe, DEFAULT_NPROBE), ("efSearch", ef_search, DEFAULT_EF_SEARCH)):
         value = default if value is None else int(value)
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
         if name == "nprobe" and lists is not None:
             value = min(value, lists)
         with contextlib.suppress(RuntimeError):  # "could not set parameter": this kind of index has no such knob

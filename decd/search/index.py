@@ -12,8 +12,8 @@ import torch
 
 from inference_decd import embed_images
 
-from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, ann_search, build_ann_index, exact_top_k,
-                       import_faiss, is_exact, rerank_exact)
+from .backends import (DEFAULT_CHUNK_SIZE, DEFAULT_EF_SEARCH, EXACT_BACKEND, ann_search, build_ann_index, check_knobs,
+                       exact_top_k, import_faiss, is_exact, rerank_exact)
 from .build import build_index
 from .display import check_top_k, display_path
 from .errors import GalleryIndexError
@@ -147,6 +147,7 @@ class GalleryIndex(Gallery):
             return self.search_text(model, processor, queries, top_k=top_k, chunk_size=chunk_size, backend=backend,
                                     device=device, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         top_k = check_top_k(top_k)
+        check_knobs(nprobe, ef_search, rerank)
         queries = query_embeddings(queries, self.embedding_dim)
         recorded = self.backend
         backend = recorded if backend is None else backend

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ..backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND
+from ..backends import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, EXACT_BACKEND, check_knobs
 from ..display import cut, display_path
 from ..errors import IndexNotFoundError, MilvusStoreError
 from ..format import PathLike, file_fingerprint, is_index_folder
@@ -320,9 +320,7 @@ def search_parameters(kind: str, params: dict, top_k: int, nprobe: Optional[int]
                       ef_search: Optional[int] = None) -> dict:
     """The search-time knobs of an index kind: HNSW `ef` (`ef_search`, default DEFAULT_EF_SEARCH, raised to
     top_k), IVF `nprobe` (default DEFAULT_NPROBE, at most nlist); none for the others."""
-    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    check_knobs(nprobe, ef_search)
     if kind.startswith("HNSW"):
         return dict(ef=max(int(ef_search or DEFAULT_EF_SEARCH), top_k))
     if kind.startswith("IVF"):
