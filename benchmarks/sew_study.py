@@ -258,19 +258,25 @@ def main(argv=None) -> int:
     return 1 if failed_now else 0
 
 
-def shown_table(page: str) -> str:
-    """The table a page shows between the study's markers."""
+def _table_parts(page: str) -> tuple[str, str, str]:
+    """(the page up to its opening marker's end, the table between the markers, the page from the closing marker)."""
     if TABLE_START not in page or TABLE_END not in page:
         raise ValueError(f"The page has no {TABLE_START} ... {TABLE_END} markers to hold the study's table.")
-    return page.split(TABLE_START, 1)[1].split("-->", 1)[1].split(TABLE_END, 1)[0].strip()
+    head, rest = page.split(TABLE_START, 1)
+    marker, rest = rest.split("-->", 1)
+    shown, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}{marker}-->", shown.strip(), TABLE_END + tail
+
+
+def shown_table(page: str) -> str:
+    """The table a page shows between the study's markers."""
+    return _table_parts(page)[1]
 
 
 def with_table(page: str, rendered: str) -> str:
     """The page with the table between the study's markers replaced by `rendered` (the rest kept as it is)."""
-    shown_table(page)  # the markers are there
-    head, rest = page.split(TABLE_START, 1)
-    marker, rest = rest.split("-->", 1)
-    return f"{head}{TABLE_START}{marker}-->\n{rendered}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+    opening, _, closing = _table_parts(page)
+    return f"{opening}\n{rendered}\n{closing}"
 
 
 def table(result: dict) -> str:
