@@ -132,7 +132,8 @@ def summary(runs: list[dict], choices: dict, all_seeds: list[int]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Each variant's R@1 minus SDM's, one dot per seed and a bar at the mean, into the PNG `path`."""
+    """Each variant's R@1 minus SDM's, one dot per seed and a bar at the mean, into the PNG `path`; below a line,
+    MCM's effect (R@1 with MCM minus without, the same seed) once measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +143,7 @@ def plot(result: dict, path: Path) -> None:
     mcm = result.get("mcm_on_minus_off")
     rows = [(variant, diffs[variant]["per_seed"]) for variant in diffs]
     if mcm:
-        rows.append((f"MCM on - off ({mcm['variant']})", mcm["per_seed"]))
+        rows.append((f"{mcm['variant']}: MCM on - off", mcm["per_seed"]))
     if not rows:
         return
     figure, axes = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
@@ -152,10 +153,13 @@ def plot(result: dict, path: Path) -> None:
         mean = statistics.fmean(values)
         axes.plot([mean, mean], [row - 0.3, row + 0.3], color="tab:red", linewidth=2, zorder=4)
     axes.axvline(0, color="grey", linewidth=1)
+    if mcm:
+        axes.axhline(len(rows) - 1.5, color="grey", linewidth=1, linestyle="--")
     axes.set_yticks(range(len(rows)), [f"{label} (n={len(per_seed)})" for label, per_seed in rows])
     axes.invert_yaxis()
-    axes.set_xlabel("test R@1 difference to SDM, same seed (points; red: mean)")
-    axes.set_title("Sew readings and MCM against SDM, paired by seed")
+    axes.set_xlabel("test R@1 difference, same seed (points; red: mean)")
+    axes.set_title("Each variant minus SDM, paired by seed" + ("\n(below the line: MCM on minus off)" if mcm else ""),
+                   fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
