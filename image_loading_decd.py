@@ -627,4 +627,5 @@ def is_single_image(images) -> bool:
 
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "decode_base64", "describe_image_source", "is_single_image", "load_image", "open_image_file"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "decode_base64", "describe_image_source", "is_single_image", "load_image",
+           "open_image_file"]

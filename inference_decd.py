@@ -161,4 +161,5 @@ def _as_list(items, name: str, single) -> list:
     return items
 
 
-__all__ = ["ModelLoadError", "decode_base64", "default_device", "embed_images", "embed_texts", "load_model", "load_processor"]
+__all__ = ["ModelLoadError", "decode_base64", "default_device", "embed_images", "embed_texts", "load_model",
+           "load_processor"]

@@ -237,9 +237,10 @@ def main(argv=None) -> int:
         recorded: set = set()
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
-        cpu_before = [children_cpu_seconds()]
+        cpu_before = children_cpu_seconds()
 
         def record(runs: list[Run]) -> None:
+            nonlocal cpu_before
             for run in runs:
                 if (run.metrics or run.error) and (run.variant, run.seed) not in recorded:
                     recorded.add((run.variant, run.seed))
@@ -247,10 +248,10 @@ def main(argv=None) -> int:
                     payload["runs"].append({
                         "phase": phase_of[run.variant, run.seed], "variant": run.variant, "seed": run.seed,
                         "arguments": run.arguments, "metrics": run.metrics, "error": run.error,
-                        "cpu_seconds": round(cpu_now - cpu_before[0], 1) if args.parallel == 1 else None,
+                        "cpu_seconds": round(cpu_now - cpu_before, 1) if args.parallel == 1 else None,
                         "wall_seconds": round(run.minutes * 60, 1), "commit": commit,
                     })
-                    cpu_before[0] = cpu_now
+                    cpu_before = cpu_now
                     if run.error:
                         failed_now.add((run.variant, run.seed))
                     write(choices)

@@ -43,11 +43,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from sweep import METRICS, differences, environment, run_all, summarise  # noqa: E402
 
+FIRST_SEW = ["--sew_formulation", "tighten", "--sew_margin", "0.1"]  # the paper's Sew as first read, margin 0.1
 VARIANTS = {
-    "full": ["--sew_formulation", "tighten", "--sew_margin", "0.1"],  # the paper's Sew as first read, margin 0.1
+    "full": FIRST_SEW,
     "sdm": ["--sew_margin", "0"],
-    "uniform": ["--sew_formulation", "tighten", "--sew_margin", "0.1", "--caption_quality", "uniform"],
-    "no-mcm": ["--sew_formulation", "tighten", "--sew_margin", "0.1", "--mcm_weight", "0"],
+    "uniform": [*FIRST_SEW, "--caption_quality", "uniform"],
+    "no-mcm": [*FIRST_SEW, "--mcm_weight", "0"],
 }
 # Stage 2's recipe: the method's settings, the tiny preset's decoder (the CLIP is tiny-sized too) and a learning
 # rate guessed for a small, briefly pretrained CLIP (the paper's 1e-5 is for ViT-B/16).

@@ -292,11 +292,7 @@ def decode_image(data: str, processor) -> Any:
     """A request's base64 image (a data: URL, line breaks allowed) opened by the processor's `load_image`; a
     `RequestError` naming "image" when it is not base64 or not a readable image."""
     try:
-        raw = decode_base64(data, "image")
-    except ValueError as error:
-        raise RequestError("image", str(error)) from None
-    try:
-        return processor.load_image(raw, name="image")
+        return processor.load_image(decode_base64(data, "image"), name="image")
     except ValueError as error:
         raise RequestError("image", str(error)) from None
 

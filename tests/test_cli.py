@@ -188,9 +188,9 @@ def test_cli_builds_a_recorded_backend_that_query_uses_and_load_verifies(gallery
         index.search(queries, backend="IVF4,Flat")
     # A knob out of range is refused whichever backend searches, never quietly replaced by its default.
     for backend in (None, "exact"):
-        for knobs, named in ((dict(ef_search=0), "ef_search"), (dict(nprobe=-1), "nprobe"), (dict(rerank=2.5), "rerank")):
+        for named, value in (("ef_search", 0), ("nprobe", -1), ("rerank", 2.5)):
             with pytest.raises(ValueError, match=rf"^{named} must be a positive whole number"):
-                index.search(queries, top_k=5, backend=backend, **knobs)
+                index.search(queries, top_k=5, backend=backend, **{named: value})
     assert index.search(queries, top_k=5, rerank=0).indices.tolist() == approximate.indices.tolist()
 
     assert main(["query", str(output), QUERY, "--top_k", "3", "--ef_search", "16"]) == 0

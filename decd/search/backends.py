@@ -196,8 +196,9 @@ def check_knobs(nprobe=None, ef_search=None, rerank=None, prefix: str = "") -> N
     (`check_top_k`'s rule), `rerank` 0 too (none); a ValueError names the knob (after `prefix`, "--" for the command
     line). One rule for `GalleryIndex.search`, `MilvusGallery.search` and `decd-search query`, whatever the backend."""
     for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("rerank", rerank)):
-        if value is not None and not (name == "rerank" and value == 0 and not isinstance(value, bool)):
-            check_top_k(value, prefix + name)
+        if value is None or (name == "rerank" and value == 0 and not isinstance(value, bool)):
+            continue  # the default; rerank 0: no re-scoring
+        check_top_k(value, prefix + name)
 
 
 def ann_search(index, queries: np.ndarray, top_k: int, nprobe: Optional[int] = None,

@@ -67,8 +67,9 @@ class GalleryIndex(Gallery):
         size or time), None when it is the same or the index records no fingerprints (older indexes)."""
         if (fingerprints := self.meta.get("fingerprints")) is None or self.paths is None or row < 0:
             return None
-        current = file_fingerprint(self.image_path(row))
-        return "deleted" if current is None else None if current == list(fingerprints[row]) else "changed"
+        if (current := file_fingerprint(self.image_path(row))) is None:
+            return "deleted"
+        return None if current == list(fingerprints[row]) else "changed"
 
     def image_path(self, index: int) -> Optional[Path]:
         """The absolute path of gallery row `index` (None without paths)."""
